@@ -1,0 +1,89 @@
+"""Compile the kernels for Hopper (sm_90) on any machine and report registers and spills.
+
+No GPU needed: Triton lowers to PTX and its bundled ptxas assembles it, so compile errors
+the interpreter lets through and register spills show up here before a device run.
+Usage: python -m selagg_fast.bench.compile_report
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _ptxas() -> str:
+    from triton.backends.nvidia import compiler as nv
+    return os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
+    sig = dict(signature)
+    sig.update({name: "constexpr" for name in constexprs})
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET,
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        res = subprocess.run([_ptxas(), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    info = res.stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    return {"regs": int(regs.group(1)) if regs else -1, "spill_bytes": int(spill.group(1)) if spill else -1,
+            "shared": compiled.metadata.shared}
+
+
+def _abmilp_cases():
+    from ..kernels import abmilp as k
+    base = dict(x_ptr="*bf16", w_ptr="*fp32", bias_ptr="*fp32")
+    multi = dict(w_ptr="*bf16")
+    fwd = dict(base, out_ptr="*bf16", out32_ptr="*fp32", lse_ptr="*fp32", s_ptr="*fp32",
+               stride_xb="i64", stride_xt="i64", P="i32", N="i32", D="i32")
+    bwd = dict(base, lse_ptr="*fp32", out32_ptr="*fp32", dout_ptr="*bf16", dx_ptr="*bf16", dw_ptr="*fp32",
+               db_ptr="*fp32", stride_xb="i64", stride_xt="i64", stride_dxb="i64", stride_dxt="i64",
+               B="i32", P="i32", N="i32", D="i32")
+    dot = dict(LOWP=True, F32_PRECISION="tf32x3")
+    for D, warps in ((768, 4), (1024, 4), (1280, 8)):
+        BD = triton.next_power_of_2(D)
+        yield (f"fwd K=1 D={D}", k.abmilp_fwd_single_kernel, fwd,
+               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, BT=8192 // BD, BD=BD), warps)
+        yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd,
+               dict(HAS_BIAS=True, HAS_DX=False, BT=8192 // BD, BD=BD), warps)
+    from ..ops.abmilp import _launch_config
+    for D, K in ((768, 4), (768, 16), (1024, 16)):
+        cfg = _launch_config(D, K)
+        tiles = dict(BT=cfg["BT"], BC=cfg["BC"], NC=cfg["NC"], BK=cfg["BK"], **dot)
+        yield (f"fwd K={K} D={D}", k.abmilp_fwd_kernel, dict(fwd, K="i32", **multi),
+               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, **tiles), cfg["num_warps"])
+        yield (f"bwd K={K} D={D}", k.abmilp_bwd_kernel, dict(bwd, K="i32", **multi),
+               dict(HAS_BIAS=True, HAS_DX=False, **tiles), cfg["num_warps"])
+        yield (f"bwd+dx K={K} D={D}", k.abmilp_bwd_kernel, dict(bwd, K="i32", **multi),
+               dict(HAS_BIAS=True, HAS_DX=True, **tiles), cfg["num_warps"])
+
+
+def main() -> None:
+    cases = list(_abmilp_cases())
+    try:
+        from .compile_cases_attention import attention_cases
+        cases += list(attention_cases())
+    except ImportError:
+        pass
+    print(f"{'kernel':<28} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem':>7}")
+    for name, fn, sig, ce, warps in cases:
+        try:
+            r = compile_kernel(fn, sig, ce, warps)
+            print(f"{name:<28} {warps:>5} {r['regs']:>5} {r['spill_bytes']:>8} {r['shared']:>7}")
+        except Exception as e:  # report and go on: one broken config should not hide the others
+            print(f"{name:<28} {warps:>5} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+
+if __name__ == "__main__":
+    main()

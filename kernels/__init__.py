@@ -1,0 +1,1 @@
+"""@triton.jit kernels only; installed as ``selagg_fast.kernels``."""

@@ -1,0 +1,98 @@
+"""Choosing between the Triton kernels and the eager reference, and shared checks."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("selagg_fast")
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "triton", "reference")
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(op: str, reason: str) -> None:
+    logger.warning("%s: falling back to the PyTorch reference (%s)", op, reason)
+
+
+def choose_backend(op: str, backend: str, device: torch.device, unsupported: Optional[str]) -> str:
+    """Return "triton" or "reference" for one call.
+
+    ``unsupported`` is None when the kernels handle this case, else the reason they do not.
+    CUDA tensors and CPU tensors under the Triton interpreter run the kernels; any other
+    CPU call runs the reference. ``backend="triton"`` on an unsupported case raises.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    runnable = device.type == "cuda" or (device.type == "cpu" and interpreter_active())
+    if backend == "triton":
+        if unsupported is not None:
+            raise ValueError(f"{op}: the Triton kernels do not support this call: {unsupported}")
+        if not runnable:
+            raise ValueError(
+                f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+                f"(got device {device})"
+            )
+        return "triton"
+    if unsupported is not None:
+        _warn_once(op, unsupported)
+        return "reference"
+    return "triton" if runnable else "reference"
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"{op}: all tensors must be on one device ({listing})")
+    return next(iter(present.values())).device
+
+
+def dot_settings(dtype: torch.dtype) -> dict:
+    """Constexprs that tell a kernel how to feed ``tl.dot``.
+
+    On a GPU, bf16/fp16 operands go to the tensor cores as they are (LOWP) and float32
+    ones use 3xTF32, which is as accurate as float32 FMA. The interpreter computes bf16
+    dots on raw bit patterns, so there everything is upcast to float32 first.
+    """
+    interp = interpreter_active()
+    return {
+        "LOWP": dtype in (torch.bfloat16, torch.float16) and not interp,
+        "F32_PRECISION": "ieee" if interp else "tf32x3",
+    }
+
+
+def empty(shape, device, dtype) -> torch.Tensor:
+    """Output allocation for the launchers; tests swap it for a NaN-filled one (poisoning)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def persistent_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
+    """Number of programs for kernels that loop over images and reduce partials."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(work_items, sms * per_sm))
+    return max(1, min(work_items, 4))

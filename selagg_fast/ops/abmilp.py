@@ -1,0 +1,220 @@
+"""Selective Aggregation (AbMILP) pooling: launchers, autograd Function, public op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.abmilp import (
+    abmilp_bwd_kernel,
+    abmilp_bwd_single_kernel,
+    abmilp_fwd_kernel,
+    abmilp_fwd_single_kernel,
+)
+from ..reference import abmilp_pool_reference
+from . import _dispatch
+from ._dispatch import (
+    check_float,
+    check_same_device,
+    choose_backend,
+    dot_settings,
+    next_pow2,
+    persistent_programs,
+)
+
+OP = "abmilp_pool"
+# The multi-branch kernels keep a [BK, BD] float32 accumulator in registers.
+MAX_ACC_ELEMENTS = 16384
+MAX_SINGLE_BD = 8192
+
+
+def _launch_config(D: int, K: int) -> dict:
+    BD = next_pow2(D)
+    if K == 1:
+        # ~8K tile elements per chunk: 8 tokens at ViT-B, fewer for very wide tokens.
+        return dict(BD=BD, BT=max(1, min(16, 8192 // BD)), num_warps=4 if BD <= 1024 else 8)
+    BK = max(16, next_pow2(K))
+    # The feature dim is processed as NC chunks of BC (see the kernel); 8 warps, 16 tokens a
+    # step keep the [NC, BK, BC] accumulator in registers without spills on sm_90 at BK*BD <= 16K.
+    BC = min(128, BD)
+    return dict(BD=BD, BK=BK, BC=BC, NC=BD // BC, BT=16, num_warps=8)
+
+
+def _unsupported_reason(x: torch.Tensor, K: int) -> Optional[str]:
+    D = x.shape[-1]
+    if K > 1 and x.dtype == torch.float32 and x.device.type == "cuda":
+        # fp32 operands of the batched tl.dot need more shared memory than an SM has.
+        return "float32 tokens with K>1 branches (the multi-branch kernel is bf16/fp16 on the GPU)"
+    if K == 1 and next_pow2(D) > MAX_SINGLE_BD:
+        return f"token dim D={D} exceeds {MAX_SINGLE_BD}"
+    if K > 1 and max(16, next_pow2(K)) * next_pow2(D) > MAX_ACC_ELEMENTS:
+        return f"K={K} branches x D={D} exceed the register accumulator ({MAX_ACC_ELEMENTS} elements)"
+    return None
+
+
+def _dot_operands(weight: torch.Tensor, x_dtype: torch.dtype) -> dict:
+    """On the GPU, bf16/fp16 tokens meet the weights in their own dtype inside tl.dot."""
+    dot = dot_settings(x_dtype)
+    return dict(w_ptr=weight.to(x_dtype) if dot["LOWP"] else weight, **dot)
+
+
+def abmilp_fwd(x, weight, bias, P, store_f32, store_scores):
+    """Launch the forward. x [B, T, D] (unit last stride), weight [K, D], bias None or [K].
+
+    Returns out [B, K, D] in x.dtype, out32 (float32 copy or None), lse [B, K], scores [B, K, N] or None.
+    """
+    B, T, D = x.shape
+    K = weight.shape[0]
+    N = T - P
+    out = _dispatch.empty((B, K, D), x.device, x.dtype)
+    out32 = out if x.dtype == torch.float32 else (
+        _dispatch.empty((B, K, D), x.device, torch.float32) if store_f32 else None)
+    lse = _dispatch.empty((B, K), x.device, torch.float32)
+    scores = _dispatch.empty((B, K, N), x.device, torch.float32) if store_scores else None
+    cfg = _launch_config(D, K)
+    common = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight,
+        out_ptr=out, out32_ptr=out32 if out32 is not None else out, lse_ptr=lse,
+        s_ptr=scores if scores is not None else lse,
+        stride_xb=x.stride(0), stride_xt=x.stride(1), P=P, N=N, D=D,
+        HAS_BIAS=bias is not None, STORE_F32=out32 is not None and out32 is not out,
+        STORE_SCORES=scores is not None, BT=cfg["BT"], num_warps=cfg["num_warps"],
+    )
+    if K == 1:
+        abmilp_fwd_single_kernel[(B,)](**common, BD=cfg["BD"])
+    else:
+        abmilp_fwd_kernel[(B,)](**dict(common, **_dot_operands(weight, x.dtype)),
+                                K=K, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
+    return out, out32, lse, scores
+
+
+def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
+    """Launch the backward. Returns dx (or None), dweight [K, D] float32, dbias [K] float32."""
+    B, T, D = x.shape
+    K = weight.shape[0]
+    N = T - P
+    G = persistent_programs(x.device, B)
+    dw = _dispatch.empty((G, K, D), x.device, torch.float32)
+    db = _dispatch.empty((G, K), x.device, torch.float32)
+    dx = None
+    if need_dx:
+        dx = _dispatch.empty(x.shape, x.device, x.dtype)
+        dx[:, :P].zero_()
+    cfg = _launch_config(D, K)
+    common = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, lse_ptr=lse,
+        out32_ptr=out32, dout_ptr=dout, dx_ptr=dx if dx is not None else x, dw_ptr=dw, db_ptr=db,
+        stride_xb=x.stride(0), stride_xt=x.stride(1),
+        stride_dxb=dx.stride(0) if dx is not None else 0, stride_dxt=dx.stride(1) if dx is not None else 0,
+        B=B, P=P, N=N, D=D, HAS_BIAS=bias is not None, HAS_DX=need_dx,
+        BT=cfg["BT"], num_warps=cfg["num_warps"],
+    )
+    if K == 1:
+        abmilp_bwd_single_kernel[(G,)](**common, BD=cfg["BD"])
+    else:
+        abmilp_bwd_kernel[(G,)](**dict(common, **_dot_operands(weight, x.dtype)),
+                                K=K, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
+    return dx, dw.sum(0), db.sum(0)
+
+
+class AbmilpPoolFunction(torch.autograd.Function):
+    """Fused AbMILP pooling with K branches. Saves x, weight, bias, lse and the float32 output."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_prefix_tokens, store_scores):
+        store_f32 = any(ctx.needs_input_grad[:3])
+        out, out32, lse, scores = abmilp_fwd(x, weight, bias, num_prefix_tokens, store_f32, store_scores)
+        ctx.save_for_backward(x, weight, bias, lse, out32)
+        ctx.num_prefix_tokens = num_prefix_tokens
+        if scores is None:
+            scores = lse.new_empty(0)
+        ctx.mark_non_differentiable(lse, scores)
+        return out, lse, scores
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _dscores):
+        x, weight, bias, lse, out32 = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        dx, dw, db = abmilp_bwd(x, weight, bias, ctx.num_prefix_tokens, lse, out32,
+                                dout.to(x.dtype).contiguous(), need_dx)
+        dbias = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw.to(weight.dtype), dbias, None, None
+
+
+def _check_inputs(x, weight, bias, num_prefix_tokens):
+    check_float(OP, "x", x)
+    check_float(OP, "weight", weight)
+    if bias is not None:
+        check_float(OP, "bias", bias)
+    if x.dim() != 3:
+        raise ValueError(f"{OP}: x must be [B, T, D], got shape {tuple(x.shape)}")
+    if weight.dim() not in (1, 2):
+        raise ValueError(f"{OP}: weight must be [D] or [K, D], got shape {tuple(weight.shape)}")
+    if weight.shape[-1] != x.shape[-1]:
+        raise ValueError(f"{OP}: weight has D={weight.shape[-1]} but x has D={x.shape[-1]}")
+    K = 1 if weight.dim() == 1 else weight.shape[0]
+    if K == 0:
+        raise ValueError(f"{OP}: weight has K=0 branches")
+    if bias is not None and not (bias.dim() == 0 or (bias.dim() == 1 and bias.shape[0] == K)):
+        raise ValueError(f"{OP}: bias must be a scalar tensor or [K={K}], got shape {tuple(bias.shape)}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"{OP}: num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    if x.shape[1] - num_prefix_tokens <= 0:
+        raise ValueError(
+            f"{OP}: no tokens left to pool: T={x.shape[1]} with num_prefix_tokens={num_prefix_tokens}")
+    check_same_device(OP, x=x, weight=weight, bias=bias)
+    return K
+
+
+def abmilp_pool(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    num_prefix_tokens: int = 0,
+    return_weights: bool = False,
+    backend: str = "auto",
+):
+    """Selective Aggregation: softmax over tokens of a linear score, then the weighted token sum.
+
+    Args:
+        x: tokens ``[B, T, D]`` (float32, bfloat16 or float16); any batch/token strides
+            with a unit last stride are read in place.
+        weight: ``[D]`` (one branch) or ``[K, D]`` (K independent branches, one read of x).
+        bias: None, a scalar tensor, or ``[K]``.
+        num_prefix_tokens: leading tokens ([cls], registers) left out of the pool.
+        return_weights: also return the softmax weights, float32 ``[B, N]`` / ``[B, K, N]``
+            with ``N = T - num_prefix_tokens``.
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else the reference),
+            "triton" or "reference".
+
+    Returns:
+        pooled ``[B, D]`` / ``[B, K, D]`` in ``x.dtype`` (accumulated in float32), and the
+        weights when ``return_weights``. Gradients flow to ``x``, ``weight`` and ``bias``.
+    """
+    K = _check_inputs(x, weight, bias, num_prefix_tokens)
+    single = weight.dim() == 1
+    B, T, D = x.shape
+    N = T - num_prefix_tokens
+    if B == 0:
+        pooled = x.new_empty((0, D) if single else (0, K, D))
+        weights = torch.empty((0, N) if single else (0, K, N), device=x.device, dtype=torch.float32)
+        return (pooled, weights) if return_weights else pooled
+
+    path = choose_backend(OP, backend, x.device, _unsupported_reason(x, K))
+    if path == "reference":
+        with torch.autocast(x.device.type, enabled=False):
+            return abmilp_pool_reference(x, weight, bias, num_prefix_tokens=num_prefix_tokens,
+                                         return_weights=return_weights)
+
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    w2 = weight.reshape(K, D).contiguous()
+    b1 = None if bias is None else bias.reshape(K).contiguous()
+    out, lse, scores = AbmilpPoolFunction.apply(x, w2, b1, num_prefix_tokens, return_weights)
+    if single:
+        out = out[:, 0]
+    if not return_weights:
+        return out
+    weights = torch.exp(scores - lse.unsqueeze(-1))
+    return out, weights[:, 0] if single else weights

@@ -1,0 +1,136 @@
+"""Eager PyTorch semantics of every op in selagg_fast.
+
+These functions are the specification: the tests compare the Triton kernels against
+them (in float64), the benchmarks time them as the "eager" peer, and the ops fall back
+to them on CPU when the Triton interpreter is not active. They follow
+``shared/reference-semantics.md`` exactly (without the paper code's ``1e-6`` terms).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+def abmilp_pool_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    num_prefix_tokens: int = 0,
+    return_weights: bool = False,
+    compute_dtype: Optional[torch.dtype] = torch.float32,
+):
+    """Selective Aggregation (AbMILP) the eager way.
+
+    x: [B, T, D]; weight: [D] or [K, D]; bias: None, scalar or [K].
+    Returns pooled [B, D] / [B, K, D] in ``x.dtype`` (and the softmax weights
+    [B, N] / [B, K, N] in float32 when ``return_weights``), N = T - num_prefix_tokens.
+    ``compute_dtype`` is the accumulation dtype (float32, or float64 for tests);
+    ``None`` computes in the inputs' own dtypes.
+    """
+    single = weight.dim() == 1
+    w = weight.reshape(-1, weight.shape[-1])  # [K, D]
+    z = x[:, num_prefix_tokens:, :]
+    if compute_dtype is not None:
+        z = z.to(compute_dtype)
+        w = w.to(compute_dtype)
+    scores = torch.einsum("btd,kd->bkt", z, w)  # [B, K, N]
+    if bias is not None:
+        scores = scores + bias.reshape(-1, 1).to(scores.dtype)
+    attn = torch.softmax(scores, dim=-1)
+    pooled = torch.einsum("bkt,btd->bkd", attn, z).to(x.dtype)
+    if single:
+        pooled, attn = pooled[:, 0], attn[:, 0]
+    if return_weights:
+        return pooled, attn.float() if attn.dtype != torch.float64 else attn
+    return pooled
+
+
+def abmilp_pool_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0):
+    """The paper code's formulation (Linear -> softmax over tokens -> (x * a).sum(1)).
+
+    Used as the "eager" peer in benchmarks; it runs under autocast exactly like the
+    reference head and materialises the [B, N, D] product.
+    """
+    z = x[:, num_prefix_tokens:, :]
+    w = weight.reshape(-1, weight.shape[-1])
+    scores = torch.nn.functional.linear(z, w, None if bias is None else bias.reshape(-1))  # [B, N, K]
+    attn = torch.softmax(scores.float(), dim=1)
+    pooled = (z.unsqueeze(2) * attn.unsqueeze(-1)).sum(1)  # [B, K, D]
+    return pooled[:, 0] if weight.dim() == 1 else pooled
+
+
+class AttentionStats(NamedTuple):
+    """Per query-row attention statistics, float32 ``[B, H, T]`` each.
+
+    self_attn:     A_ii, the attention a token pays to itself.
+    prefix_attn:   sum_{j<P} A_ij, the mass on the prefix ([cls] and register) keys.
+    patch_entropy: entropy (nats) of row i restricted to the patch keys j >= P and
+                   renormalised; over all keys when P = 0.
+    cls_attn:      A_i0, the attention paid to key 0 ([cls] when P > 0); equals
+                   prefix_attn when P = 1, differs with registers.
+    """
+
+    self_attn: torch.Tensor
+    prefix_attn: torch.Tensor
+    patch_entropy: torch.Tensor
+    cls_attn: torch.Tensor
+
+
+def attention_with_stats_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    num_prefix_tokens: int = 1,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Attention output and per-row statistics from the materialised map.
+
+    q, k, v: [B, H, T, d]. Returns (out [B, H, T, d] in q.dtype, AttentionStats).
+    """
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    P = num_prefix_tokens
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    s = torch.einsum("bhid,bhjd->bhij", qc, kc) * scale
+    attn = torch.softmax(s, dim=-1)
+    out = torch.einsum("bhij,bhjd->bhid", attn, vc).to(q.dtype)
+    self_attn = torch.diagonal(attn, dim1=-2, dim2=-1)
+    prefix = attn[..., :P].sum(-1)
+    patch_logits = s[..., P:]
+    log_p = torch.log_softmax(patch_logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    stats = AttentionStats(self_attn.float(), prefix.float(), entropy.float(), attn[..., 0].float())
+    return out, stats
+
+
+def attention_stats_columns(stats: AttentionStats, num_prefix_tokens: int) -> dict:
+    """The paper code's per-image columns from per-row statistics.
+
+    Returns a dict of column name -> float64 [B, H] tensors (one value per image and
+    head). Columns that need a [cls] token are absent when num_prefix_tokens == 0.
+    Definitions: ``shared/reference-semantics.md``, table of columns.
+    """
+    P = num_prefix_tokens
+    self_attn = stats.self_attn.double()
+    prefix = stats.prefix_attn.double()
+    entropy = stats.patch_entropy.double()
+    den = 1.0 - prefix  # mass on patch keys
+    cols = {
+        "pos_self_attention": self_attn[..., P:].mean(-1),
+        "pos_self_attention_adj_for_cls": (self_attn[..., P:] / den[..., P:]).mean(-1),
+        "pos_pos_entropy": entropy[..., P:].mean(-1),
+    }
+    if P > 0:
+        n_patches = self_attn.shape[-1] - P
+        cols.update(
+            cls_cls_attention=self_attn[..., 0],
+            cls_cls_attention_adj_for_cls=self_attn[..., 0] / den[..., 0],
+            cls_pos_attention=den[..., 0] / n_patches,
+            cls_pos_entropy=entropy[..., 0],
+            pos_cls_attention=stats.cls_attn.double()[..., P:].mean(-1),
+        )
+    return cols

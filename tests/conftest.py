@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+
+from selagg_fast.ops import _dispatch
+
+# Kernels run on CUDA when present, else on the CPU through TRITON_INTERPRET=1.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS_RUN = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Allocate every kernel output NaN-filled, so an element a kernel forgets to write fails."""
+
+    def empty(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(_dispatch, "empty", empty)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values in the result"
+    # an absolute floor so that an exactly-zero expectation (e.g. one pooled token) still compares
+    floor = 1e-6 * expected.numel() ** 0.5
+    return ((actual - expected).norm() / (expected.norm() + floor)).item()
+
+
+requires_kernels = pytest.mark.skipif(
+    not KERNELS_RUN, reason="kernels need CUDA or TRITON_INTERPRET=1 (the README's test command sets it)")

@@ -1,0 +1,231 @@
+import logging
+
+import pytest
+import torch
+
+from conftest import DEVICE, rel_err, requires_kernels
+from selagg_fast import SelectiveAggregation, abmilp_pool
+from selagg_fast.reference import abmilp_pool_reference
+
+# Relative-norm tolerances against float64: fp32 is accumulation error only; bf16/fp16
+# are dominated by rounding the pooled output (and, on the GPU, the tensor-core operands).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+# (B, T, D, K, P): every T, D, K, B and P value the issue names appears at least once.
+SHAPES = [
+    (1, 2, 1, 1, 0),
+    (5, 17, 64, 1, 1),
+    (5, 17, 100, 3, 5),
+    (1, 197, 768, 1, 1),
+    (5, 197, 768, 16, 1),
+    (1, 257, 1280, 1, 5),
+    (5, 257, 64, 3, 0),
+    (1, 577, 100, 16, 1),
+    (5, 2, 100, 16, 1),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _ids(shape):
+    return "B{}-T{}-D{}-K{}-P{}".format(*shape)
+
+
+def make_inputs(B, T, D, K, dtype, bias=True):
+    x = torch.randn(B, T, D, device=DEVICE).to(dtype)
+    w_shape = (D,) if K == 1 else (K, D)
+    w = (torch.randn(w_shape, device=DEVICE) * D ** -0.5 * 2)
+    b = (torch.randn(() if K == 1 else (K,), device=DEVICE)) if bias else None
+    return x, w, b
+
+
+def reference64(x, w, b, P):
+    return abmilp_pool_reference(x.double(), w.double(), None if b is None else b.double(),
+                                 num_prefix_tokens=P, return_weights=True, compute_dtype=torch.float64)
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_forward_and_weights(shape, dtype, poisoned):
+    B, T, D, K, P = shape
+    x, w, b = make_inputs(B, T, D, K, dtype)
+    pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=P, return_weights=True, backend="auto")
+    ref_pooled, ref_weights = reference64(x, w, b, P)
+    assert pooled.dtype == dtype and weights.dtype == torch.float32
+    assert rel_err(pooled, ref_pooled) < TOL[dtype]
+    assert rel_err(weights, ref_weights) < max(TOL[dtype], 1e-5) * 2
+    assert torch.allclose(weights.sum(-1).double().cpu(), torch.ones(1, dtype=torch.float64), atol=1e-5)
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_gradients(shape, dtype, poisoned):
+    B, T, D, K, P = shape
+    x, w, b = make_inputs(B, T, D, K, dtype)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    out = abmilp_pool(x, w, b, num_prefix_tokens=P)
+    g = torch.randn_like(out, dtype=torch.float32)
+    grads = torch.autograd.grad(out.float(), (x, w, b), g)
+
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    ref = abmilp_pool_reference(x64, w64, b64, num_prefix_tokens=P, compute_dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (x64, w64, b64), g.double())
+    for name, got, exp in zip(("x", "weight", "bias"), grads, ref_grads):
+        assert got.dtype == {"x": x, "weight": w, "bias": b}[name].dtype
+        if name == "weight" and T - P == 1:
+            # one pooled token: the weight gradient is zero, the kernel's is fp32 rounding noise
+            assert got.double().abs().max().item() < 1e-4
+        elif name == "bias":
+            # dL/db is zero analytically (softmax is shift invariant): compare absolutely.
+            assert got.double().abs().max().item() < 1e-3 * max(1.0, g.abs().sum().item() / B)
+        else:
+            assert rel_err(got, exp) < GRAD_TOL[dtype], name
+
+
+@requires_kernels
+def test_frozen_tokens_get_no_grad_and_weight_grad_is_right(poisoned):
+    x, w, b = make_inputs(3, 33, 64, 4, torch.bfloat16)
+    w.requires_grad_(True)
+    out = abmilp_pool(x, w, b, num_prefix_tokens=1)
+    (gw,) = torch.autograd.grad(out.float().pow(2).sum(), (w,))
+    w64 = w.detach().double().requires_grad_(True)
+    ref = abmilp_pool_reference(x.double(), w64, b.double(), num_prefix_tokens=1, compute_dtype=torch.float64)
+    (gw_ref,) = torch.autograd.grad(ref.pow(2).sum(), (w64,))
+    assert rel_err(gw, gw_ref) < GRAD_TOL[torch.bfloat16]
+
+
+@requires_kernels
+@pytest.mark.parametrize("K", [1, 3])
+def test_strided_tokens_read_in_place(K, poisoned):
+    base = torch.randn(4, 40, 2, 96, device=DEVICE)
+    x = base[:, 1:35, 0, :]  # batch and token strides differ from a contiguous tensor
+    assert not x.is_contiguous() and x.stride(-1) == 1
+    _, w, b = make_inputs(4, 34, 96, K, torch.float32)
+    pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=2, return_weights=True)
+    ref_pooled, ref_weights = reference64(x, w, b, 2)
+    assert rel_err(pooled, ref_pooled) < 1e-5
+    assert rel_err(weights, ref_weights) < 1e-5
+
+
+@requires_kernels
+def test_non_unit_last_stride_is_copied_and_correct():
+    x = torch.randn(2, 9, 32, device=DEVICE).transpose(1, 2)  # [2, 32, 9], last stride 32
+    _, w, b = make_inputs(2, 32, 9, 1, torch.float32)
+    assert rel_err(abmilp_pool(x, w, b), reference64(x, w, b, 0)[0]) < 1e-5
+
+
+@requires_kernels
+def test_huge_scores_do_not_overflow_and_nan_stays_in_its_image():
+    x, w, b = make_inputs(3, 20, 16, 1, torch.float32)
+    x = x * 1e3  # scores of magnitude ~1e4
+    w = w * 10
+    x[1, 5, 3] = float("nan")
+    pooled, weights = abmilp_pool(x, w, b, return_weights=True)
+    assert torch.isnan(pooled[1]).all()
+    clean = [0, 2]
+    assert torch.isfinite(pooled[clean]).all() and torch.isfinite(weights[clean]).all()
+    ref_pooled, ref_weights = reference64(x[clean], w, b, 0)
+    assert rel_err(pooled[clean], ref_pooled) < 1e-5
+    assert rel_err(weights[clean], ref_weights) < 1e-5
+
+
+@requires_kernels
+def test_multi_branch_equals_single_branches():
+    x, w, b = make_inputs(2, 30, 48, 3, torch.float32)
+    together = abmilp_pool(x, w, b, num_prefix_tokens=1)
+    for k in range(3):
+        alone = abmilp_pool(x, w[k], b[k], num_prefix_tokens=1)
+        assert rel_err(together[:, k], alone) < 1e-5
+
+
+@requires_kernels
+def test_no_bias():
+    x, w, _ = make_inputs(2, 12, 20, 2, torch.float32)
+    assert rel_err(abmilp_pool(x, w, None), reference64(x, w, None, 0)[0]) < 1e-5
+
+
+def test_empty_batch():
+    x, w, b = make_inputs(0, 12, 20, 3, torch.float32)
+    pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=2, return_weights=True)
+    assert pooled.shape == (0, 3, 20) and weights.shape == (0, 3, 10)
+
+
+def test_reference_backend_matches_definition():
+    x, w, b = make_inputs(2, 12, 20, 1, torch.float32)
+    pooled = abmilp_pool(x, w, b, num_prefix_tokens=1, backend="reference")
+    a = torch.softmax(x[:, 1:].double() @ w.double() + b.double(), dim=1)
+    assert rel_err(pooled, (a.unsqueeze(-1) * x[:, 1:].double()).sum(1)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: (torch.randn(2, 5), torch.randn(5), None, {}), ValueError, "B, T, D"),
+        (lambda: (torch.randn(2, 5, 4), torch.randn(3), None, {}), ValueError, "D=3"),
+        (lambda: (torch.randn(2, 5, 4), torch.randn(2, 2, 4), None, {}), ValueError, "weight must be"),
+        (lambda: (torch.randn(2, 5, 4), torch.randn(0, 4), None, {}), ValueError, "K=0"),
+        (lambda: (torch.randn(2, 5, 4), torch.randn(4), None, {"num_prefix_tokens": 5}), ValueError, "no tokens"),
+        (lambda: (torch.randn(2, 5, 4), torch.randn(4), None, {"num_prefix_tokens": -1}), ValueError, "non-negative"),
+        (lambda: (torch.ones(2, 5, 4, dtype=torch.int64), torch.randn(4), None, {}), TypeError, "float32"),
+        (lambda: (torch.randn(2, 5, 4), torch.ones(4, dtype=torch.int32), None, {}), TypeError, "weight"),
+        (lambda: (torch.randn(2, 5, 4), torch.randn(3, 4), torch.randn(2), {}), ValueError, "bias"),
+        (lambda: (torch.randn(2, 5, 4), torch.randn(4), None, {"backend": "cuda"}), ValueError, "backend"),
+        (lambda: (torch.randn(2, 5, 4, device="meta"), torch.randn(4), None, {}), ValueError, "one device"),
+    ],
+    ids=["rank", "mismatched-D", "weight-rank", "K0", "no-tokens", "negative-P", "int-x", "int-weight",
+         "bias-shape", "bad-backend", "devices"],
+)
+def test_bad_input(make, exc, match):
+    x, w, b, kw = make()
+    with pytest.raises(exc, match=match):
+        abmilp_pool(x, w, b, **kw)
+
+
+def test_forced_triton_on_unsupported_case_raises():
+    x = torch.randn(1, 4, 20000)
+    with pytest.raises(ValueError, match="do not support"):
+        abmilp_pool(x, torch.randn(20000), backend="triton")
+
+
+def test_unsupported_case_falls_back_and_says_why_once(caplog):
+    x = torch.randn(1, 4, 20000)
+    w = torch.randn(20000) * 0.01
+    with caplog.at_level(logging.WARNING, logger="selagg_fast"):
+        first = abmilp_pool(x, w)
+        abmilp_pool(x, w)
+    reasons = [r for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(reasons) <= 1  # once per reason for the whole process
+    assert rel_err(first, reference64(x, w, None, 0)[0]) < 1e-5
+
+
+# ---- the module ---------------------------------------------------------------------------
+
+def test_module_init_repr_and_forward():
+    head = SelectiveAggregation(64, branches=1, num_prefix_tokens=1).to(DEVICE)
+    ref = torch.nn.Linear(64, 1)
+    assert head.weight.shape == ref.weight.shape and head.bias.shape == ref.bias.shape
+    assert head.weight.abs().max() <= 64 ** -0.5 + 1e-6  # nn.Linear's uniform bound
+    assert "dim=64, branches=1, num_prefix_tokens=1" in repr(head)
+    x = torch.randn(3, 10, 64, device=DEVICE)
+    out = head(x)
+    assert out.shape == (3, 64)
+    exp = reference64(x, head.weight.detach()[0], head.bias.detach()[0], 1)[0]
+    assert rel_err(out, exp) < 1e-5
+    assert SelectiveAggregation(64, branches=4)(x).shape == (3, 4, 64)
+
+
+def test_module_loads_reference_head_state_dict():
+    d = 32
+    state = {
+        "attention_predictor.0.weight": torch.randn(1, d),
+        "attention_predictor.0.bias": torch.randn(1),
+        "pos_embed": torch.zeros(1, 197, d),
+    }
+    head = SelectiveAggregation(d)
+    head.load_state_dict(state)
+    assert torch.equal(head.weight, state["attention_predictor.0.weight"])
+    assert torch.equal(head.bias, state["attention_predictor.0.bias"])

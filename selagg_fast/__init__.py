@@ -1,8 +1,11 @@
 """selagg_fast: fused Selective Aggregation and streaming attention statistics for ViTs."""
-from .modules import SelectiveAggregation
-from .ops import AbmilpPoolFunction, abmilp_pool
+from .modules import AttentionStatsRecorder, SelectiveAggregation, record_attention_stats
+from .ops import AbmilpPoolFunction, AttentionWithStatsFunction, abmilp_pool, attention_with_stats
 from .reference import AttentionStats
 
 __version__ = "0.1.0"
 
-__all__ = ["AbmilpPoolFunction", "AttentionStats", "SelectiveAggregation", "abmilp_pool", "__version__"]
+__all__ = [
+    "AbmilpPoolFunction", "AttentionStats", "AttentionStatsRecorder", "AttentionWithStatsFunction",
+    "SelectiveAggregation", "abmilp_pool", "attention_with_stats", "record_attention_stats", "__version__",
+]

@@ -54,3 +54,148 @@ class SelectiveAggregation(nn.Module):
             for key in [k for k in state_dict if k.startswith(prefix + "pos_embed")]:
                 state_dict.pop(key)  # the reference's unused positional embedding
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class AttentionStatsRecorder:
+    """Running per-block, per-head sums of the paper's attention columns (see ``summary``).
+
+    Created by :func:`record_attention_stats`; everything stays on the model's device as
+    float64 sums, so memory does not grow with the number of images.
+    """
+
+    def __init__(self, block_indices, num_prefix_tokens: int, magnitudes: bool):
+        self.block_indices = list(block_indices)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.magnitudes = magnitudes
+        self.last: dict = {}  # block index -> AttentionStats of the latest forward (per image)
+        self.images = 0
+        self._sums: dict = {}  # column -> {block index -> float64 [H] running sum}
+
+    def _add(self, column: str, block: int, per_image: torch.Tensor) -> None:
+        by_block = self._sums.setdefault(column, {})
+        total = per_image.double().sum(0)
+        by_block[block] = by_block[block] + total if block in by_block else total
+
+    def record(self, block: int, stats) -> None:
+        from .reference import attention_stats_columns
+
+        self.last[block] = stats
+        for column, per_image in attention_stats_columns(stats, self.num_prefix_tokens).items():
+            self._add(column, block, per_image)
+        if block == self.block_indices[0]:
+            self.images += stats.self_attn.shape[0]
+
+    def record_magnitude(self, block: int, residual: torch.Tensor, branch: torch.Tensor) -> None:
+        # ||attention branch|| / ||residual input|| per token; the exact ratio (no 1e-6 term)
+        ratio = branch.float().norm(dim=-1) / residual.float().norm(dim=-1)  # [B, T]
+        P = self.num_prefix_tokens
+        if P > 0:
+            self._add("cls_magnitude_ratio", block, ratio[:, :1])
+        self._add("pos_magnitude_ratio", block, ratio[:, P:].mean(-1, keepdim=True))
+
+    def state_dict(self) -> dict:
+        """Running sums and image count, to resume an interrupted analysis."""
+        return {"images": self.images,
+                "sums": {c: {b: t.cpu() for b, t in by.items()} for c, by in self._sums.items()}}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        self.images = state["images"]
+        self._sums = {c: {int(b): t.to(device) for b, t in by.items()} for c, by in state["sums"].items()}
+
+    def summary(self) -> dict:
+        """Column name -> float64 ``[L, H]`` (blocks x heads; magnitudes ``[L, 1]``), mean over images."""
+        if self.images == 0:
+            raise RuntimeError("record_attention_stats: no images recorded yet")
+        return {column: torch.stack([by_block[b] for b in self.block_indices]).cpu() / self.images
+                for column, by_block in self._sums.items()}
+
+
+def _vit_blocks(model: nn.Module):
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in blocks):
+        raise TypeError("record_attention_stats: expected a timm VisionTransformer (model.blocks[i].attn.qkv)")
+    return list(blocks)
+
+
+def _stats_attention_forward(attn, recorder: AttentionStatsRecorder, block: int):
+    """A forward for a timm ``Attention`` that runs the streaming kernel and records statistics."""
+    from .ops import attention_with_stats
+
+    def forward(x, attn_mask=None, is_causal=False, **_):
+        if attn_mask is not None or is_causal:
+            raise ValueError("record_attention_stats: attention masks are not supported")
+        B, N, _c = x.shape
+        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out, stats = attention_with_stats(q, k, v, scale=attn.scale, num_prefix_tokens=recorder.num_prefix_tokens)
+        recorder.record(block, stats)
+        y = out.transpose(1, 2).reshape(B, N, -1)
+        if getattr(attn, "norm", None) is not None:
+            y = attn.norm(y)
+        if gate is not None:
+            y = y * gate
+        return attn.proj_drop(attn.proj(y))
+
+    return forward
+
+
+class record_attention_stats:
+    """Context manager: every timm ``Attention`` of a ViT runs the streaming statistics kernel.
+
+    Usage::
+
+        with record_attention_stats(model) as rec:
+            model.forward_features(images)
+        rec.summary()["cls_cls_attention"]  # float64 [L, H]
+
+    Args:
+        model: a timm VisionTransformer (any prefix-token count, with or without [cls]).
+        blocks: block indices to record (default: all).
+        magnitudes: also record ``||attention branch|| / ||block input||`` ([cls] and patch mean).
+    """
+
+    def __init__(self, model: nn.Module, blocks=None, magnitudes: bool = True):
+        self.model = model
+        self.all_blocks = _vit_blocks(model)
+        self.block_indices = list(range(len(self.all_blocks))) if blocks is None else [int(b) for b in blocks]
+        for b in self.block_indices:
+            if not 0 <= b < len(self.all_blocks):
+                raise ValueError(f"record_attention_stats: block {b} out of range (model has {len(self.all_blocks)})")
+        P = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
+        self.recorder = AttentionStatsRecorder(self.block_indices, P, magnitudes)
+        self._handles = []
+
+    def __enter__(self) -> AttentionStatsRecorder:
+        try:
+            for b in self.block_indices:
+                block = self.all_blocks[b]
+                block.attn.forward = _stats_attention_forward(block.attn, self.recorder, b)
+                if self.recorder.magnitudes:
+                    self._handles.append(block.register_forward_pre_hook(self._residual_hook(b)))
+                    self._handles.append(block.attn.register_forward_hook(self._branch_hook(b)))
+        except Exception:
+            self._restore()
+            raise
+        return self.recorder
+
+    def _residual_hook(self, b):
+        def hook(_module, args):
+            self._residual = args[0]
+        return hook
+
+    def _branch_hook(self, b):
+        def hook(_module, _args, output):
+            self.recorder.record_magnitude(b, self._residual, output)
+        return hook
+
+    def _restore(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for block in self.all_blocks:
+            block.attn.__dict__.pop("forward", None)
+
+    def __exit__(self, *exc) -> None:
+        self._restore()

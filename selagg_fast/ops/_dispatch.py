@@ -86,6 +86,30 @@ def empty(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def launcher(kernel, configs: list, key: list):
+    """Pick the kernel to launch: autotuned over ``configs`` on a GPU, fixed on the interpreter.
+
+    Returns ``launch(grid, device, default, **kwargs)``; ``default`` is the config (a dict
+    of tile constexprs plus num_warps / num_stages) used where nothing is tuned.
+    """
+    import triton
+
+    tuned = triton.autotune(
+        configs=[triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                               num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
+                 for c in configs],
+        key=key,
+    )(kernel)
+
+    def launch(grid, device, default: dict, **kwargs):
+        if device.type == "cuda" and len(configs) > 1:
+            tuned[grid](**kwargs)
+        else:
+            kernel[grid(default) if callable(grid) else grid](**kwargs, **default)
+
+    return launch
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -1,6 +1,7 @@
 """Selective Aggregation (AbMILP) pooling: launchers, autograd Function, public op."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -18,6 +19,7 @@ from ._dispatch import (
     check_same_device,
     choose_backend,
     dot_settings,
+    launcher,
     next_pow2,
     persistent_programs,
 )
@@ -40,6 +42,19 @@ def _launch_config(D: int, K: int) -> dict:
     return dict(BD=BD, BK=BK, BC=BC, NC=BD // BC, BT=16, num_warps=8)
 
 
+@functools.lru_cache(maxsize=None)
+def _single_launcher(kernel, BD: int):
+    # K = 1 is pure bandwidth: tune tokens per step and warps (anchors: 8 tokens, 4 warps ~70%).
+    configs = [dict(BT=bt, num_warps=w, num_stages=s) for bt in (4, 8, 16) for w in (4, 8) for s in (1, 3)
+               if bt * BD <= 16384]
+    return launcher(kernel, configs, key=["D"])
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_launcher(kernel):
+    return launcher(kernel, [dict(BT=16, num_warps=8, num_stages=s) for s in (1, 2, 3)], key=["D", "K"])
+
+
 def _unsupported_reason(x: torch.Tensor, K: int) -> Optional[str]:
     D = x.shape[-1]
     if K > 1 and x.dtype == torch.float32 and x.device.type == "cuda":
@@ -50,6 +65,10 @@ def _unsupported_reason(x: torch.Tensor, K: int) -> Optional[str]:
     if K > 1 and max(16, next_pow2(K)) * next_pow2(D) > MAX_ACC_ELEMENTS:
         return f"K={K} branches x D={D} exceed the register accumulator ({MAX_ACC_ELEMENTS} elements)"
     return None
+
+
+def _default(cfg: dict) -> dict:
+    return dict(BT=cfg["BT"], num_warps=cfg["num_warps"])
 
 
 def _dot_operands(weight: torch.Tensor, x_dtype: torch.dtype) -> dict:
@@ -78,13 +97,15 @@ def abmilp_fwd(x, weight, bias, P, store_f32, store_scores):
         s_ptr=scores if scores is not None else lse,
         stride_xb=x.stride(0), stride_xt=x.stride(1), P=P, N=N, D=D,
         HAS_BIAS=bias is not None, STORE_F32=out32 is not None and out32 is not out,
-        STORE_SCORES=scores is not None, BT=cfg["BT"], num_warps=cfg["num_warps"],
+        STORE_SCORES=scores is not None,
     )
     if K == 1:
-        abmilp_fwd_single_kernel[(B,)](**common, BD=cfg["BD"])
+        _single_launcher(abmilp_fwd_single_kernel, cfg["BD"])(
+            (B,), x.device, _default(cfg), **common, BD=cfg["BD"])
     else:
-        abmilp_fwd_kernel[(B,)](**dict(common, **_dot_operands(weight, x.dtype)),
-                                K=K, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
+        _multi_launcher(abmilp_fwd_kernel)(
+            (B,), x.device, _default(cfg), **dict(common, **_dot_operands(weight, x.dtype)),
+            K=K, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
     return out, out32, lse, scores
 
 
@@ -107,13 +128,14 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
         stride_xb=x.stride(0), stride_xt=x.stride(1),
         stride_dxb=dx.stride(0) if dx is not None else 0, stride_dxt=dx.stride(1) if dx is not None else 0,
         B=B, P=P, N=N, D=D, HAS_BIAS=bias is not None, HAS_DX=need_dx,
-        BT=cfg["BT"], num_warps=cfg["num_warps"],
     )
     if K == 1:
-        abmilp_bwd_single_kernel[(G,)](**common, BD=cfg["BD"])
+        _single_launcher(abmilp_bwd_single_kernel, cfg["BD"])(
+            (G,), x.device, _default(cfg), **common, BD=cfg["BD"])
     else:
-        abmilp_bwd_kernel[(G,)](**dict(common, **_dot_operands(weight, x.dtype)),
-                                K=K, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
+        _multi_launcher(abmilp_bwd_kernel)(
+            (G,), x.device, _default(cfg), **dict(common, **_dot_operands(weight, x.dtype)),
+            K=K, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
     return dx, dw.sum(0), db.sum(0)
 
 

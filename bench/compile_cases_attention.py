@@ -1,0 +1,15 @@
+"""Hopper compile cases for the attention-statistics kernel (used by compile_report)."""
+
+
+def attention_cases():
+    from ..kernels.attention import attention_stats_fwd_kernel
+    from ..ops.attention import _launch_config
+    for dt in ("bf16", "fp32"):
+        sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", out_ptr=f"*{dt}", self_ptr="*fp32",
+                   prefix_ptr="*fp32", ent_ptr="*fp32", cls_ptr="*fp32",
+                   **{f"stride_{t}{a}": "i32" for t in "qkvo" for a in "bht"},
+                   H="i32", T="i32", P="i32", d="i32", qk_scale="fp32")
+        for d in (32, 64, 80, 128):
+            cfg = _launch_config(d)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            yield (f"attn {dt} d={d}", attention_stats_fwd_kernel, sig, dict(UPCAST=dt == "fp32", **cfg), warps)

@@ -1,0 +1,101 @@
+"""Triton kernel for attention with per-row statistics (flash-attention style forward).
+
+One program owns BM query rows of one (image, head) and streams the keys/values once with
+an online softmax in the log2 domain (running max ``m``, sum ``l``). Besides the output it
+keeps, per row, the patch-key sum ``l_p`` and ``u = sum_{j>=P} p_j (s_j - m)`` for the
+entropy, and the prefix mass. Only the first key block holds prefix keys, so it is peeled
+off the loop; the diagonal logit is one row-wise dot product. Maths: README.
+"""
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST: tl.constexpr):
+    # [BM, BD] x keys [BN] -> raw logits [BM, BN] float32 (scale applied by the caller).
+    b_k = tl.load(p_k + o_n[None, :] * stride_kt + o_d[:, None],
+                  mask=(o_n[None, :] < T) & (o_d[:, None] < d), other=0.0)  # [BD, BN]
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+    return tl.dot(b_q, b_k)
+
+
+@triton.jit
+def _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST: tl.constexpr):
+    b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_d[None, :],
+                  mask=(o_n[:, None] < T) & (o_d[None, :] < d), other=0.0)  # [BN, BD]
+    if UPCAST:
+        return tl.dot(b_p, b_v.to(tl.float32))
+    return tl.dot(b_p.to(b_v.dtype), b_v)
+
+
+@triton.jit(do_not_specialize=["T", "P"])
+def attention_stats_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, self_ptr, prefix_ptr, ent_ptr, cls_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    H, T, P, d, qk_scale,
+    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_m = o_m < T
+    m_d = o_d < d
+    p_q = q_ptr + i_b * stride_qb + i_h * stride_qh
+    p_k = k_ptr + i_b * stride_kb + i_h * stride_kh
+    p_v = v_ptr + i_b * stride_vb + i_h * stride_vh
+    b_q = tl.load(p_q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+    # the diagonal logit s_ii, straight from the matching key rows  [BM]
+    b_kd = tl.load(p_k + o_m[:, None] * stride_kt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    s_diag = tl.sum(b_q.to(tl.float32) * b_kd.to(tl.float32), axis=1) * qk_scale
+
+    # first key block: the only one holding prefix keys (P <= BN is checked by the launcher)
+    o_n = tl.arange(0, BN)
+    b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST) * qk_scale  # [BM, BN], log2 units
+    b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
+    m_i = tl.max(b_s, axis=1)  # [BM]
+    b_p = tl.exp2(b_s - m_i[:, None])
+    is_patch = o_n[None, :] >= P
+    l_i = tl.sum(b_p, axis=1)
+    lp_i = tl.sum(tl.where(is_patch, b_p, 0.0), axis=1)
+    u_i = tl.sum(tl.where(is_patch, b_p * (b_s - m_i[:, None]), 0.0), axis=1)
+    pre_i = tl.sum(tl.where(is_patch, 0.0, b_p), axis=1)
+    s_cls = tl.sum(tl.where(o_n[None, :] == 0, b_s, 0.0), axis=1)
+    b_acc = _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST)  # [BM, BD]
+
+    for n0 in range(BN, T, BN):
+        o_n = n0 + tl.arange(0, BN)
+        b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST) * qk_scale
+        b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        b_p = tl.exp2(b_s - m_new[:, None])
+        r_i = tl.sum(b_p, axis=1)
+        # u is kept relative to the running max: shifting the max adds (m_old - m_new) * l_p
+        u_i = alpha * (u_i + (m_i - m_new) * lp_i) + tl.sum(b_p * (b_s - m_new[:, None]), axis=1)
+        l_i = l_i * alpha + r_i
+        lp_i = lp_i * alpha + r_i
+        pre_i = pre_i * alpha
+        b_acc = b_acc * alpha[:, None] + _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST)
+        m_i = m_new
+
+    inv_l = 1.0 / l_i
+    b_out = b_acc * inv_l[:, None]
+    p_o = out_ptr + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :]
+    tl.store(p_o, b_out.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    o_row = i_bh.to(tl.int64) * T + o_m
+    tl.store(self_ptr + o_row, tl.exp2(s_diag - m_i) * inv_l, mask=m_m)
+    tl.store(prefix_ptr + o_row, pre_i * inv_l, mask=m_m)
+    tl.store(cls_ptr + o_row, tl.exp2(s_cls - m_i) * inv_l, mask=m_m)
+    # H = ln(l_p) - ln2 * u / l_p  (u in log2 units relative to m); 0 when there are no patch keys
+    has_patch = lp_i > 0
+    safe_lp = tl.where(has_patch, lp_i, 1.0)
+    tl.store(ent_ptr + o_row, tl.where(has_patch, tl.log(safe_lp) - LN2 * u_i / safe_lp, 0.0), mask=m_m)

@@ -1,0 +1,142 @@
+"""Attention with per-row statistics: launcher, autograd Function, public op."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.attention import attention_stats_fwd_kernel
+from ..reference import AttentionStats, attention_with_stats_reference
+from . import _dispatch
+from ._dispatch import check_float, check_same_device, choose_backend, interpreter_active, launcher, next_pow2
+
+OP = "attention_with_stats"
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+
+
+MIN_BN = 32  # every config's key block holds all prefix tokens when P <= MIN_BN
+_CONFIGS = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2))]
+_launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST"])
+
+
+def _launch_config(d: int) -> dict:
+    BD = max(16, next_pow2(d))
+    return dict(BM=64, BN=32 if BD > 64 else 64, BD=BD, num_warps=4, num_stages=3 if BD <= 64 else 2)
+
+
+def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int) -> Optional[str]:
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d} > {MAX_HEAD_DIM}"
+    if num_prefix_tokens > MIN_BN:
+        return f"{num_prefix_tokens} prefix tokens exceed one key block ({MIN_BN})"
+    return None
+
+
+def attention_stats_fwd(q, k, v, scale: float, P: int):
+    """Launch the forward. Returns out [B, H, T, d] (a view of a [B, T, H, d] buffer) and the statistics."""
+    B, H, T, d = q.shape
+    out = _dispatch.empty((B, T, H, d), q.device, q.dtype).transpose(1, 2)
+    stats = [_dispatch.empty((B, H, T), q.device, torch.float32) for _ in range(4)]
+    cfg = _launch_config(d)
+    BD = cfg.pop("BD")
+    _launch(
+        lambda meta: (triton_cdiv(T, meta["BM"]), B * H), q.device, cfg,
+        q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out,
+        self_ptr=stats[0], prefix_ptr=stats[1], ent_ptr=stats[2], cls_ptr=stats[3],
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kt=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vt=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
+        H=H, T=T, P=P, d=d, qk_scale=scale * LOG2E, BD=BD,
+        # the interpreter computes bf16/fp16 dots on raw bits: upcast there, never on a GPU
+        UPCAST=interpreter_active() or q.dtype == torch.float32,
+    )
+    return out, AttentionStats(*stats)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class AttentionWithStatsFunction(torch.autograd.Function):
+    """Forward: the streaming kernel. Backward: recomputes through SDPA (statistics get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, num_prefix_tokens):
+        out, stats = attention_stats_fwd(q, k, v, scale, num_prefix_tokens)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(*stats)
+        return (out, *stats)
+
+    @staticmethod
+    def backward(ctx, dout, *_dstats):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qg, kg, vg, scale=ctx.scale)
+            dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), dout)
+        return dq, dk, dv, None, None
+
+
+def _check_inputs(q, k, v, num_prefix_tokens):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(OP, name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{OP}: {name} must be [B, H, T, d], got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{OP}: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{OP}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(OP, q=q, k=k, v=v)
+    T = q.shape[2]
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"{OP}: num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    if num_prefix_tokens > T:
+        raise ValueError(f"{OP}: num_prefix_tokens={num_prefix_tokens} exceeds the sequence length T={T}")
+    if T == 0:
+        raise ValueError(f"{OP}: T must be at least 1")
+
+
+def attention_with_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    num_prefix_tokens: int = 1,
+    backend: str = "auto",
+):
+    """``softmax(q k^T * scale) v`` plus per-row attention statistics, without attention maps.
+
+    Args:
+        q, k, v: ``[B, H, T, d]`` (float32, bfloat16 or float16, one dtype); any strides
+            with a unit last stride (e.g. timm's ``qkv.unbind``) are read in place.
+        scale: logit scale, default ``d ** -0.5``.
+        num_prefix_tokens: P, the leading [cls]/register tokens.
+        backend: "auto", "triton" or "reference" (see ``abmilp_pool``).
+
+    Returns:
+        ``(out, stats)``: ``out`` ``[B, H, T, d]`` in ``q.dtype`` (SDPA semantics), and
+        :class:`AttentionStats` of float32 ``[B, H, T]`` tensors ``self_attn`` (A_ii),
+        ``prefix_attn`` (sum_{j<P} A_ij), ``patch_entropy`` (nats, over keys j >= P
+        renormalised; all keys when P = 0) and ``cls_attn`` (A_i0). ``out`` is
+        differentiable (backward recomputes via SDPA); the statistics are not.
+    """
+    _check_inputs(q, k, v, num_prefix_tokens)
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{OP}: scale must be finite, got {scale}")
+    path = choose_backend(OP, backend, q.device, _unsupported_reason(q, num_prefix_tokens))
+    if path == "reference" or q.shape[0] * q.shape[1] == 0:
+        with torch.autocast(q.device.type, enabled=False):
+            return attention_with_stats_reference(q, k, v, scale=scale, num_prefix_tokens=num_prefix_tokens)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, *stats = AttentionWithStatsFunction.apply(q, k, v, scale, num_prefix_tokens)
+    return out, AttentionStats(*stats)

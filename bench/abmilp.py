@@ -1,0 +1,94 @@
+"""`selagg-fast bench abmilp`: fused AbMILP pooling vs the eager reference and torch.compile."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from selagg_fast import abmilp_pool
+from selagg_fast.reference import abmilp_pool_eager
+
+from .common import bench_ms, copy_bandwidth_gbs, environment, peak_extra_mib, print_table, write_csv
+
+# (name, B, T, D): ViT-S/B/L at 224 px, ViT-H/14 at 224 px
+SHAPES = [("ViT-S", 1024, 197, 384), ("ViT-B", 1024, 197, 768), ("ViT-L", 1024, 197, 1024),
+          ("ViT-H", 512, 257, 1280)]
+NUM_CLASSES = 1000
+
+
+def _probe_step(pool):
+    """pool -> BatchNorm1d(affine=False) -> Linear(D, 1000) -> cross-entropy, forward + backward."""
+    def step(x, w, b, head_w, head_b, labels):
+        pooled = pool(x, w, b)
+        if pooled.dim() == 3:
+            pooled = pooled.mean(1)  # K branches averaged, as the trainer's selective_k heads do
+        z = F.batch_norm(pooled.float(), None, None, training=True, eps=1e-6)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+            loss = F.cross_entropy(F.linear(z, head_w, head_b), labels)
+        loss.backward()
+    return step
+
+
+def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/out/abmilp.csv") -> list:
+    env = environment()
+    cuda = torch.cuda.is_available()
+    print(f"AbMILP benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit']}, {env['date']})")
+    device = "cuda" if cuda else "cpu"
+    if not cuda:
+        print("No CUDA device: GPU figures need CUDA; timing the eager reference only, at a small shape.")
+    ceiling = copy_bandwidth_gbs()
+    if cuda:
+        print(f"measured device copy bandwidth: {ceiling:.0f} GB/s (read + write)")
+    shapes = SHAPES if cuda else [("tiny", 64, 197, 384)]
+    if quick:
+        shapes = shapes[1:2] if cuda else shapes
+    ks = (1, 4, 16) if cuda else (1,)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    for name, B, T, D in shapes:
+        x = torch.randn(B, T, D, device=device, dtype=dtype)
+        head_w = (torch.randn(NUM_CLASSES, D, device=device) * D ** -0.5).requires_grad_(True)
+        head_b = torch.zeros(NUM_CLASSES, device=device, requires_grad=True)
+        labels = torch.randint(0, NUM_CLASSES, (B,), device=device)
+        x_bytes = x[:, 1:].numel() * x.element_size()
+        for K in ks:
+            w = (torch.randn((D,) if K == 1 else (K, D), device=device) * D ** -0.5).requires_grad_(True)
+            b = torch.zeros(() if K == 1 else (K,), device=device, requires_grad=True)
+
+            def eager(x, w, b):
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+                    return abmilp_pool_eager(x, w, b, num_prefix_tokens=1)
+
+            providers = {"eager": eager}
+            if cuda and with_compile and name == "ViT-B" and K == 1:  # compile peer: anchors' shape
+                providers["compile"] = torch.compile(eager)
+            if cuda:
+                providers["fused"] = lambda x, w, b: abmilp_pool(x, w, b, num_prefix_tokens=1)
+            results = {}
+            for prov, pool in providers.items():
+                for mode in ("fwd", "probe"):
+                    if mode == "fwd":
+                        fn = lambda pool=pool: pool(x, w.detach(), b.detach())
+                        moved = x_bytes
+                    else:
+                        step = _probe_step(pool)
+                        fn = lambda step=step: step(x, w, b, head_w, head_b, labels)
+                        moved = 2 * x_bytes  # forward read + backward read of the tokens
+                    med, lo, hi = bench_ms(fn)
+                    mem = peak_extra_mib(fn)
+                    results[(prov, mode)] = med
+                    gbs = moved / med / 1e6
+                    rows.append(dict(shape=name, B=B, T=T, D=D, K=K, dtype=str(dtype).split(".")[-1], mode=mode,
+                                     provider=prov, ms=med, ms_p20=lo, ms_p80=hi, GBps=gbs,
+                                     pct_copy_bw=100 * gbs / ceiling if cuda else float("nan"), peak_MiB=mem,
+                                     **env))
+            for r in rows[-len(providers) * 2:]:
+                fused = results.get(("fused", r["mode"]))
+                if r["provider"] == "fused":
+                    for peer in ("eager", "compile"):
+                        if (peer, r["mode"]) in results:
+                            r[f"x_vs_{peer}"] = results[(peer, r["mode"])] / fused
+    cols = ["shape", "K", "mode", "provider", "ms", "GBps", "pct_copy_bw", "peak_MiB", "x_vs_eager", "x_vs_compile"]
+    print_table(rows, cols, title="AbMILP pooling (tokens frozen; probe = pool+BN+Linear+CE fwd+bwd)")
+    write_csv(csv_path, rows)
+    return rows

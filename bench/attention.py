@@ -1,0 +1,118 @@
+"""`selagg-fast bench attention`: attention with statistics vs SDPA, eager and torch.compile;
+and whole-ViT analysis throughput."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from selagg_fast import attention_with_stats, record_attention_stats
+from selagg_fast.reference import attention_stats_columns, attention_with_stats_reference
+
+from .common import bench_ms, environment, peak_extra_mib, print_table, write_csv
+
+SHAPES = [("ViT-B", 256, 12, 197, 64), ("ViT-L", 256, 16, 197, 64), ("ViT-H/14", 128, 16, 257, 80)]
+
+
+def _eager(q, k, v):
+    with torch.autocast(q.device.type, dtype=torch.bfloat16, enabled=q.is_cuda):
+        out, stats = attention_with_stats_reference(q, k, v, num_prefix_tokens=1, compute_dtype=q.dtype)
+    return out, stats
+
+
+def op_rows(env, quick: bool, with_compile: bool) -> list:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = (SHAPES[:1] if quick else SHAPES) if cuda else [("tiny", 4, 3, 197, 64)]
+    rows = []
+    for name, B, H, T, d in shapes:
+        q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype) for _ in range(3))
+        providers = {"sdpa (no stats)": lambda: F.scaled_dot_product_attention(q, k, v), "eager": lambda: _eager(q, k, v)}
+        if cuda and with_compile and name == "ViT-B":
+            compiled = torch.compile(_eager)
+            providers["compile"] = lambda: compiled(q, k, v)
+        if cuda:
+            providers["fused"] = lambda: attention_with_stats(q, k, v, num_prefix_tokens=1)
+        times = {}
+        for prov, fn in providers.items():
+            med, lo, hi = bench_ms(fn)
+            times[prov] = med
+            rows.append(dict(shape=name, B=B, H=H, T=T, d=d, provider=prov, ms=med, ms_p20=lo, ms_p80=hi,
+                             peak_MiB=peak_extra_mib(fn), **env))
+        for r in rows[-len(providers):]:
+            r["pct_of_sdpa"] = 100 * r["ms"] / times["sdpa (no stats)"]
+    return rows
+
+
+def _reference_analysis(model):
+    """The paper code's analysis: unfused attention, maps from a hook, statistics per block."""
+    P = model.num_prefix_tokens
+    sums = {}
+
+    def hook(_m, _i, attn):
+        A = attn.float()
+        T = A.shape[-1]
+        diag = torch.diagonal(A, dim1=-2, dim2=-1)
+        prefix = A[..., :P].sum(-1)
+        Ahat = A[..., P:] / (A[..., P:].sum(-1, keepdim=True) + 1e-6)
+        ent = -(Ahat * torch.log(Ahat + 1e-6)).sum(-1)
+        from selagg_fast.reference import AttentionStats
+        for c, val in attention_stats_columns(AttentionStats(diag, prefix, ent, A[..., 0]), P).items():
+            sums[c] = sums.get(c, 0) + val.sum(0)
+
+    handles = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        handles.append(blk.attn.attn_drop.register_forward_hook(hook))
+    return handles
+
+
+def model_rows(env, batch: int = 256) -> list:
+    import timm
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    name = "vit_base_patch16_224" if cuda else "vit_tiny_patch16_224"
+    batch = batch if cuda else 8
+    model = timm.create_model(name, pretrained=False, num_classes=0).to(device).eval()
+    images = torch.randn(batch, 3, 224, 224, device=device)
+
+    def forward():
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            return model.forward_features(images)
+
+    rows = []
+
+    def measure(label, fn):
+        med, _, _ = bench_ms(fn, warmup_ms=50, rep_ms=300)
+        rows.append(dict(model=name, batch=batch, pipeline=label, ms=med, img_per_s=batch / med * 1000,
+                         peak_MiB=peak_extra_mib(fn), **env))
+
+    measure("plain (fused SDPA, no stats)", forward)
+    with record_attention_stats(model, magnitudes=True):
+        measure("record_attention_stats (all blocks)", forward)
+    handles = _reference_analysis(model)
+    measure("reference analysis (unfused + hooks)", forward)
+    for h in handles:
+        h.remove()
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
+    base = rows[0]["img_per_s"]
+    for r in rows:
+        r["pct_of_plain"] = 100 * r["img_per_s"] / base
+    return rows
+
+
+def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/out/attention.csv") -> list:
+    env = environment()
+    print(f"Attention-statistics benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit']}, {env['date']})")
+    if not torch.cuda.is_available():
+        print("No CUDA device: GPU figures need CUDA; timing the PyTorch paths only, at a small shape.")
+    rows = op_rows(env, quick, with_compile)
+    print_table(rows, ["shape", "provider", "ms", "pct_of_sdpa", "peak_MiB"], "One attention block, bf16")
+    mrows = model_rows(env)
+    print_table(mrows, ["model", "batch", "pipeline", "img_per_s", "pct_of_plain", "peak_MiB"],
+                "Whole-model analysis throughput, forward_features, bf16 autocast")
+    write_csv(csv_path, rows + mrows)
+    return rows + mrows

@@ -1,0 +1,95 @@
+"""Timing, memory and reporting helpers shared by the microbenchmarks."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import subprocess
+import time
+
+import torch
+
+
+def environment() -> dict:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    import triton
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "commit": commit or os.environ.get("SELAGG_COMMIT", "?")}
+
+
+def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> tuple:
+    """Median, 20% and 80% quantile milliseconds (CUDA events via do_bench; host clock on CPU)."""
+    if torch.cuda.is_available():
+        import triton.testing
+        fn()
+        torch.cuda.synchronize()
+        med, lo, hi = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return med, lo, hi
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000 * 5
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+    return q(0.5), q(0.2), q(0.8)
+
+
+def peak_extra_mib(fn) -> float:
+    """Memory allocated during one call beyond what was allocated before it (CUDA only)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def copy_bandwidth_gbs() -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + written): the ceiling."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms, _, _ = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def print_table(rows: list, columns: list, title: str = "") -> None:
+    if title:
+        print(f"\n{title}")
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def write_csv(path: str, rows: list) -> None:
+    if not rows:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")

@@ -1,0 +1,46 @@
+"""Command line: selagg-fast {demo, bench}."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _bench(args) -> None:
+    # bench/ installs as selagg_fast.bench; only the CLI reaches into it, at command time.
+    if args.what in ("abmilp", "all"):
+        from .bench import abmilp
+        abmilp.run(quick=args.quick, with_compile=not args.no_compile, csv_path=f"{args.out}/abmilp.csv")
+    if args.what in ("attention", "all"):
+        from .bench import attention
+        attention.run(quick=args.quick, with_compile=not args.no_compile, csv_path=f"{args.out}/attention.csv")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+    run_demo(args)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="selagg-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="built-in demo: AbMILP correctness check and microbenchmark")
+    p.add_argument("--out", default="selagg_demo", help="folder for the demo's CSV")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
+    p.add_argument("what", choices=["abmilp", "attention", "all"])
+    p.add_argument("--quick", action="store_true", help="ViT-B shape only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile)")
+    p.add_argument("--out", default="bench/out", help="folder for CSV results")
+    p.set_defaults(func=_bench)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,15 +14,17 @@ python3 - <<'PY' | tee "$OUT/versions.txt"
 import torch, triton, timm; print("torch", torch.__version__, "triton", triton.__version__, "timm", timm.__version__)
 PY
 REPO=$(cd "$OLDPWD" && pwd)
+# benchmarks first: they carry the targets
+timeout ${BENCH_TIMEOUT:-160} selagg-fast bench abmilp --out "$OUT" >"$OUT/bench_abmilp.log" 2>&1; echo "abmilp bench exit $?"
+timeout ${BENCH_TIMEOUT:-130} selagg-fast bench attention --out "$OUT" >"$OUT/bench_attention.log" 2>&1; echo "attention bench exit $?"
 # tests: default launch configs (autotuning every test shape would only cost compile time)
-SELAGG_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-210} python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
+SELAGG_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-170} python3 -m pytest "$REPO/tests" -p no:cacheprovider \
   --rootdir "$REPO" -c "$REPO/pytest.ini" ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
-echo "tests exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+echo "tests exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
-timeout ${BENCH_TIMEOUT:-170} selagg-fast bench abmilp --out "$OUT" >"$OUT/bench_abmilp.log" 2>&1; echo "abmilp bench exit $?"
-timeout ${BENCH_TIMEOUT:-170} selagg-fast bench attention --out "$OUT" >"$OUT/bench_attention.log" 2>&1; echo "attention bench exit $?"
 echo; echo "==== results ===="
 cat "$OUT/versions.txt" "$OUT/gpu.txt"
 sed -n '/^AbMILP pooling/,$p' "$OUT/bench_abmilp.log" | grep -v "^wrote"
 sed -n '/^One attention block/,$p' "$OUT/bench_attention.log" | grep -v "^wrote"
-tail -3 "$OUT/bench_abmilp.log" "$OUT/bench_attention.log" | grep -iE "error|Traceback" || true
+grep -hE "Error|error:" "$OUT/bench_abmilp.log" "$OUT/bench_attention.log" | tail -n 8 || true
+grep -E "passed|failed" "$OUT/tests.log" | tail -n 1

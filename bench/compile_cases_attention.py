@@ -10,6 +10,7 @@ def attention_cases():
                    **{f"stride_{t}{a}": "i32" for t in "qkvo" for a in "bht"},
                    H="i32", T="i32", P="i32", d="i32", qk_scale="fp32")
         for d in (32, 64, 80, 128):
-            cfg = _launch_config(d)
+            cfg = _launch_config(d, dt == "fp32")
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            yield (f"attn {dt} d={d}", attention_stats_fwd_kernel, sig, dict(UPCAST=dt == "fp32", **cfg), warps)
+            yield (f"attn {dt} d={d}", attention_stats_fwd_kernel, sig,
+                   dict(UPCAST=dt == "fp32", F32_PRECISION="tf32x3", **cfg), warps)

@@ -13,21 +13,21 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST: tl.constexpr):
+def _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr):
     # [BM, BD] x keys [BN] -> raw logits [BM, BN] float32 (scale applied by the caller).
     b_k = tl.load(p_k + o_n[None, :] * stride_kt + o_d[:, None],
                   mask=(o_n[None, :] < T) & (o_d[:, None] < d), other=0.0)  # [BD, BN]
     if UPCAST:
-        b_k = b_k.to(tl.float32)
+        return tl.dot(b_q, b_k.to(tl.float32), input_precision=F32_PRECISION)
     return tl.dot(b_q, b_k)
 
 
 @triton.jit
-def _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST: tl.constexpr):
+def _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr):
     b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_d[None, :],
                   mask=(o_n[:, None] < T) & (o_d[None, :] < d), other=0.0)  # [BN, BD]
     if UPCAST:
-        return tl.dot(b_p, b_v.to(tl.float32))
+        return tl.dot(b_p, b_v.to(tl.float32), input_precision=F32_PRECISION)
     return tl.dot(b_p.to(b_v.dtype), b_v)
 
 
@@ -37,7 +37,7 @@ def attention_stats_fwd_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     H, T, P, d, qk_scale,
-    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -59,7 +59,7 @@ def attention_stats_fwd_kernel(
 
     # first key block: the only one holding prefix keys (P <= BN is checked by the launcher)
     o_n = tl.arange(0, BN)
-    b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST) * qk_scale  # [BM, BN], log2 units
+    b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION) * qk_scale  # [BM, BN], log2 units
     b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
     m_i = tl.max(b_s, axis=1)  # [BM]
     b_p = tl.exp2(b_s - m_i[:, None])
@@ -69,11 +69,11 @@ def attention_stats_fwd_kernel(
     u_i = tl.sum(tl.where(is_patch, b_p * (b_s - m_i[:, None]), 0.0), axis=1)
     pre_i = tl.sum(tl.where(is_patch, 0.0, b_p), axis=1)
     s_cls = tl.sum(tl.where(o_n[None, :] == 0, b_s, 0.0), axis=1)
-    b_acc = _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST)  # [BM, BD]
+    b_acc = _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST, F32_PRECISION)  # [BM, BD]
 
     for n0 in range(BN, T, BN):
         o_n = n0 + tl.arange(0, BN)
-        b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST) * qk_scale
+        b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION) * qk_scale
         b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -84,7 +84,7 @@ def attention_stats_fwd_kernel(
         l_i = l_i * alpha + r_i
         lp_i = lp_i * alpha + r_i
         pre_i = pre_i * alpha
-        b_acc = b_acc * alpha[:, None] + _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST)
+        b_acc = b_acc * alpha[:, None] + _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST, F32_PRECISION)
         m_i = m_new
 
     inv_l = 1.0 / l_i

@@ -215,7 +215,7 @@ def test_module_init_repr_and_forward():
     assert out.shape == (3, 64)
     exp = reference64(x, head.weight.detach()[0], head.bias.detach()[0], 1)[0]
     assert rel_err(out, exp) < 1e-5
-    assert SelectiveAggregation(64, branches=4)(x).shape == (3, 4, 64)
+    assert SelectiveAggregation(64, branches=4).to(DEVICE)(x).shape == (3, 4, 64)
 
 
 def test_module_loads_reference_head_state_dict():

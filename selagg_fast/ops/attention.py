@@ -21,10 +21,15 @@ MIN_BN = 32  # every config's key block holds all prefix tokens when P <= MIN_BN
 _CONFIGS = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s)
             for bm, bn, w, s in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2))]
 _launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST"])
+# fp32 inputs use 3xTF32 dots (float32-accurate), whose operands need more shared memory
+_F32_CONFIG = dict(BM=32, BN=32, num_warps=4, num_stages=1)
+_launch_f32 = launcher(attention_stats_fwd_kernel, [_F32_CONFIG], key=["BD"])
 
 
-def _launch_config(d: int) -> dict:
+def _launch_config(d: int, fp32: bool = False) -> dict:
     BD = max(16, next_pow2(d))
+    if fp32:
+        return dict(_F32_CONFIG, BD=BD)
     return dict(BM=64, BN=32 if BD > 64 else 64, BD=BD, num_warps=4, num_stages=3 if BD <= 64 else 2)
 
 
@@ -42,9 +47,10 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
     B, H, T, d = q.shape
     out = _dispatch.empty((B, T, H, d), q.device, q.dtype).transpose(1, 2)
     stats = [_dispatch.empty((B, H, T), q.device, torch.float32) for _ in range(4)]
-    cfg = _launch_config(d)
+    fp32 = q.dtype == torch.float32
+    cfg = _launch_config(d, fp32)
     BD = cfg.pop("BD")
-    _launch(
+    (_launch_f32 if fp32 else _launch)(
         lambda meta: (triton_cdiv(T, meta["BM"]), B * H), q.device, cfg,
         q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out,
         self_ptr=stats[0], prefix_ptr=stats[1], ent_ptr=stats[2], cls_ptr=stats[3],
@@ -55,6 +61,7 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
         H=H, T=T, P=P, d=d, qk_scale=scale * LOG2E, BD=BD,
         # the interpreter computes bf16/fp16 dots on raw bits: upcast there, never on a GPU
         UPCAST=interpreter_active() or q.dtype == torch.float32,
+        F32_PRECISION="ieee" if interpreter_active() else "tf32x3",
     )
     return out, AttentionStats(*stats)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from selagg_fast import abmilp_pool
 from selagg_fast.reference import abmilp_pool_eager
 
-from .common import bench_ms, copy_bandwidth_gbs, environment, peak_extra_mib, print_table, write_csv
+from .common import bench_graph_ms, bench_ms, copy_bandwidth_gbs, environment, peak_extra_mib, print_table, write_csv
 
 # (name, B, T, D): ViT-S/B/L at 224 px, ViT-H/14 at 224 px
 SHAPES = [("ViT-S", 1024, 197, 384), ("ViT-B", 1024, 197, 768), ("ViT-L", 1024, 197, 1024),
@@ -66,7 +66,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
                 providers["fused"] = lambda x, w, b: abmilp_pool(x, w, b, num_prefix_tokens=1)
             results = {}
             for prov, pool in providers.items():
-                for mode in ("fwd", "probe"):
+                for mode in ("fwd", "probe", "probe_graph") if cuda else ("fwd", "probe"):
                     if mode == "fwd":
                         fn = lambda pool=pool: pool(x, w.detach(), b.detach())
                         moved = x_bytes
@@ -75,7 +75,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
                         fn = lambda step=step: step(x, w, b, head_w, head_b, labels)
                         moved = 2 * x_bytes  # forward read + backward read of the tokens
                     try:
-                        med, lo, hi = bench_ms(fn)
+                        med, lo, hi = (bench_graph_ms if mode == "probe_graph" else bench_ms)(fn)
                         mem = peak_extra_mib(fn)
                     except Exception as e:  # one broken provider must not hide the others
                         print(f"error: {name} K={K} {prov} {mode}: {type(e).__name__}: {str(e)[:300]}")
@@ -93,6 +93,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
                         if (peer, r["mode"]) in results:
                             r[f"x_vs_{peer}"] = results[(peer, r["mode"])] / fused
     cols = ["shape", "K", "mode", "provider", "ms", "GBps", "pct_copy_bw", "peak_MiB", "x_vs_eager", "x_vs_compile"]
-    print_table(rows, cols, title="AbMILP pooling (tokens frozen; probe = pool+BN+Linear+CE fwd+bwd)")
+    print_table(rows, cols, title="AbMILP pooling (tokens frozen; probe = pool+BN+Linear+CE fwd+bwd, "
+                                  "probe_graph = the same step replayed as a CUDA graph)")
     write_csv(csv_path, rows)
     return rows

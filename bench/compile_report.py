@@ -51,13 +51,14 @@ def _abmilp_cases():
                db_ptr="*fp32", stride_xb="i64", stride_xt="i64", stride_dxb="i64", stride_dxt="i64",
                B="i32", P="i32", N="i32", D="i32")
     dot = dict(LOWP=True, F32_PRECISION="tf32x3")
-    for D, warps in ((768, 4), (1024, 4), (1280, 8)):
-        BD = triton.next_power_of_2(D)
-        yield (f"fwd K=1 D={D}", k.abmilp_fwd_single_kernel, fwd,
-               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, BT=8192 // BD, BD=BD), warps)
-        yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd,
-               dict(HAS_BIAS=True, HAS_DX=False, BT=8192 // BD, BD=BD), warps)
     from ..ops.abmilp import _launch_config
+    for D in (384, 768, 1024, 1280):
+        cfg = _launch_config(D, 1)
+        tiles = dict(BT=cfg["BT"], BD1=cfg["BD1"], BD2=cfg["BD2"], HAS_D2=cfg["HAS_D2"])
+        yield (f"fwd K=1 D={D}", k.abmilp_fwd_single_kernel, fwd,
+               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, **tiles), cfg["num_warps"])
+        yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=True, **tiles),
+               cfg["num_warps"])
     for D, K in ((768, 4), (768, 16), (1024, 16)):
         cfg = _launch_config(D, K)
         tiles = dict(BT=cfg["BT"], BC=cfg["BC"], NC=cfg["NC"], BK=cfg["BK"], **dot)

@@ -54,7 +54,7 @@ def _abmilp_cases():
     from ..ops.abmilp import _launch_config
     for D in (384, 768, 1024, 1280):
         cfg = _launch_config(D, 1)
-        tiles = dict(BT=cfg["BT"], BD1=cfg["BD1"], BD2=cfg["BD2"], HAS_D2=cfg["HAS_D2"])
+        tiles = dict(BT=cfg["BT"], BD=cfg["BD"])
         yield (f"fwd K=1 D={D}", k.abmilp_fwd_single_kernel, fwd,
                dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, **tiles), cfg["num_warps"])
         yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=True, **tiles),

@@ -14,16 +14,12 @@ def abmilp_fwd_single_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr,
     stride_xb, stride_xt, P, N, D,
     HAS_BIAS: tl.constexpr, STORE_F32: tl.constexpr, STORE_SCORES: tl.constexpr,
-    BT: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr, HAS_D2: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr,
 ):
-    # The feature dim is tiled as BD1 (largest power of two <= D, no mask) + BD2 (the rest,
-    # masked), so ViT widths 384/768/1280 waste no lanes on padding.
     i_b = tl.program_id(0).to(tl.int64)
-    o_d1 = tl.arange(0, BD1)
-    o_d2 = BD1 + tl.arange(0, BD2)
-    m_d2 = o_d2 < D
-    b_w1 = tl.load(w_ptr + o_d1).to(tl.float32)  # [BD1]
-    b_w2 = tl.load(w_ptr + o_d2, mask=m_d2 & HAS_D2, other=0.0).to(tl.float32)  # [BD2]
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr).to(tl.float32)
@@ -31,17 +27,13 @@ def abmilp_fwd_single_kernel(
 
     m_i = float("-inf")
     l_i = 0.0
-    b_acc1 = tl.zeros([BD1], dtype=tl.float32)
-    b_acc2 = tl.zeros([BD2], dtype=tl.float32)
+    b_acc = tl.zeros([BD], dtype=tl.float32)
     for t0 in range(0, N, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < N
-        b_x1 = tl.load(p_x + o_t[:, None] * stride_xt + o_d1[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_s = tl.sum(b_x1 * b_w1[None, :], axis=1) + bias  # [BT]
-        if HAS_D2:
-            b_x2 = tl.load(p_x + o_t[:, None] * stride_xt + o_d2[None, :],
-                           mask=m_t[:, None] & m_d2[None, :], other=0.0).to(tl.float32)
-            b_s += tl.sum(b_x2 * b_w2[None, :], axis=1)
+        b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_d[None, :],
+                      mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BT, BD]
+        b_s = tl.sum(b_x * b_w[None, :], axis=1) + bias  # [BT]
         b_s = tl.where(m_t, b_s, float("-inf"))
         if STORE_SCORES:
             tl.store(s_ptr + i_b * N + o_t, b_s, mask=m_t)
@@ -49,18 +41,13 @@ def abmilp_fwd_single_kernel(
         alpha = tl.exp(m_i - m_new)
         b_p = tl.exp(b_s - m_new)  # [BT]
         l_i = l_i * alpha + tl.sum(b_p, axis=0)
-        b_acc1 = b_acc1 * alpha + tl.sum(b_p[:, None] * b_x1, axis=0)
-        if HAS_D2:
-            b_acc2 = b_acc2 * alpha + tl.sum(b_p[:, None] * b_x2, axis=0)
+        b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_x, axis=0)
         m_i = m_new
 
-    tl.store(out_ptr + i_b * D + o_d1, (b_acc1 / l_i).to(out_ptr.dtype.element_ty))
+    b_out = b_acc / l_i
+    tl.store(out_ptr + i_b * D + o_d, b_out.to(out_ptr.dtype.element_ty), mask=m_d)
     if STORE_F32:
-        tl.store(out32_ptr + i_b * D + o_d1, b_acc1 / l_i)
-    if HAS_D2:
-        tl.store(out_ptr + i_b * D + o_d2, (b_acc2 / l_i).to(out_ptr.dtype.element_ty), mask=m_d2)
-        if STORE_F32:
-            tl.store(out32_ptr + i_b * D + o_d2, b_acc2 / l_i, mask=m_d2)
+        tl.store(out32_ptr + i_b * D + o_d, b_out, mask=m_d)
     tl.store(lse_ptr + i_b, m_i + tl.log(l_i))
 
 
@@ -136,59 +123,41 @@ def abmilp_fwd_kernel(
 def abmilp_bwd_single_kernel(
     x_ptr, w_ptr, bias_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
     stride_xb, stride_xt, stride_dxb, stride_dxt, B, P, N, D,
-    HAS_BIAS: tl.constexpr, HAS_DX: tl.constexpr,
-    BT: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr, HAS_D2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DX: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
     # Each program walks images i_p, i_p + G, ... and keeps its dw / db partials in registers.
     i_p = tl.program_id(0)
     G = tl.num_programs(0)
-    o_d1 = tl.arange(0, BD1)
-    o_d2 = BD1 + tl.arange(0, BD2)
-    m_d2 = (o_d2 < D) & HAS_D2
-    b_w1 = tl.load(w_ptr + o_d1).to(tl.float32)
-    b_w2 = tl.load(w_ptr + o_d2, mask=m_d2, other=0.0).to(tl.float32)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr).to(tl.float32)
-    b_dw1 = tl.zeros([BD1], dtype=tl.float32)
-    b_dw2 = tl.zeros([BD2], dtype=tl.float32)
+    b_dw = tl.zeros([BD], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     for i_img in range(i_p, B, G):
         i_b = tl.cast(i_img, tl.int64)
-        b_g1 = tl.load(dout_ptr + i_b * D + o_d1).to(tl.float32)
-        b_g2 = tl.load(dout_ptr + i_b * D + o_d2, mask=m_d2, other=0.0).to(tl.float32)
-        c = tl.sum(b_g1 * tl.load(out32_ptr + i_b * D + o_d1), axis=0) \
-            + tl.sum(b_g2 * tl.load(out32_ptr + i_b * D + o_d2, mask=m_d2, other=0.0), axis=0)
+        b_g = tl.load(dout_ptr + i_b * D + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
+        b_o = tl.load(out32_ptr + i_b * D + o_d, mask=m_d, other=0.0)  # [BD]
+        c = tl.sum(b_g * b_o, axis=0)
         lse = tl.load(lse_ptr + i_b)
         p_x = x_ptr + i_b * stride_xb + P * stride_xt
-        p_dx = dx_ptr + i_b * stride_dxb + P * stride_dxt
         for t0 in range(0, N, BT):
             o_t = t0 + tl.arange(0, BT)
             m_t = o_t < N
-            b_x1 = tl.load(p_x + o_t[:, None] * stride_xt + o_d1[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-            b_s = tl.sum(b_x1 * b_w1[None, :], axis=1) + bias  # [BT]
-            b_gz = tl.sum(b_x1 * b_g1[None, :], axis=1)
-            if HAS_D2:
-                m_x2 = m_t[:, None] & m_d2[None, :]
-                b_x2 = tl.load(p_x + o_t[:, None] * stride_xt + o_d2[None, :], mask=m_x2, other=0.0).to(tl.float32)
-                b_s += tl.sum(b_x2 * b_w2[None, :], axis=1)
-                b_gz += tl.sum(b_x2 * b_g2[None, :], axis=1)
+            m_x = m_t[:, None] & m_d[None, :]
+            b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_d[None, :], mask=m_x, other=0.0).to(tl.float32)
+            b_s = tl.sum(b_x * b_w[None, :], axis=1) + bias  # [BT]
             b_a = tl.where(m_t, tl.exp(b_s - lse), 0.0)
-            b_ds = b_a * (b_gz - c)  # [BT]
-            b_dw1 += tl.sum(b_ds[:, None] * b_x1, axis=0)
+            b_ds = b_a * (tl.sum(b_x * b_g[None, :], axis=1) - c)  # [BT]
+            b_dw += tl.sum(b_ds[:, None] * b_x, axis=0)
             b_db += b_ds
-            if HAS_D2:
-                b_dw2 += tl.sum(b_ds[:, None] * b_x2, axis=0)
             if HAS_DX:
-                b_dx1 = b_a[:, None] * b_g1[None, :] + b_ds[:, None] * b_w1[None, :]  # [BT, BD1]
-                tl.store(p_dx + o_t[:, None] * stride_dxt + o_d1[None, :], b_dx1.to(dx_ptr.dtype.element_ty),
-                         mask=m_t[:, None])
-                if HAS_D2:
-                    b_dx2 = b_a[:, None] * b_g2[None, :] + b_ds[:, None] * b_w2[None, :]
-                    tl.store(p_dx + o_t[:, None] * stride_dxt + o_d2[None, :], b_dx2.to(dx_ptr.dtype.element_ty),
-                             mask=m_t[:, None] & m_d2[None, :])
-    tl.store(dw_ptr + i_p * D + o_d1, b_dw1)
-    tl.store(dw_ptr + i_p * D + o_d2, b_dw2, mask=m_d2)
+                b_dx = b_a[:, None] * b_g[None, :] + b_ds[:, None] * b_w[None, :]  # [BT, BD]
+                p_dx = dx_ptr + i_b * stride_dxb + (P + o_t[:, None]) * stride_dxt + o_d[None, :]
+                tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
+    tl.store(dw_ptr + i_p * D + o_d, b_dw, mask=m_d)
     tl.store(db_ptr + i_p, tl.sum(b_db, axis=0))
 
 

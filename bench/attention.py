@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from selagg_fast import attention_with_stats, record_attention_stats
-from selagg_fast.reference import attention_stats_columns, attention_with_stats_reference
+from selagg_fast.reference import AttentionStats, attention_stats_columns, attention_with_stats_reference
 
 from .common import bench_ms, environment, peak_extra_mib, print_table, write_csv
 
@@ -55,12 +55,10 @@ def _reference_analysis(model):
 
     def hook(_m, _i, attn):
         A = attn.float()
-        T = A.shape[-1]
         diag = torch.diagonal(A, dim1=-2, dim2=-1)
         prefix = A[..., :P].sum(-1)
         Ahat = A[..., P:] / (A[..., P:].sum(-1, keepdim=True) + 1e-6)
         ent = -(Ahat * torch.log(Ahat + 1e-6)).sum(-1)
-        from selagg_fast.reference import AttentionStats
         for c, val in attention_stats_columns(AttentionStats(diag, prefix, ent, A[..., 0]), P).items():
             sums[c] = sums.get(c, 0) + val.sum(0)
 

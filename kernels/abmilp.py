@@ -3,7 +3,7 @@
 One program owns one image: it streams the image's pooled tokens once, keeping an
 online softmax (running max ``m``, running sum ``l``) and the weighted token sum in
 registers, so the tokens are read exactly once. ``K`` branches share that read.
-Maths: README, section "Selective Aggregation".
+Maths: README, `abmilp_pool`.
 """
 import triton
 import triton.language as tl

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .ops import abmilp_pool
+from .reference import attention_stats_columns
 
 
 class SelectiveAggregation(nn.Module):
@@ -77,8 +78,6 @@ class AttentionStatsRecorder:
         by_block[block] = by_block[block] + total if block in by_block else total
 
     def record(self, block: int, stats) -> None:
-        from .reference import attention_stats_columns
-
         self.last[block] = stats
         for column, per_image in attention_stats_columns(stats, self.num_prefix_tokens).items():
             self._add(column, block, per_image)
@@ -166,6 +165,7 @@ class record_attention_stats:
         P = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
         self.recorder = AttentionStatsRecorder(self.block_indices, P, magnitudes)
         self._handles = []
+        self._residual = None  # the current block's input, set by its pre-hook
 
     def __enter__(self) -> AttentionStatsRecorder:
         try:
@@ -173,17 +173,15 @@ class record_attention_stats:
                 block = self.all_blocks[b]
                 block.attn.forward = _stats_attention_forward(block.attn, self.recorder, b)
                 if self.recorder.magnitudes:
-                    self._handles.append(block.register_forward_pre_hook(self._residual_hook(b)))
+                    self._handles.append(block.register_forward_pre_hook(self._residual_hook))
                     self._handles.append(block.attn.register_forward_hook(self._branch_hook(b)))
         except Exception:
             self._restore()
             raise
         return self.recorder
 
-    def _residual_hook(self, b):
-        def hook(_module, args):
-            self._residual = args[0]
-        return hook
+    def _residual_hook(self, _module, args):
+        self._residual = args[0]
 
     def _branch_hook(self, b):
         def hook(_module, _args, output):

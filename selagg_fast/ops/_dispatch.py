@@ -67,6 +67,11 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.devic
     return next(iter(present.values())).device
 
 
+def check_num_prefix_tokens(op: str, num_prefix_tokens) -> None:
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise ValueError(f"{op}: num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+
+
 def dot_settings(dtype: torch.dtype) -> dict:
     """Constexprs that tell a kernel how to feed ``tl.dot``.
 

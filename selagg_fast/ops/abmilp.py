@@ -16,6 +16,7 @@ from ..reference import abmilp_pool_reference
 from . import _dispatch
 from ._dispatch import (
     check_float,
+    check_num_prefix_tokens,
     check_same_device,
     choose_backend,
     dot_settings,
@@ -179,8 +180,7 @@ def _check_inputs(x, weight, bias, num_prefix_tokens):
         raise ValueError(f"{OP}: weight has K=0 branches")
     if bias is not None and not (bias.dim() == 0 or (bias.dim() == 1 and bias.shape[0] == K)):
         raise ValueError(f"{OP}: bias must be a scalar tensor or [K={K}], got shape {tuple(bias.shape)}")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f"{OP}: num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    check_num_prefix_tokens(OP, num_prefix_tokens)
     if x.shape[1] - num_prefix_tokens <= 0:
         raise ValueError(
             f"{OP}: no tokens left to pool: T={x.shape[1]} with num_prefix_tokens={num_prefix_tokens}")

@@ -6,11 +6,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from ..kernels.attention import attention_stats_fwd_kernel
 from ..reference import AttentionStats, attention_with_stats_reference
 from . import _dispatch
-from ._dispatch import check_float, check_same_device, choose_backend, interpreter_active, launcher, next_pow2
+from ._dispatch import check_float, check_num_prefix_tokens, check_same_device, choose_backend, interpreter_active, launcher, next_pow2
 
 OP = "attention_with_stats"
 MAX_HEAD_DIM = 256
@@ -51,7 +52,7 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
     cfg = _launch_config(d, fp32)
     BD = cfg.pop("BD")
     (_launch_f32 if fp32 else _launch)(
-        lambda meta: (triton_cdiv(T, meta["BM"]), B * H), q.device, cfg,
+        lambda meta: (triton.cdiv(T, meta["BM"]), B * H), q.device, cfg,
         q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out,
         self_ptr=stats[0], prefix_ptr=stats[1], ent_ptr=stats[2], cls_ptr=stats[3],
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
@@ -64,10 +65,6 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
         F32_PRECISION="ieee" if interpreter_active() else "tf32x3",
     )
     return out, AttentionStats(*stats)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class AttentionWithStatsFunction(torch.autograd.Function):
@@ -102,8 +99,7 @@ def _check_inputs(q, k, v, num_prefix_tokens):
         raise TypeError(f"{OP}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(OP, q=q, k=k, v=v)
     T = q.shape[2]
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f"{OP}: num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    check_num_prefix_tokens(OP, num_prefix_tokens)
     if num_prefix_tokens > T:
         raise ValueError(f"{OP}: num_prefix_tokens={num_prefix_tokens} exceeds the sequence length T={T}")
     if T == 0:

@@ -1,8 +1,9 @@
-"""Command line: selagg-fast {demo, bench}."""
+"""Command line: selagg-fast {demo, probe, bench}."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -21,14 +22,27 @@ def _demo(args) -> None:
     run_demo(args)
 
 
+def _probe(args) -> None:
+    from .probe.cli import config_from_args
+    from .probe.trainer import format_results, run_probe
+    results = run_probe(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_results(results))
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="selagg-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="built-in demo: AbMILP correctness check and microbenchmark")
-    p.add_argument("--out", default="selagg_demo", help="folder for the demo's CSV")
+    p = sub.add_parser("demo", help="built-in demo: cls / avg / selective probes on synthetic data (~1 min on a CPU)")
+    p.add_argument("--out", default="selagg_demo", help="folder for the demo's cache and run")
     p.set_defaults(func=_demo)
+
+    from .probe.cli import add_probe_arguments
+    p = sub.add_parser("probe", help="train [cls] / average / Selective Aggregation probes on a frozen timm ViT")
+    add_probe_arguments(p)
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
     p.add_argument("what", choices=["abmilp", "attention", "all"])

@@ -1,0 +1,108 @@
+"""Memory-mapped store of backbone tokens, extracted once and resumable.
+
+Layout of a store directory: ``meta.json`` (what was extracted, shapes, dtype),
+``tokens.bin`` (``[N, T, D]``, bf16 stored as its raw 16 bits, or fp32), ``labels.npy``,
+``valid.bin`` (1 byte per sample: 0 until written, 2 when the image was unreadable) and
+``done.bin`` (1 byte per extraction batch). A batch is marked done only after its rows are
+flushed, so an interrupted extraction resumes at the first batch not marked, and several
+processes can fill disjoint batches of one store.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+_DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp32": (torch.float32, np.float32)}
+
+
+class TokenStore:
+    def __init__(self, path: str, fingerprint: dict, num_samples: int, token_shape: tuple, dtype: str,
+                 batch_size: int, labels: np.ndarray):
+        if dtype not in _DTYPES:
+            raise ValueError(f"cache dtype {dtype!r}: choose bf16 or fp32")
+        os.makedirs(path, exist_ok=True)
+        self.path, self.dtype = path, dtype
+        self.torch_dtype, np_dtype = _DTYPES[dtype]
+        meta = dict(fingerprint=fingerprint, num_samples=num_samples, token_shape=list(token_shape),
+                    dtype=dtype, batch_size=batch_size)
+        meta_path = os.path.join(path, "meta.json")
+        fresh = not os.path.exists(meta_path)
+        if not fresh:
+            with open(meta_path) as f:
+                old = json.load(f)
+            if old != meta:
+                raise ValueError(f"feature cache {path} was extracted with different settings; delete it or "
+                                 f"choose another --cache-features folder.\n  cached: {old}\n  now:    {meta}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_batches = -(-num_samples // batch_size)
+        mode = "w+" if fresh else "r+"
+        self.tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=np_dtype, mode=mode,
+                                shape=(num_samples, *token_shape))
+        self.valid = np.memmap(os.path.join(path, "valid.bin"), dtype=np.uint8, mode=mode, shape=(num_samples,))
+        self.done = np.memmap(os.path.join(path, "done.bin"), dtype=np.uint8, mode=mode, shape=(self.num_batches,))
+        self.labels = labels.astype(np.int64)
+        if fresh:
+            np.save(os.path.join(path, "labels.npy"), self.labels)
+            with open(meta_path + ".tmp", "w") as f:
+                json.dump(meta, f, indent=1)
+            os.replace(meta_path + ".tmp", meta_path)  # meta last: a store without it is incomplete
+
+    def pending_batches(self, rank: int = 0, world: int = 1) -> list:
+        return [b for b in range(self.num_batches) if b % world == rank and not self.done[b]]
+
+    def complete(self) -> bool:
+        return bool(np.all(np.asarray(self.done)))
+
+    def write_batch(self, batch: int, indices: torch.Tensor, tokens: torch.Tensor, skipped_indices) -> None:
+        idx = indices.cpu().numpy()
+        rows = tokens.detach().to(self.torch_dtype).cpu()
+        if self.dtype == "bf16":
+            rows = rows.view(torch.int16)
+        order = np.argsort(idx)
+        self.tokens[idx[order]] = rows.numpy()[order]
+        self.valid[idx] = 1
+        if len(skipped_indices):
+            self.valid[np.asarray(skipped_indices)] = 2
+        self.tokens.flush()
+        self.valid.flush()
+        self.done[batch] = 1
+        self.done.flush()
+
+    def valid_indices(self) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.valid) == 1)
+
+    def num_unreadable(self) -> int:
+        return int(np.count_nonzero(np.asarray(self.valid) == 2))
+
+    def batches(self, batches: list) -> "CachedBatches":
+        return CachedBatches(self.path, self.dtype, self.tokens.shape, self.labels, batches)
+
+
+class CachedBatches(torch.utils.data.Dataset):
+    """Item ``i`` is the whole batch ``batches[i]`` (row indices) as ``(tokens, labels)``.
+
+    Picklable for DataLoader workers: each process maps ``tokens.bin`` itself, read-only.
+    """
+
+    def __init__(self, path: str, dtype: str, shape: tuple, labels: np.ndarray, batches: list):
+        self.path, self.dtype, self.shape, self.labels, self.batch_list = path, dtype, tuple(shape), labels, batches
+        self._tokens = None
+
+    def __len__(self):
+        return len(self.batch_list)
+
+    def __getitem__(self, i):
+        if self._tokens is None:
+            self._tokens = np.memmap(os.path.join(self.path, "tokens.bin"), dtype=_DTYPES[self.dtype][1],
+                                     mode="r", shape=self.shape)
+        rows = np.sort(np.asarray(self.batch_list[i]))  # sorted reads are sequential on disk
+        tokens = torch.from_numpy(np.ascontiguousarray(self._tokens[rows]))
+        if self.dtype == "bf16":
+            tokens = tokens.view(torch.bfloat16)
+        return tokens, torch.from_numpy(self.labels[rows])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokens": None}

@@ -1,0 +1,196 @@
+"""Datasets for probing: ImageFolder train/val (optionally a listed subset), or generated images.
+
+Every sample is ``(image tensor or None, label, index)``; ``None`` marks an unreadable image,
+which :func:`collate_skipping` drops and counts. Random augmentation is seeded per
+(seed, epoch, index), so a run is reproducible whatever the worker count, the number of
+processes, or where it was resumed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger("selagg_fast")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(img_size: int):
+    from torchvision import transforms as T
+    return T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def val_transform(img_size: int):
+    from torchvision import transforms as T
+    # 256/224 of the crop size: resize 256 + center crop 224 at the standard size
+    return T.Compose([T.Resize(int(round(img_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(img_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class SeededTransform(Dataset):
+    """Applies ``transform`` to ``base[i]`` with the random state seeded by (seed, epoch, i)."""
+
+    def __init__(self, base, transform, seed: int = 0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+        self.classes = base.classes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        if image is None:
+            return None, label, index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.transform(image), label, index
+
+
+def collate_skipping(batch):
+    """Stack the readable samples; returns ``(images, labels, indices, indices of unreadable ones)``."""
+    good = [s for s in batch if s[0] is not None]
+    skipped = [s[2] for s in batch if s[0] is None]
+    if not good:
+        return None, None, None, skipped
+    images = torch.stack([s[0] for s in good])
+    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
+    indices = torch.tensor([s[2] for s in good], dtype=torch.long)
+    return images, labels, indices, skipped
+
+
+class ImageFiles(Dataset):
+    """(path, label) list read with PIL; an unreadable file yields ``(None, label)`` and a warning."""
+
+    def __init__(self, samples, classes):
+        self.samples, self.classes = list(samples), list(classes)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except Exception as err:  # corrupt / truncated / not an image: skipped and counted
+            log.warning("skipping unreadable image %s (%s)", path, err)
+            return None, label
+
+
+def _image_folder(root: str, split: str):
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--data {root}: no '{split}/' folder (expected ImageFolder {root}/train/<class>/... "
+                                f"and {root}/val/<class>/...)")
+    classes, class_to_idx = find_classes(folder)
+    samples, empty = [], []
+    for cls in classes:
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(folder, cls), followlinks=True)
+                       for f in fs if f.lower().endswith(IMG_EXTENSIONS))
+        if not files:
+            empty.append(cls)
+        samples += [(f, class_to_idx[cls]) for f in files]
+    if empty:
+        raise ValueError(f"{folder}: {len(empty)} class folder(s) hold no images: {', '.join(empty[:10])}")
+    return samples, classes
+
+
+def _apply_train_list(samples, list_file: str, train_dir: str):
+    """Keep the listed images: lines are paths relative to train/ or bare file names (ImageNet-1% split)."""
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"--train-list {list_file}: no such file")
+    with open(list_file) as f:
+        wanted = [line.split()[0] for line in f if line.strip() and not line.startswith("#")]
+    by_rel = {os.path.relpath(p, train_dir): (p, y) for p, y in samples}
+    by_name = {os.path.basename(p): (p, y) for p, y in samples}
+    chosen, missing = [], []
+    for entry in wanted:
+        hit = by_rel.get(entry) or by_name.get(os.path.basename(entry))
+        (chosen if hit else missing).append(hit or entry)
+    if missing:
+        raise ValueError(f"--train-list {list_file}: {len(missing)} of {len(wanted)} entries not found under "
+                         f"{train_dir}, e.g. {missing[:3]}")
+    return chosen
+
+
+def image_folder_datasets(root: str, img_size: int, train_list: str | None = None, augment: bool = True,
+                          seed: int = 0):
+    """Train and val datasets of an ImageFolder root; the protocol's transforms."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data {root}: no such directory")
+    train_samples, classes = _image_folder(root, "train")
+    val_samples, val_classes = _image_folder(root, "val")
+    if val_classes != classes:
+        raise ValueError(f"--data {root}: train/ has {len(classes)} classes and val/ has {len(val_classes)}; "
+                         "they must be the same folders")
+    if train_list:
+        train_samples = _apply_train_list(train_samples, train_list, os.path.join(root, "train"))
+    train = SeededTransform(ImageFiles(train_samples, classes),
+                            train_transform(img_size) if augment else val_transform(img_size), seed)
+    val = SeededTransform(ImageFiles(val_samples, classes), val_transform(img_size), seed)
+    return train, val
+
+
+class SyntheticObjects(Dataset):
+    """Generated images whose label is a small object at a random place among clutter.
+
+    The object is a bright, outlined square in one of ``num_classes`` colours; the clutter is
+    darker squares of the same colours, so the global colour statistics say little about the
+    label and a probe has to find the object: exactly where aggregation matters.
+    """
+
+    def __init__(self, size: int, num_classes: int = 10, img_size: int = 64, seed: int = 0, split: str = "train"):
+        if num_classes < 2 or num_classes > 16:
+            raise ValueError("synthetic data: num_classes must be in [2, 16]")
+        self.size, self.num_classes, self.img_size = size, num_classes, img_size
+        self.seed = seed * 2 + (0 if split == "train" else 1)
+        self.classes = [f"object_{c}" for c in range(num_classes)]
+        hues = np.linspace(0, 1, num_classes, endpoint=False)
+        self.palette = np.stack([_hsv_to_rgb(h, 0.9, 1.0) for h in hues])  # [C, 3] in [0, 1]
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, index])
+        n = self.img_size
+        label = int(rng.integers(self.num_classes))
+        img = rng.uniform(0.0, 0.15, size=(n, n, 3))
+        obj = max(4, n // 8)
+        for _ in range(int(rng.integers(8, 14))):  # clutter: darker squares of any class colour
+            s = int(rng.integers(obj // 2, obj + 1))
+            y, x = rng.integers(0, n - s, size=2)
+            img[y:y + s, x:x + s] = self.palette[rng.integers(self.num_classes)] * rng.uniform(0.25, 0.45)
+        y, x = rng.integers(1, n - obj - 1, size=2)
+        img[y - 1:y + obj + 1, x - 1:x + obj + 1] = 1.0  # white outline
+        img[y:y + obj, x:x + obj] = self.palette[label]
+        return Image.fromarray((img * 255).astype(np.uint8)), label
+
+
+def _hsv_to_rgb(h, s, v):
+    import colorsys
+    return np.array(colorsys.hsv_to_rgb(h, s, v))
+
+
+def synthetic_datasets(img_size: int, train_size: int, val_size: int, num_classes: int, seed: int = 0,
+                       augment: bool = True):
+    """Generated train/val sets. Augmentation is a horizontal flip only: a random crop would
+    often cut the object (and so the label) out of the image."""
+    from torchvision import transforms as T
+    base = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_tf = T.Compose(([T.RandomHorizontalFlip()] if augment else []) + base)
+    train = SeededTransform(SyntheticObjects(train_size, num_classes, img_size, seed, "train"), train_tf, seed)
+    val = SeededTransform(SyntheticObjects(val_size, num_classes, img_size, seed, "val"), T.Compose(base), seed)
+    return train, val

@@ -226,7 +226,9 @@ class _Run:
                 checkpoint=ckpt, checkpoint_stat=_file_stamp(ckpt), data=cfg.data, train_list=cfg.train_list,
                 synthetic=[cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.synthetic_classes, cfg.seed]
                 if cfg.data == "synthetic" else None, num_samples=len(dataset))
-            path = os.path.join(cfg.cache_features, f"{split}-{_digest(fingerprint)}")
+            # one folder per setting: changing the model, data, dtype or batch never reuses stale tokens
+            key = _digest(dict(fingerprint, dtype=cfg.cache_dtype, batch_size=cfg.batch_size))
+            path = os.path.join(cfg.cache_features, f"{split}-{key}")
             labels = _labels_of(dataset)
             args = (path, fingerprint, len(dataset), token_shape, cfg.cache_dtype, cfg.batch_size, labels)
             if self.dist.is_main:

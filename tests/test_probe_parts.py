@@ -1,0 +1,270 @@
+"""Probe heads, LARS, the lr schedule, backbone loading and data handling against their definitions."""
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import DEVICE, rel_err
+from PIL import Image
+
+from selagg_fast.backbone import CheckpointError, create_backbone, read_state_dict
+from selagg_fast.probe.data import SyntheticObjects, collate_skipping, image_folder_datasets
+from selagg_fast.probe.heads import GlobalBatchNorm1d, ProbeHeads, parse_heads
+from selagg_fast.probe.optim import LARS, build_optimizer, cosine_lr
+from selagg_fast.reference import abmilp_pool_reference
+
+D, C = 48, 5
+
+
+def _bn_linear(probe, features):
+    """Training-mode BatchNorm1d(affine=False, eps=1e-6) then Linear, in float64."""
+    f = features.double()
+    f = (f - f.mean(0)) / torch.sqrt(f.var(0, unbiased=False) + 1e-6)
+    return f @ probe.fc.weight.double().T + probe.fc.bias.double()
+
+
+@pytest.mark.parametrize("P", [1, 0, 5], ids=["cls", "no_cls", "registers"])
+def test_heads_match_reference_semantics(P):
+    heads_text = "avg,selective,selective_all,selective_k3" + (",cls" if P else "")
+    specs = parse_heads(heads_text, has_cls=P > 0)
+    heads = ProbeHeads(specs, [0.1, 0.3], D, C, P).to(DEVICE).train()
+    tokens = torch.randn(16, 17 + P, D, device=DEVICE)
+    logits = heads(tokens)
+    assert len(logits) == len(specs) * 2
+    for spec, lr in heads.pairs:
+        key = heads._key(spec, lr)
+        t = tokens.double()
+        if spec.kind == "cls":
+            feat = t[:, 0]
+        elif spec.kind == "avg":
+            feat = t[:, P:].mean(1)
+        else:
+            agg = heads.aggregators[key]
+            prefix = 0 if spec.kind == "selective_all" else P
+            assert agg.num_prefix_tokens == prefix
+            feat = abmilp_pool_reference(t, agg.weight.double(), agg.bias.double(), num_prefix_tokens=prefix,
+                                         compute_dtype=torch.float64).reshape(len(t), -1)  # K branches concatenated
+        expected = _bn_linear(heads.classifiers[key], feat)
+        assert rel_err(logits[f"{spec.name}@{lr:g}"], expected) < 1e-4, (spec, lr)
+
+
+def test_every_pair_gets_only_its_own_gradient():
+    heads = ProbeHeads(parse_heads("avg,selective"), [0.1, 1.0], D, C, 1).to(DEVICE)
+    tokens = torch.randn(8, 10, D, device=DEVICE)
+    logits = heads(tokens)
+    logits["selective@1"].sum().backward()
+    for spec, lr in heads.pairs:
+        grads = [p.grad for p in heads.pair_parameters(spec, lr)]
+        if (spec.name, lr) == ("selective", 1.0):
+            assert all(g is not None and g.abs().sum() > 0 for g in grads[:1])
+            assert heads.aggregators[heads._key(spec, lr)].weight.grad.abs().sum() > 0
+        else:
+            assert all(g is None or g.abs().sum() == 0 for g in grads), (spec, lr)
+
+
+def test_bad_head_names():
+    with pytest.raises(ValueError, match="unknown head 'attn'"):
+        parse_heads("cls,attn")
+    with pytest.raises(ValueError, match="needs a \\[cls\\] token"):
+        parse_heads("cls,avg", has_cls=False)
+    with pytest.raises(ValueError, match="twice"):
+        parse_heads("avg,avg")
+    with pytest.raises(ValueError, match="no heads"):
+        parse_heads(" , ")
+
+
+def test_global_batchnorm_equals_batchnorm_on_one_process():
+    x = torch.randn(32, 7) * 3 + 1
+    ours, ref = GlobalBatchNorm1d(7), torch.nn.BatchNorm1d(7, affine=False, eps=1e-6)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_lars_step_matches_formula():
+    torch.manual_seed(1)
+    w, b = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(4))
+    gw, gb = torch.randn(4, 6), torch.randn(4)
+    w0, b0 = w.detach().double().clone(), b.detach().double().clone()
+    opt = LARS([w, b], lr=0.5, weight_decay=0.01, momentum=0.9, trust_coefficient=0.001)
+    mu_w, mu_b = torch.zeros_like(w0), torch.zeros_like(b0)
+    for _ in range(3):
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        u = gw.double() + 0.01 * w0
+        u = u * (0.001 * w0.norm() / u.norm())  # trust ratio for ndim > 1
+        mu_w = 0.9 * mu_w + u
+        w0 = w0 - 0.5 * mu_w
+        mu_b = 0.9 * mu_b + gb.double()        # biases: plain momentum SGD
+        b0 = b0 - 0.5 * mu_b
+    assert rel_err(w, w0) < 1e-6 and rel_err(b, b0) < 1e-6
+
+
+def test_lars_zero_norms_use_ratio_one():
+    w = torch.nn.Parameter(torch.zeros(3, 3))
+    w.grad = torch.ones(3, 3)
+    LARS([w], lr=1.0, momentum=0.0).step()
+    assert torch.equal(w.detach(), -torch.ones(3, 3))
+
+
+def test_cosine_schedule_formula():
+    peak, E, W = 0.4, 90, 10
+    assert cosine_lr(peak, 0, E, W) == 0
+    assert cosine_lr(peak, 5, E, W) == pytest.approx(0.2)
+    assert cosine_lr(peak, 10, E, W) == pytest.approx(peak)
+    assert cosine_lr(peak, 50, E, W) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cosine_lr(peak, 90, E, W) == pytest.approx(0, abs=1e-12)
+    lrs = [cosine_lr(peak, e / 10, E, W) for e in range(101, 900)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), "decays monotonically after warm-up"
+
+
+def test_optimizer_groups_scale_lr_by_effective_batch():
+    heads = ProbeHeads(parse_heads("avg,selective"), [0.1, 0.3], D, C, 1)
+    opt = build_optimizer(heads, "lars", effective_batch=4096)
+    assert [g["peak_lr"] for g in opt.param_groups] == pytest.approx([1.6, 4.8, 1.6, 4.8])
+    assert len(opt.param_groups[2]["params"]) == 4  # fc w, fc b, score w, score b
+    assert isinstance(build_optimizer(heads, "sgd", 1024), torch.optim.SGD)
+
+
+# --- backbone loading --------------------------------------------------------------------------
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+
+
+def _timm_state():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", ["timm_pth", "timm_safetensors", "mae", "ijepa", "ddp_prefix", "mae_pickled_args"])
+def test_checkpoint_layouts_load_exactly(tmp_path, layout):
+    model, state = _timm_state()
+    path = tmp_path / ("w.safetensors" if layout == "timm_safetensors" else "w.pth")
+    if layout == "timm_safetensors":
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    elif layout == "timm_pth":
+        torch.save(state, path)
+    elif layout == "mae":  # encoder + decoder of MAE pretraining under "model"
+        torch.save({"model": {**state, "decoder_embed.weight": torch.randn(4, 48), "mask_token": torch.zeros(1, 1, 48)}}, path)
+    elif layout == "ijepa":  # I-JEPA: DDP-prefixed encoder and target encoder (the target is probed)
+        other = {f"module.{k}": torch.randn_like(v) for k, v in state.items()}
+        torch.save({"encoder": other, "target_encoder": {f"module.{k}": v for k, v in state.items()},
+                    "predictor": {}, "epoch": 3}, path)
+    elif layout == "ddp_prefix":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    else:
+        import argparse
+        torch.save({"model": state, "args": argparse.Namespace(lr=1.0)}, path)
+    bb = create_backbone("vit_tiny_patch16_224", str(path), **TINY)
+    loaded = bb.model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
+    assert bb.info.num_prefix_tokens == 1 and bb.info.has_cls and bb.info.embed_dim == 48
+
+
+def test_checkpoint_mismatches_are_refused(tmp_path):
+    _, state = _timm_state()
+    missing = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="missing keys.*blocks.1"):
+        create_backbone("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), **TINY)
+    bb = create_backbone("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), allow_key_mismatch=True, **TINY)
+    assert len(bb.model.blocks) == 2
+    torch.save({**state, "blocks.0.extra": torch.zeros(2)}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match="unexpected keys.*blocks.0.extra"):
+        create_backbone("vit_tiny_patch16_224", str(tmp_path / "extra.pth"), **TINY)
+    with pytest.raises(CheckpointError, match="shapes do not match"):  # a ViT-S checkpoint into a narrower model
+        create_backbone("vit_tiny_patch16_224", str(tmp_path / "extra.pth"), **{**TINY, "embed_dim": 96})
+    with pytest.raises(FileNotFoundError):
+        read_state_dict(str(tmp_path / "nope.pth"))
+
+
+def test_no_download_and_unknown_names():
+    with pytest.raises(ValueError, match="--checkpoint"):
+        create_backbone("vit_base_patch16_224")
+    with pytest.raises(ValueError, match="unknown timm model"):
+        create_backbone("vit_bsae_patch16_224", random_init=True)
+
+
+def test_backbone_tokens_return_block_and_final_norm():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **{**TINY, "depth": 3}).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model.forward_features(images)  # timm applies the final norm
+        x = model.patch_embed(images)
+        x = model._pos_embed(x)
+        x = model.blocks[:2](x)
+    torch.manual_seed(0)
+    bb = create_backbone("vit_tiny_patch16_224", random_init=True, final_norm=True, **{**TINY, "depth": 3})
+    bb.model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(bb(images), full)
+    bb2 = create_backbone("vit_tiny_patch16_224", random_init=True, return_block=2, **{**TINY, "depth": 3})
+    bb2.model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("blocks.2")},
+                              strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(bb2(images), x)
+    assert bb2.info.num_blocks == 2 and not any(p.requires_grad for p in bb2.parameters())
+    with pytest.raises(ValueError, match="out of range"):
+        create_backbone("vit_tiny_patch16_224", random_init=True, return_block=4, **{**TINY, "depth": 3})
+
+
+def test_no_cls_and_register_models():
+    bb = create_backbone("vit_base_patch16_reg4_gap_256", random_init=True, img_size=32, depth=1, embed_dim=48,
+                         num_heads=3)
+    assert bb.info.num_prefix_tokens == 4 and not bb.info.has_cls
+    assert bb(torch.randn(1, 3, 32, 32)).shape == (1, 4 + 4, 48)
+
+
+# --- data --------------------------------------------------------------------------------------
+def _folder(root, classes=("a", "b"), per_class=3, corrupt=None):
+    for split in ("train", "val"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((40, 40, 3), i * 40, np.uint8)).save(d / f"{c}_{i}.png")
+    if corrupt:
+        (root / "train" / classes[0] / "broken.png").write_bytes(b"not a png at all")
+
+
+def test_image_folder_skips_and_counts_corrupt_images(tmp_path):
+    _folder(tmp_path, corrupt=True)
+    train, val = image_folder_datasets(str(tmp_path), 32, augment=True)
+    assert len(train) == 7 and train.classes == ["a", "b"]
+    images, labels, indices, skipped = collate_skipping([train[i] for i in range(len(train))])
+    assert images.shape == (6, 3, 32, 32) and len(skipped) == 1
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        image_folder_datasets(str(tmp_path / "nope"), 32)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="no 'val/' folder|Couldn't find any class|no such"):
+        image_folder_datasets(str(tmp_path), 32)
+    _folder(tmp_path / "x")
+    (tmp_path / "x" / "train" / "empty").mkdir()
+    (tmp_path / "x" / "val" / "empty").mkdir()
+    with pytest.raises(ValueError, match="hold no images: empty"):
+        image_folder_datasets(str(tmp_path / "x"), 32)
+
+
+def test_train_list_subsets(tmp_path):
+    _folder(tmp_path)
+    (tmp_path / "list.txt").write_text("a/a_0.png\nb_2.png\n")
+    train, _ = image_folder_datasets(str(tmp_path), 32, train_list=str(tmp_path / "list.txt"))
+    assert [(p.split("/")[-1], y) for p, y in train.base.samples] == [("a_0.png", 0), ("b_2.png", 1)]
+    (tmp_path / "bad.txt").write_text("a/zzz.png\n")
+    with pytest.raises(ValueError, match="1 of 1 entries not found"):
+        image_folder_datasets(str(tmp_path), 32, train_list=str(tmp_path / "bad.txt"))
+
+
+def test_synthetic_images_are_deterministic_and_labelled():
+    ds = SyntheticObjects(20, num_classes=4, img_size=32, seed=3)
+    a, la = ds[7]
+    b, lb = ds[7]
+    assert la == lb and np.array_equal(np.asarray(a), np.asarray(b)) and a.size == (32, 32)
+    assert {ds[i][1] for i in range(20)} == {0, 1, 2, 3}
+    val = SyntheticObjects(20, num_classes=4, img_size=32, seed=3, split="val")
+    assert not np.array_equal(np.asarray(val[7][0]), np.asarray(a))

@@ -1,0 +1,173 @@
+"""End-to-end probing runs on a tiny random-init ViT: outputs, resume, feature cache, torchrun, demo."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from selagg_fast.probe.trainer import ProbeConfig, format_results, run_probe
+
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+
+
+def tiny_config(out, **overrides) -> ProbeConfig:
+    cfg = dict(model="vit_tiny_patch16_224", random_init=True, model_kwargs=TINY, data="synthetic",
+               synthetic_train_size=128, synthetic_val_size=64, synthetic_classes=4, heads="avg,selective",
+               lrs="0.5,2.0", epochs=2, warmup_epochs=1, batch_size=32, workers=0, output_dir=str(out),
+               progress=False, device="cpu")
+    cfg.update(overrides)
+    return ProbeConfig(**cfg)
+
+
+def _heads_state(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["heads"]
+
+
+def _assert_same_heads(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+def test_outputs_and_result_structure(tmp_path):
+    results = run_probe(tiny_config(tmp_path / "run"))
+    out = tmp_path / "run"
+    config = json.loads((out / "config.json").read_text())
+    assert config["effective_batch"] == 32 and config["pairs"] == ["avg@0.5", "avg@2", "selective@0.5", "selective@2"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m["head"], m["base_lr"]) for m in lines][:4] == [
+        (1, "avg", 0.5), (1, "avg", 2.0), (1, "selective", 0.5), (1, "selective", 2.0)]
+    assert len(lines) == 8 and all(0 <= m["top1"] <= m["top5"] <= 100 for m in lines)
+    assert lines[-1]["lr"] == pytest.approx(2.0 * 32 / 256 * 0.5 * (1 + np.cos(np.pi * 0.75)))  # last step: epoch 1 + 3/4
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert set(results["best_per_head"]) == {"avg", "selective"} and len(results["pairs"]) == 4
+    for head, best in results["best_per_head"].items():
+        assert best["top1"] == max(p["top1"] for p in results["pairs"] if p["head"] == head)
+    assert "selective" in format_results(results)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_probe(tiny_config(out))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = run_probe(tiny_config(tmp_path / "full"))
+    first = run_probe(tiny_config(tmp_path / "split", stop_after_epochs=1))
+    assert first["epochs_done"] == 1
+    resumed = run_probe(tiny_config(tmp_path / "split", resume=True))
+    assert resumed["pairs"] == full["pairs"]
+    _assert_same_heads(_heads_state(tmp_path / "split"), _heads_state(tmp_path / "full"), atol=0)
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+    with pytest.raises(ValueError, match="different settings.*lrs"):
+        run_probe(tiny_config(tmp_path / "split", resume=True, lrs="0.1"))
+
+
+def test_cached_features_equal_live_features(tmp_path):
+    live = run_probe(tiny_config(tmp_path / "live", augment=False))
+    cached = run_probe(tiny_config(tmp_path / "cached", augment=False, cache_features=str(tmp_path / "cache"),
+                                   cache_dtype="fp32"))
+    _assert_same_heads(_heads_state(tmp_path / "cached"), _heads_state(tmp_path / "live"), atol=1e-5)
+    assert [p["top1"] for p in cached["pairs"]] == [p["top1"] for p in live["pairs"]]
+    bf16 = run_probe(tiny_config(tmp_path / "bf16", augment=False, cache_features=str(tmp_path / "cache")))
+    for a, b in zip(bf16["pairs"], live["pairs"]):
+        assert abs(a["top1"] - b["top1"]) <= 6.25  # 4 of 64 images: bf16 rounding of the tokens only
+
+
+def test_interrupted_extraction_resumes(tmp_path):
+    cache = tmp_path / "cache"
+    run_probe(tiny_config(tmp_path / "a", augment=False, cache_features=str(cache), cache_dtype="fp32", epochs=1))
+    (train_dir,) = [d for d in cache.iterdir() if d.name.startswith("train-")]
+    meta = json.loads((train_dir / "meta.json").read_text())
+    shape = (meta["num_samples"], *meta["token_shape"])
+    tokens = np.memmap(train_dir / "tokens.bin", dtype=np.float32, mode="r+", shape=shape)
+    reference = np.array(tokens)
+    done = np.memmap(train_dir / "done.bin", dtype=np.uint8, mode="r+", shape=(meta["num_samples"] // 32,))
+    done[2:] = 0  # as if killed after two batches, the rest half-written
+    tokens[64:] = 0
+    done.flush(), tokens.flush()
+    run_probe(tiny_config(tmp_path / "b", augment=False, cache_features=str(cache), cache_dtype="fp32", epochs=1))
+    assert np.array_equal(np.array(np.memmap(train_dir / "tokens.bin", dtype=np.float32, mode="r", shape=shape)),
+                          reference)
+
+
+def test_compact_cache_without_selective_heads(tmp_path):
+    results = run_probe(tiny_config(tmp_path / "r", heads="cls,avg", augment=False, epochs=1,
+                                    cache_features=str(tmp_path / "cache")))
+    (train_dir,) = [d for d in (tmp_path / "cache").iterdir() if d.name.startswith("train-")]
+    assert json.loads((train_dir / "meta.json").read_text())["token_shape"] == [2, 48]  # [cls] + patch mean
+    assert {p["head"] for p in results["pairs"]} == {"cls", "avg"}
+
+
+def test_corrupt_image_is_counted_not_fatal(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.random.randint(0, 255, (36, 36, 3), np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "data" / "val" / "a" / "bad.png").write_bytes(b"\x89PNG truncated")
+    results = run_probe(tiny_config(tmp_path / "r", data=str(tmp_path / "data"), epochs=1, heads="cls,avg"))
+    assert results["unreadable_images"]["val"] == 1 and results["val_images"] == 9
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(data=None), "--data is required"),
+    (dict(data="/nonexistent/dir"), "no such directory"),
+    (dict(heads="cls,foo"), "unknown head 'foo'"),
+    (dict(lrs="0.1,x"), "comma-separated numbers"),
+    (dict(cache_features="/tmp/c"), "--no-augment"),
+    (dict(optimizer="adam"), "lars or sgd"),
+    (dict(model_kwargs=dict(TINY, class_token=False, global_pool="avg"), heads="cls"), "needs a \\[cls\\] token"),
+])
+def test_bad_input_gets_clear_errors(tmp_path, bad, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        run_probe(tiny_config(tmp_path / "r", **bad))
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    torch.save({"model": {"pos_embed": torch.zeros(1, 17, 48)}}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="missing keys"):
+        run_probe(tiny_config(tmp_path / "r", random_init=False, checkpoint=str(tmp_path / "bad.pth")))
+
+
+def _cli(args, nproc=None, env_extra=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc else [sys.executable]
+    cmd = prefix + ["-m", "selagg_fast.cli"] + args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _cli_args(out):
+    return ["probe", "--model", "vit_tiny_patch16_224", "--random-init", "--model-kwargs", json.dumps(TINY),
+            "--data", "synthetic", "--synthetic-train-size", "128", "--synthetic-val-size", "64",
+            "--synthetic-classes", "4", "--heads", "avg,selective", "--lrs", "0.5,2.0", "--epochs", "2",
+            "--warmup-epochs", "1", "--workers", "0", "--no-progress", "--device", "cpu", "--output-dir", str(out)]
+
+
+def test_two_process_torchrun_equals_one_process(tmp_path):
+    one = _cli(_cli_args(tmp_path / "one") + ["--batch-size", "32"])
+    two = _cli(_cli_args(tmp_path / "two") + ["--batch-size", "16"], nproc=2)
+    assert "selective" in one and "selective" in two
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["effective_batch"] == 32
+    assert [p["top1"] for p in r2["pairs"]] == [p["top1"] for p in r1["pairs"]]
+    _assert_same_heads(_heads_state(tmp_path / "two"), _heads_state(tmp_path / "one"), atol=1e-5)
+
+
+def test_demo_finishes_and_selective_beats_avg(tmp_path):
+    # The README's main command, as a user runs it (no TRITON_INTERPRET: reference ops on a CPU).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "selagg_fast.cli", "demo", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = json.loads((tmp_path / "probe" / "results.json").read_text())["best_per_head"]
+    assert best["selective"]["top1"] > best["avg"]["top1"] + 20, best
+    assert "selective beats avg" in proc.stdout

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent Hopper machine (no network): install, CUDA tests, benchmarks,
-# a compact table last. Usage: bash bench/gpu_check.sh [OUTDIR]   (about 5 minutes)
+# a compact table last. Usage: bash bench/gpu_check.sh [OUTDIR]   (about 7 minutes)
 set -u
 OUT=${1:-${OUT:-/tmp/selagg_gpu}}
 mkdir -p "$OUT"
@@ -17,8 +17,9 @@ REPO=$(cd "$OLDPWD" && pwd)
 # benchmarks first: they carry the targets
 timeout ${BENCH_TIMEOUT:-160} selagg-fast bench abmilp --out "$OUT" >"$OUT/bench_abmilp.log" 2>&1; echo "abmilp bench exit $?"
 timeout ${BENCH_TIMEOUT:-130} selagg-fast bench attention --out "$OUT" >"$OUT/bench_attention.log" 2>&1; echo "attention bench exit $?"
+timeout ${BENCH_TIMEOUT:-120} selagg-fast bench probe --out "$OUT" >"$OUT/bench_probe.log" 2>&1; echo "probe bench exit $?"
 # tests: default launch configs (autotuning every test shape would only cost compile time)
-SELAGG_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-170} python3 -m pytest "$REPO/tests" -p no:cacheprovider \
+SELAGG_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$REPO/tests" -p no:cacheprovider \
   --rootdir "$REPO" -c "$REPO/pytest.ini" ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
 echo "tests exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
@@ -26,5 +27,6 @@ echo; echo "==== results ===="
 cat "$OUT/versions.txt" "$OUT/gpu.txt"
 sed -n '/^AbMILP pooling/,$p' "$OUT/bench_abmilp.log" | grep -v "^wrote"
 sed -n '/^One attention block/,$p' "$OUT/bench_attention.log" | grep -v "^wrote"
-grep -hE "Error|error:" "$OUT/bench_abmilp.log" "$OUT/bench_attention.log" | tail -n 8 || true
+sed -n '/^Probe training step/,$p' "$OUT/bench_probe.log" | grep -v "^wrote"
+grep -hE "Error|error:" "$OUT"/bench_*.log | tail -n 8 || true
 grep -E "passed|failed" "$OUT/tests.log" | tail -n 1

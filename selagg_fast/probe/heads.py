@@ -109,8 +109,9 @@ class ProbeHeads(nn.Module):
     branch keeps its own features and the classifier weighs them.
     """
 
-    def __init__(self, specs, lrs, dim: int, num_classes: int, num_prefix_tokens: int):
+    def __init__(self, specs, lrs, dim: int, num_classes: int, num_prefix_tokens: int, backend: str = "auto"):
         super().__init__()
+        self.backend = backend  # abmilp_pool's backend: "auto", "triton" or "reference" (benchmarks compare)
         self.specs, self.lrs = list(specs), [float(lr) for lr in lrs]
         self.dim, self.num_classes, self.num_prefix_tokens = dim, num_classes, num_prefix_tokens
         self.pairs = [(spec, lr) for spec in self.specs for lr in self.lrs]
@@ -149,7 +150,7 @@ class ProbeHeads(nn.Module):
             bias = torch.cat([a.bias for a in aggs])
             if weight.shape[0] == 1:
                 weight, bias = weight[0], bias[0]
-            pooled = abmilp_pool(tokens, weight, bias, num_prefix_tokens=prefix)
+            pooled = abmilp_pool(tokens, weight, bias, num_prefix_tokens=prefix, backend=self.backend)
             pooled = pooled.reshape(tokens.shape[0], -1, self.dim)
             start = 0
             for (spec, lr), agg in zip(members, aggs):

@@ -1,4 +1,4 @@
-"""Command line: selagg-fast {demo, probe, bench}."""
+"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, bench}."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("probe", help="train [cls] / average / Selective Aggregation probes on a frozen timm ViT")
     add_probe_arguments(p)
     p.set_defaults(func=_probe)
+
+    from .analysis.cli import add_analysis_commands
+    add_analysis_commands(sub)
 
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
     p.add_argument("what", choices=["abmilp", "attention", "probe", "all"])

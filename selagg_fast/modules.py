@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .ops import abmilp_pool
-from .reference import attention_stats_columns
+from .reference import CLS_COLUMNS, attention_stats_columns
 
 
 class SelectiveAggregation(nn.Module):
@@ -64,9 +64,11 @@ class AttentionStatsRecorder:
     float64 sums, so memory does not grow with the number of images.
     """
 
-    def __init__(self, block_indices, num_prefix_tokens: int, magnitudes: bool):
+    def __init__(self, block_indices, num_prefix_tokens: int, magnitudes: bool, has_cls: bool | None = None):
         self.block_indices = list(block_indices)
         self.num_prefix_tokens = num_prefix_tokens
+        # registers without [cls] (e.g. *_reg4_gap): token 0 is a register, so no [cls] columns
+        self.has_cls = num_prefix_tokens > 0 if has_cls is None else has_cls
         self.magnitudes = magnitudes
         self.last: dict = {}  # block index -> AttentionStats of the latest forward (per image)
         self.images = 0
@@ -80,7 +82,8 @@ class AttentionStatsRecorder:
     def record(self, block: int, stats) -> None:
         self.last[block] = stats
         for column, per_image in attention_stats_columns(stats, self.num_prefix_tokens).items():
-            self._add(column, block, per_image)
+            if self.has_cls or column not in CLS_COLUMNS:
+                self._add(column, block, per_image)
         if block == self.block_indices[0]:
             self.images += stats.self_attn.shape[0]
 
@@ -88,7 +91,7 @@ class AttentionStatsRecorder:
         # ||attention branch|| / ||residual input|| per token; the exact ratio (no 1e-6 term)
         ratio = branch.float().norm(dim=-1) / residual.float().norm(dim=-1)  # [B, T]
         P = self.num_prefix_tokens
-        if P > 0:
+        if self.has_cls:
             self._add("cls_magnitude_ratio", block, ratio[:, :1])
         self._add("pos_magnitude_ratio", block, ratio[:, P:].mean(-1, keepdim=True))
 
@@ -163,7 +166,8 @@ class record_attention_stats:
             if not 0 <= b < len(self.all_blocks):
                 raise ValueError(f"record_attention_stats: block {b} out of range (model has {len(self.all_blocks)})")
         P = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
-        self.recorder = AttentionStatsRecorder(self.block_indices, P, magnitudes)
+        self.recorder = AttentionStatsRecorder(self.block_indices, P, magnitudes,
+                                               has_cls=getattr(model, "cls_token", None) is not None)
         self._handles = []
         self._residual = None  # the current block's input, set by its pre-hook
 

@@ -107,6 +107,11 @@ def attention_with_stats_reference(
     return out, stats
 
 
+# Columns that read token 0 as [cls]; absent for models without one.
+CLS_COLUMNS = ("cls_cls_attention", "cls_cls_attention_adj_for_cls", "cls_pos_attention", "cls_pos_entropy",
+               "pos_cls_attention")
+
+
 def attention_stats_columns(stats: AttentionStats, num_prefix_tokens: int) -> dict:
     """The paper code's per-image columns from per-row statistics.
 

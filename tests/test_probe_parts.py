@@ -9,7 +9,7 @@ from conftest import DEVICE, rel_err
 from PIL import Image
 
 from selagg_fast.backbone import CheckpointError, create_backbone, read_state_dict
-from selagg_fast.probe.data import SyntheticObjects, collate_skipping, image_folder_datasets
+from selagg_fast.data import SyntheticObjects, collate_skipping, image_folder_datasets
 from selagg_fast.probe.heads import GlobalBatchNorm1d, ProbeHeads, parse_heads
 from selagg_fast.probe.optim import LARS, build_optimizer, cosine_lr
 from selagg_fast.reference import abmilp_pool_reference

@@ -25,7 +25,7 @@ from ..backbone import create_backbone
 from ..distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard_indices
 from ..profiling import nvtx_range
 from .cache import TokenStore
-from .data import collate_skipping, image_folder_datasets, synthetic_datasets
+from ..data import collate_skipping, image_folder_datasets, synthetic_datasets
 from .heads import ProbeHeads, pair_name, parse_heads, probe_loss
 from .optim import build_optimizer, set_lr
 

@@ -1,4 +1,5 @@
-"""Datasets for probing: ImageFolder train/val (optionally a listed subset), or generated images.
+"""Image datasets shared by the trainer and the analysis tools: ImageFolder train/val (optionally a
+listed subset), flat image folders, and generated images.
 
 Every sample is ``(image tensor or None, label, index)``; ``None`` marks an unreadable image,
 which :func:`collate_skipping` drops and counts. Random augmentation is seeded per
@@ -164,6 +165,11 @@ class SyntheticObjects(Dataset):
         return self.size
 
     def __getitem__(self, index):
+        image, label, _box = self.render(index)
+        return image, label
+
+    def render(self, index):
+        """``(PIL image, label, object box (x0, y0, x1, y1) in pixels, outline included)``."""
         rng = np.random.default_rng([self.seed, index])
         n = self.img_size
         label = int(rng.integers(self.num_classes))
@@ -176,7 +182,24 @@ class SyntheticObjects(Dataset):
         y, x = rng.integers(1, n - obj - 1, size=2)
         img[y - 1:y + obj + 1, x - 1:x + obj + 1] = 1.0  # white outline
         img[y:y + obj, x:x + obj] = self.palette[label]
-        return Image.fromarray((img * 255).astype(np.uint8)), label
+        box = (int(x) - 1, int(y) - 1, int(x) + obj + 1, int(y) + obj + 1)
+        return Image.fromarray((img * 255).astype(np.uint8)), label, box
+
+    def export(self, folder: str, count: int | None = None) -> str:
+        """Write the first ``count`` images as PNGs under ``folder/<class>/`` and their object boxes
+        to ``folder/boxes.csv`` (``image,x0,y0,x1,y1``); returns the CSV path."""
+        os.makedirs(folder, exist_ok=True)
+        rows = ["image,x0,y0,x1,y1"]
+        for i in range(min(count or self.size, self.size)):
+            image, label, box = self.render(i)
+            os.makedirs(os.path.join(folder, self.classes[label]), exist_ok=True)
+            name = f"synthetic_{i:06d}"
+            image.save(os.path.join(folder, self.classes[label], name + ".png"))
+            rows.append(",".join([name, *map(str, box)]))
+        path = os.path.join(folder, "boxes.csv")
+        with open(path, "w") as f:
+            f.write("\n".join(rows) + "\n")
+        return path
 
 
 def _hsv_to_rgb(h, s, v):
@@ -194,3 +217,28 @@ def synthetic_datasets(img_size: int, train_size: int, val_size: int, num_classe
     train = SeededTransform(SyntheticObjects(train_size, num_classes, img_size, seed, "train"), train_tf, seed)
     val = SeededTransform(SyntheticObjects(val_size, num_classes, img_size, seed, "val"), T.Compose(base), seed)
     return train, val
+
+
+def image_files(root: str) -> list:
+    """Every image file under ``root`` (recursively), sorted."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root, followlinks=True)
+                  for f in fs if f.lower().endswith(IMG_EXTENSIONS))
+
+
+def analysis_images(data: str, img_size: int, limit: int | None = None, seed: int = 0):
+    """Validation-transformed images of ``data`` for the analysis tools: ``DIR/val`` when it exists,
+    else every image under ``DIR`` (class folders or flat), or ``"synthetic"``. With ``limit``, a
+    seeded random subset (the first N files of ImageNet val would be a few classes only)."""
+    if data == "synthetic":
+        return synthetic_datasets(img_size, 1, limit or 1000, 10, seed=seed, augment=False)[1]
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"--data {data}: no such directory")
+    root = os.path.join(data, "val") if os.path.isdir(os.path.join(data, "val")) else data
+    files = image_files(root)
+    if not files:
+        raise ValueError(f"--data {data}: no image files under {root}")
+    if limit is not None and limit < len(files):
+        keep = np.random.default_rng(seed).permutation(len(files))[:limit]
+        files = [files[i] for i in sorted(keep)]
+    return SeededTransform(ImageFiles([(f, 0) for f in files], ["image"]), val_transform(img_size), seed)

@@ -1,0 +1,192 @@
+"""`selagg-fast analyze`: per-block, per-head attention statistics over a whole image set.
+
+One frozen backbone pass with ``record_attention_stats``: every attention layer runs the
+streaming kernel, per-image columns are summed on the device (memory does not grow with the
+number of images), and the sums are checkpointed so an interrupted run resumes. Under
+torchrun every process takes every W-th batch and rank 0 adds the sums up.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..backbone import create_backbone
+from ..data import analysis_images, collate_skipping
+from ..distributed import barrier, init_distributed
+from ..modules import record_attention_stats
+from ..reference import CLS_COLUMNS
+
+log = logging.getLogger("selagg_fast")
+
+
+@dataclass
+class AnalyzeConfig:
+    model: str = "vit_base_patch16_224"
+    checkpoint: str | None = None
+    random_init: bool = False
+    allow_key_mismatch: bool = False
+    model_kwargs: dict = field(default_factory=dict)
+    return_block: int | None = None
+    data: str | None = None
+    limit: int | None = None
+    batch_size: int = 512
+    workers: int = 8
+    magnitudes: bool = True
+    precision: str = "auto"
+    output_dir: str = "analyze_out"
+    name: str | None = None
+    resume: bool = False
+    save_every: int = 20
+    device: str = "auto"
+    progress: bool = True
+
+
+def _gathered_state(recorder) -> dict:
+    """Sum of every process's running sums (float64), on rank 0's CPU."""
+    state = recorder.state_dict()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return state
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    total = {"images": sum(s["images"] for s in states), "sums": {}}
+    for s in states:
+        for column, by_block in s["sums"].items():
+            into = total["sums"].setdefault(column, {})
+            for block, t in by_block.items():
+                into[block] = into[block] + t if block in into else t.clone()
+    return total
+
+
+def write_outputs(out: str, run_name: str, meta: dict, summary: dict) -> dict:
+    """``stats.json`` (metric -> [L][H]) and ``stats.csv`` (run, block, head, metric, value)."""
+    stats = dict(meta, metrics={k: v.tolist() for k, v in summary.items()})
+    tmp = os.path.join(out, "stats.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(stats, f, indent=1)
+    os.replace(tmp, os.path.join(out, "stats.json"))
+    tmp = os.path.join(out, "stats.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "block", "head", "metric", "value"])
+        for metric, table in summary.items():
+            for li, block in enumerate(meta["blocks"]):
+                for h in range(table.shape[1]):
+                    # magnitude ratios are per block (one value): head "all"
+                    w.writerow([run_name, block, h if table.shape[1] > 1 else "all", metric, repr(float(table[li, h]))])
+    os.replace(tmp, os.path.join(out, "stats.csv"))
+    return stats
+
+
+def run_analyze(cfg: AnalyzeConfig) -> dict:
+    if cfg.data is None:
+        raise ValueError("--data is required: a folder of images (ImageNet val layout or flat), or 'synthetic'")
+    if cfg.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    dist_info = init_distributed(cfg.device)
+    device = dist_info.device
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    backbone = create_backbone(cfg.model, cfg.checkpoint, random_init=cfg.random_init,
+                               allow_key_mismatch=cfg.allow_key_mismatch, return_block=cfg.return_block,
+                               **cfg.model_kwargs).to(device)
+    info = backbone.info
+    dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    run_name = cfg.name or os.path.basename(os.path.normpath(out))
+
+    n_batches = -(-len(dataset) // cfg.batch_size)
+    mine = list(range(dist_info.rank, n_batches, dist_info.world_size))
+    partial_path = os.path.join(out, f"partial.rank{dist_info.rank}.pt")
+    settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, model_kwargs=cfg.model_kwargs,
+                    return_block=cfg.return_block, data=cfg.data, limit=cfg.limit, images=len(dataset),
+                    batch_size=cfg.batch_size, world_size=dist_info.world_size, magnitudes=cfg.magnitudes,
+                    precision="bf16" if use_bf16 else "fp32")
+    if os.path.exists(os.path.join(out, "stats.json")) and not cfg.resume:
+        raise FileExistsError(f"{out} already holds stats.json: pass --resume or choose another --output-dir")
+
+    ctx = record_attention_stats(backbone.model, magnitudes=cfg.magnitudes)
+    done, unreadable = set(), 0
+    if cfg.resume and os.path.exists(partial_path):
+        state = torch.load(partial_path, map_location="cpu", weights_only=False)
+        if state["settings"] != settings:
+            raise ValueError(f"--resume: {out} was started with other settings: {state['settings']} vs {settings}")
+        ctx.recorder.load_state_dict(state["recorder"], device=device)
+        done, unreadable = set(state["done"]), state["unreadable"]
+        log.info("resuming %s: %d of this process's %d batches already summed", out, len(done), len(mine))
+
+    def save_partial():
+        tmp = partial_path + ".tmp"
+        torch.save(dict(settings=settings, recorder=ctx.recorder.state_dict(), done=sorted(done),
+                        unreadable=unreadable), tmp)
+        os.replace(tmp, partial_path)
+
+    todo = [b for b in mine if b not in done]
+    bs = cfg.batch_size
+    loader = DataLoader(dataset, batch_sampler=[list(range(b * bs, min((b + 1) * bs, len(dataset)))) for b in todo],
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping)
+    bar = tqdm(total=len(dataset), initial=min(len(dataset), len(done) * bs * dist_info.world_size), unit="img",
+               desc=f"analyze {cfg.model}", disable=not (cfg.progress and dist_info.is_main), smoothing=0.1)
+    start, seen = time.perf_counter(), 0
+    with ctx as recorder:
+        for n, (b, (images, _labels, _idx, skipped)) in enumerate(zip(todo, loader)):
+            unreadable += len(skipped)
+            if images is not None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    backbone(images.to(device, non_blocking=True))
+                seen += len(images)
+            done.add(b)
+            bar.update((len(skipped) + (0 if images is None else len(images))) * dist_info.world_size)
+            bar.set_postfix(img_s=f"{seen * dist_info.world_size / (time.perf_counter() - start):.0f}")
+            if (n + 1) % cfg.save_every == 0:
+                save_partial()
+    bar.close()
+    save_partial()
+    elapsed = time.perf_counter() - start
+    state = _gathered_state(recorder)
+    unreadable_all = torch.tensor([unreadable])
+    if dist_info.active:
+        counts = [None] * dist_info.world_size
+        dist.all_gather_object(counts, unreadable)
+        unreadable_all = torch.tensor([sum(counts)])
+    stats = None
+    if dist_info.is_main:
+        recorder.load_state_dict(state)
+        summary = recorder.summary()
+        omitted = [] if info.has_cls else list(CLS_COLUMNS) + (["cls_magnitude_ratio"] if cfg.magnitudes else [])
+        num_patches = info.patch_grid[0] * info.patch_grid[1]
+        meta = dict(run=run_name, model=cfg.model, checkpoint=cfg.checkpoint, images=recorder.images,
+                    unreadable_images=int(unreadable_all.item()), blocks=list(range(1, info.num_blocks + 1)),
+                    heads=int(backbone.model.blocks[0].attn.num_heads), num_prefix_tokens=info.num_prefix_tokens,
+                    has_cls=info.has_cls, num_patches=num_patches, max_entropy=math.log(num_patches),
+                    omitted_columns=omitted, images_per_s=seen * dist_info.world_size / max(elapsed, 1e-9),
+                    settings=settings)
+        stats = write_outputs(out, run_name, meta, summary)
+        if omitted:
+            print(f"{cfg.model} has no [cls] token: columns {', '.join(omitted)} are omitted")
+    barrier()
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    """Mean over heads of every metric per block, as a small table."""
+    metrics = list(stats["metrics"])
+    lines = ["block " + " ".join(f"{m[:22]:>22}" for m in metrics)]
+    for li, block in enumerate(stats["blocks"]):
+        vals = [sum(stats["metrics"][m][li]) / len(stats["metrics"][m][li]) for m in metrics]
+        lines.append(f"{block:>5} " + " ".join(f"{v:>22.4f}" for v in vals))
+    return "\n".join(lines)
+
+
+def analyze_config_fields() -> set:
+    return {f.name for f in dataclasses.fields(AnalyzeConfig)}

@@ -1,0 +1,88 @@
+"""Arguments of `selagg-fast analyze | plot | maps | localize`."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_analysis_commands(sub) -> None:
+    p = sub.add_parser("analyze", help="per-block, per-head attention statistics over an image folder")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name")
+    p.add_argument("--checkpoint", help="local weights (same layouts as probe)")
+    p.add_argument("--random-init", action="store_true", help="no weights: random init (only for testing)")
+    p.add_argument("--allow-key-mismatch", action="store_true")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON passed to timm.create_model")
+    p.add_argument("--return-block", type=int, help="analyse blocks 1..N only")
+    p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat) or 'synthetic'")
+    p.add_argument("--limit", type=int, help="analyse a seeded random subset of N images")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--no-magnitudes", dest="magnitudes", action="store_false",
+                   help="skip the ||attention branch|| / ||residual|| ratios")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--output-dir", default="analyze_out")
+    p.add_argument("--name", help="run name in stats.csv and plot legends (default: the output folder's name)")
+    p.add_argument("--resume", action="store_true", help="continue from the partial sums in --output-dir")
+    p.add_argument("--save-every", type=int, default=20, help="checkpoint the running sums every N batches")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("plot", help="Figures 3-6 layout from analyze runs")
+    p.add_argument("runs", nargs="+", help="analyze output folders (or their stats.json)")
+    p.add_argument("--output", default="attention_stats.png")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("maps", help="Selective Aggregation weights vs [cls] attention, overlaid on images")
+    p.add_argument("--probe", required=True, help="a selagg-fast probe output folder")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--head", help="selective pair to show, e.g. selective@0.1 (default: the best one)")
+    p.add_argument("--output-dir", default="maps")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.set_defaults(func=_maps)
+
+    p = sub.add_parser("localize", help="MaxBoxAccV2 of Selective Aggregation weights and [cls] attention")
+    p.add_argument("--probe", required=True, help="a selagg-fast probe output folder")
+    p.add_argument("--data", required=True, help="image folder (DIR/val when present)")
+    p.add_argument("--boxes", required=True, help="CSV image,x0,y0,x1,y1, or ImageNet XML file / folder")
+    p.add_argument("--head", help="selective pair to evaluate (default: the best one)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--output", help="JSON file (default: PROBE/localization.json)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_localize)
+
+
+def _analyze(args) -> None:
+    from .analyze import AnalyzeConfig, analyze_config_fields, format_stats, run_analyze
+    stats = run_analyze(AnalyzeConfig(**{k: v for k, v in vars(args).items() if k in analyze_config_fields()}))
+    if stats is not None:
+        print(format_stats(stats))
+        print(f"{stats['images']} images ({stats['unreadable_images']} unreadable skipped), "
+              f"{stats['images_per_s']:.0f} img/s; wrote {args.output_dir}/stats.json and stats.csv")
+
+
+def _plot(args) -> None:
+    from .plot import plot_runs
+    print(f"wrote {plot_runs(args.runs, args.output)}")
+
+
+def _maps(args) -> None:
+    from .maps import write_maps
+    for path in write_maps(args.probe, args.images, args.output_dir, head=args.head, device=args.device):
+        print(f"wrote {path}")
+
+
+def _localize(args) -> None:
+    from .localize import format_localization, localize, write_localization
+    result = localize(args.probe, args.data, args.boxes, head=args.head, limit=args.limit,
+                      batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress)
+    out = args.output or os.path.join(args.probe, "localization.json")
+    write_localization(result, out)
+    print(format_localization(result))
+    print(f"{result['images']} images; wrote {out}")
+
+
+

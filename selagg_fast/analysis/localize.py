@@ -1,0 +1,188 @@
+"""`selagg-fast localize`: MaxBoxAccV2 of Selective Aggregation weights vs [cls] attention (paper Table 7).
+
+For each image the map is upsampled to the crop, min-max normalised, and thresholded at every
+tau in ``THRESHOLDS``; the box of the largest connected component is compared with the
+ground-truth boxes (best IoU). BoxAcc(tau, delta) is the fraction of images whose IoU >= delta;
+MaxBoxAcc(delta) takes the best tau per delta, and MaxBoxAccV2 averages delta in {0.3, 0.5, 0.7}
+(Choe et al., "Evaluating Weakly Supervised Object Localization Methods Right", 2020).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data import image_files, val_transform
+from .probe_maps import ProbeMaps, upsample
+
+THRESHOLDS = np.arange(0.0, 1.0, 0.01)
+IOU_LEVELS = (0.3, 0.5, 0.7)
+
+
+def largest_component_box(mask: np.ndarray):
+    """``(x0, y0, x1, y1)`` (pixel edges) of the largest 8-connected component, or None if empty."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    ys, xs = np.nonzero(labels == sizes.argmax())
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def box_iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def best_ious(heatmap: np.ndarray, gt_boxes, thresholds=THRESHOLDS) -> np.ndarray:
+    """Best IoU with any ground-truth box, per threshold: ``[len(thresholds)]``."""
+    out = np.zeros(len(thresholds))
+    for i, tau in enumerate(thresholds):
+        box = largest_component_box(heatmap >= tau)
+        if box is not None:
+            out[i] = max(box_iou(box, gt) for gt in gt_boxes)
+    return out
+
+
+def max_box_acc_v2(ious: np.ndarray, thresholds=THRESHOLDS, levels=IOU_LEVELS) -> dict:
+    """From per-image, per-threshold best IoUs ``[N, T]``: MaxBoxAcc per IoU level (percent), the
+    threshold that reached it, and their mean, MaxBoxAccV2."""
+    ious = np.asarray(ious)
+    per_level = {}
+    for delta in levels:
+        acc = (ious >= delta).mean(0) * 100  # [T]
+        best = int(acc.argmax())
+        per_level[f"iou{int(round(delta * 100))}"] = dict(max_box_acc=float(acc[best]), threshold=float(thresholds[best]))
+    return dict(max_box_acc_v2=float(np.mean([v["max_box_acc"] for v in per_level.values()])),
+                images=int(ious.shape[0]), **per_level)
+
+
+def read_boxes(path: str) -> dict:
+    """Image key (file name without extension) -> list of boxes ``(x0, y0, x1, y1)`` in original pixels.
+
+    ``path``: a CSV with rows ``image,x0,y0,x1,y1`` (one row per box, header optional), an
+    ImageNet/PASCAL-style XML file, or a folder of such XML files.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--boxes {path}: no such file or folder")
+    boxes: dict = {}
+    if path.lower().endswith(".csv"):
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if not row or row[0].strip().lower() in ("image", "file", "filename"):
+                    continue
+                if len(row) < 5:
+                    raise ValueError(f"--boxes {path}: expected image,x0,y0,x1,y1 rows, got {row}")
+                key = os.path.splitext(os.path.basename(row[0].strip()))[0]
+                boxes.setdefault(key, []).append(tuple(float(v) for v in row[1:5]))
+    else:
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs if f.lower().endswith(".xml"))
+        for xml in files:
+            root = ET.parse(xml).getroot()
+            name = root.findtext("filename") or os.path.basename(xml)
+            key = os.path.splitext(os.path.basename(name))[0]
+            for obj in root.iter("object"):
+                bb = obj.find("bndbox")
+                boxes.setdefault(key, []).append(tuple(float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")))
+    if not boxes:
+        raise ValueError(f"--boxes {path}: no boxes found")
+    return boxes
+
+
+def crop_boxes(boxes, width: int, height: int, size: int):
+    """Boxes in the validation crop's pixels: resize the short side to size*256/224, center-crop size."""
+    short = int(round(size * 256 / 224))
+    new_w, new_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    sx, sy = new_w / width, new_h / height
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        b = (np.clip(x0 * sx - left, 0, size), np.clip(y0 * sy - top, 0, size),
+             np.clip(x1 * sx - left, 0, size), np.clip(y1 * sy - top, 0, size))
+        if b[2] > b[0] and b[3] > b[1]:
+            out.append(b)
+    return out
+
+
+class _BoxedImages(Dataset):
+    def __init__(self, files, size):
+        self.files, self.transform = files, val_transform(size)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as img:
+                return self.transform(img.convert("RGB")), img.size[0], img.size[1], i
+        except Exception:
+            return None, 0, 0, i
+
+
+def _collate(batch):
+    good = [b for b in batch if b[0] is not None]
+    return (torch.stack([b[0] for b in good]) if good else None, [b[1:] for b in good], len(batch) - len(good))
+
+
+def localize(probe_dir: str, data: str, boxes_path: str, head: str | None = None, limit: int | None = None,
+             batch_size: int = 64, workers: int = 4, device: str = "auto", progress: bool = True) -> dict:
+    boxes = read_boxes(boxes_path)
+    probe = ProbeMaps(probe_dir, head=head, device=device)
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"--data {data}: no such directory")
+    root = os.path.join(data, "val") if os.path.isdir(os.path.join(data, "val")) else data
+    files = [f for f in image_files(root) if os.path.splitext(os.path.basename(f))[0] in boxes]
+    if not files:
+        raise ValueError(f"no image under {root} has a box in {boxes_path} (matched by file name without extension)")
+    files = files[:limit] if limit else files
+    size = probe.info.img_size
+    loader = DataLoader(_BoxedImages(files, size), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    ious = {"selective": [], "cls": []}
+    unreadable, no_box = 0, 0
+    for images, metas, skipped in tqdm(loader, desc="localize", unit="batch", disable=not progress):
+        unreadable += skipped
+        if images is None:
+            continue
+        selection, cls = probe.maps(images)
+        kinds = {"selective": upsample(selection, size).numpy()}
+        if cls is not None:
+            kinds["cls"] = upsample(cls, size).numpy()
+        for j, (w, h, i) in enumerate(metas):
+            gt = crop_boxes(boxes[os.path.splitext(os.path.basename(files[i]))[0]], w, h, size)
+            if not gt:
+                no_box += 1
+                continue
+            for kind, maps in kinds.items():
+                ious[kind].append(best_ious(maps[j], gt))
+    results = {kind: max_box_acc_v2(np.stack(v)) for kind, v in ious.items() if v}
+    return dict(probe=probe_dir, head=probe.head, images=len(files), unreadable_images=unreadable,
+                images_without_box_in_crop=no_box, maps=results)
+
+
+def format_localization(result: dict) -> str:
+    lines = [f"{'map':<28}{'IoU30':>8}{'IoU50':>8}{'IoU70':>8}{'MaxBoxAccV2':>13}"]
+    names = {"selective": f"Selective ({result['head']})", "cls": "[cls] attention (last block)"}
+    for kind, r in result["maps"].items():
+        lines.append(f"{names[kind]:<28}{r['iou30']['max_box_acc']:>8.1f}{r['iou50']['max_box_acc']:>8.1f}"
+                     f"{r['iou70']['max_box_acc']:>8.1f}{r['max_box_acc_v2']:>13.1f}")
+    return "\n".join(lines)
+
+
+def write_localization(result: dict, path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)

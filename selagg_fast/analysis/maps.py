@@ -1,0 +1,48 @@
+"""`selagg-fast maps`: where a trained Selective Aggregation probe looks vs the [cls] token (paper Fig. 9)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data import IMAGENET_MEAN, IMAGENET_STD, val_transform
+from .probe_maps import ProbeMaps, upsample
+
+
+def write_maps(probe_dir: str, images, output_dir: str, head: str | None = None, device: str = "auto") -> list:
+    """One PNG per image: the image, the selection weights and the [cls] attention, overlaid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not images:
+        raise ValueError("maps: no --images given")
+    probe = ProbeMaps(probe_dir, head=head, device=device)
+    size = probe.info.img_size
+    transform = val_transform(size)
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for path in images:
+        with Image.open(path) as img:
+            x = transform(img.convert("RGB"))[None]
+        selection, cls = probe.maps(x)
+        shown = (x[0].permute(1, 2, 0) * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)).clamp(0, 1).numpy()
+        panels = [("image", None), (f"Selective Aggregation ({probe.head})", upsample(selection, size)[0])]
+        if cls is not None:
+            panels.append(("[cls] attention, last block", upsample(cls, size)[0]))
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), constrained_layout=True)
+        for ax, (title, heat) in zip(np.atleast_1d(axes), panels):
+            ax.imshow(shown)
+            if heat is not None:
+                ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        if cls is None:
+            fig.text(0.99, 0.01, "model has no [cls] token", ha="right", fontsize=8, color="grey")
+        out = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + "_maps.png")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        written.append(out)
+    return written

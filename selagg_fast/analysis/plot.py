@@ -1,0 +1,68 @@
+"""`selagg-fast plot`: the paper's Figures 3-6 layout from one or more `analyze` runs."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+# (metric, title, y label, entropy?) in the order of the paper's Figures 3, 4, 5, 6
+PANELS = [
+    ("cls_cls_attention", "[cls] -> [cls] attention (Fig. 3)", "attention", False),
+    ("cls_pos_entropy", "[cls] attention entropy over patches (Fig. 4)", "entropy (nats)", True),
+    ("pos_self_attention_adj_for_cls", "patch self-attention, [cls]-adjusted (Fig. 5)", "attention", False),
+    ("pos_pos_entropy", "patch attention entropy over patches (Fig. 6)", "entropy (nats)", True),
+]
+
+
+def load_run(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "stats.json") if os.path.isdir(run_dir) else run_dir
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir}: no stats.json (run `selagg-fast analyze` first)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def plot_runs(run_dirs, output: str) -> str:
+    """Four panels, metric vs block: mean over heads as a line, min-max over heads shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [load_run(d) for d in run_dirs]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (metric, title, ylabel, entropy) in zip(axes.flat, PANELS):
+        absent = []
+        for i, run in enumerate(runs):
+            label = run.get("run") or run["model"]
+            if metric not in run["metrics"]:
+                absent.append(label)
+                continue
+            table = np.asarray(run["metrics"][metric])  # [L, H]
+            blocks = np.asarray(run["blocks"])
+            color = colors[i % len(colors)]
+            ax.plot(blocks, table.mean(1), marker="o", ms=3, color=color, label=f"{label} ({run['images']} img)")
+            ax.fill_between(blocks, table.min(1), table.max(1), color=color, alpha=0.18, lw=0)
+        if entropy:
+            for n in sorted({r["num_patches"] for r in runs}):
+                ax.axhline(np.log(n), color="grey", ls="--", lw=1)
+                ax.annotate(f"max log N = {np.log(n):.2f} (N={n})", (0.01, np.log(n)), xycoords=("axes fraction", "data"),
+                            va="bottom", fontsize=8, color="grey")
+        if absent:
+            ax.text(0.99, 0.02, "no [cls]: " + ", ".join(absent), transform=ax.transAxes, ha="right", va="bottom",
+                    fontsize=8, color="grey")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("block")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle("attention statistics per block (line: mean over heads; band: min-max over heads)")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output

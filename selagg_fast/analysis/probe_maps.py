@@ -1,0 +1,86 @@
+"""A finished probe run rebuilt for inspection: Selective Aggregation weights and [cls] attention maps."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..backbone import create_backbone
+from ..probe.heads import ProbeHeads, parse_heads
+
+
+class ProbeMaps:
+    """Backbone + trained heads of ``selagg-fast probe`` output ``run_dir``.
+
+    ``maps(images)`` returns ``(selection [B, gh, gw], cls_attention [B, gh, gw] or None)``:
+    the softmax weights of one selective pair (mean over its K branches) and the last block's
+    [cls]-row attention over the patches (mean over heads).
+    """
+
+    def __init__(self, run_dir: str, head: str | None = None, device: str = "auto"):
+        path = os.path.join(run_dir, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{run_dir}: no checkpoint.pt (a `selagg-fast probe` output folder?)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = state["config"]
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        torch.manual_seed(cfg["seed"])  # a --random-init probe's backbone is re-created from its seed
+        self.backbone = create_backbone(cfg["model"], cfg["checkpoint"], random_init=cfg["random_init"],
+                                        allow_key_mismatch=cfg["allow_key_mismatch"],
+                                        return_block=cfg["return_block"], final_norm=cfg["final_norm"],
+                                        **cfg["model_kwargs"]).to(self.device)
+        self.info = self.backbone.info
+        specs = parse_heads(cfg["heads"], has_cls=self.info.has_cls)
+        if not any(s.selective for s in specs):
+            raise ValueError(f"{run_dir}: the probe has no selective head (heads: {cfg['heads']})")
+        lrs = [float(v) for v in str(cfg["lrs"]).split(",") if v.strip()]
+        self.heads = ProbeHeads(specs, lrs, self.info.embed_dim, len(state["classes"]),
+                                self.info.num_prefix_tokens).to(self.device).eval()
+        self.heads.load_state_dict(state["heads"])
+        self.head = head or self._best_selective(state)
+        if self.head not in self.heads.pair_names():
+            raise ValueError(f"--head {self.head!r}: the probe has {self.heads.pair_names()}")
+
+    @staticmethod
+    def _best_selective(state) -> str:
+        pairs = [p for p in state["results"]["pairs"] if p["head"].startswith("selective")]
+        best = max(pairs, key=lambda p: p["top1"])
+        return f"{best['head']}@{best['base_lr']:g}"
+
+    @torch.no_grad()
+    def maps(self, images: torch.Tensor):
+        captured = {}
+        attn = self.backbone.model.blocks[-1].attn
+        hook = attn.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+        try:
+            tokens = self.backbone(images.to(self.device))
+        finally:
+            hook.remove()
+        gh, gw = self.info.patch_grid
+        B = len(images)
+        selection = self.heads.selection_weights(tokens.float(), self.head)
+        selection = selection.reshape(B, -1, selection.shape[-1]).mean(1)
+        # selective_all pools prefix tokens too: the map shows the patch part
+        selection = selection[:, -gh * gw:].reshape(B, gh, gw)
+        cls = _cls_attention(attn, captured["x"], self.info.num_prefix_tokens).reshape(B, gh, gw) \
+            if self.info.has_cls else None
+        return selection.float().cpu(), None if cls is None else cls.float().cpu()
+
+
+def _cls_attention(attn, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """[cls]-row attention ``A_0j`` over the patch keys, mean over heads: ``[B, N]`` (one row, never a map)."""
+    B, T, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)  # [B, H, 1, T]
+    return logits.softmax(-1)[:, :, 0, num_prefix_tokens:].mean(1)
+
+
+def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, gh, gw]`` -> ``[B, size, size]`` bilinear, then min-max normalised to [0, 1] per image."""
+    up = F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    lo = up.flatten(1).min(1).values[:, None, None]
+    hi = up.flatten(1).max(1).values[:, None, None]
+    return (up - lo) / (hi - lo).clamp_min(1e-12)

@@ -17,7 +17,7 @@ setup(
     # subpackages, so no global package named `kernels` or `bench` is created.
     package_dir={"selagg_fast.kernels": "kernels", "selagg_fast.bench": "bench"},
     package_data={"selagg_fast.bench": ["*.sh", "*.md"]},
-    install_requires=["torch>=2.4", "triton", "timm", "numpy", "tqdm", "matplotlib", "pillow", "safetensors"],
+    install_requires=["torch>=2.4", "triton", "timm", "numpy", "tqdm", "matplotlib", "pillow", "safetensors", "scipy", "torchvision"],
     extras_require={"test": ["pytest"], "nvtx": ["nvtx"]},
     entry_points={"console_scripts": ["selagg-fast=selagg_fast.cli:main"]},
 )

@@ -18,6 +18,7 @@ REPO=$(cd "$OLDPWD" && pwd)
 timeout ${BENCH_TIMEOUT:-160} selagg-fast bench abmilp --out "$OUT" >"$OUT/bench_abmilp.log" 2>&1; echo "abmilp bench exit $?"
 timeout ${BENCH_TIMEOUT:-130} selagg-fast bench attention --out "$OUT" >"$OUT/bench_attention.log" 2>&1; echo "attention bench exit $?"
 timeout ${BENCH_TIMEOUT:-120} selagg-fast bench probe --out "$OUT" >"$OUT/bench_probe.log" 2>&1; echo "probe bench exit $?"
+timeout ${BENCH_TIMEOUT:-120} selagg-fast bench analyze --quick --out "$OUT" >"$OUT/bench_analyze.log" 2>&1; echo "analyze bench exit $?"
 # tests: default launch configs (autotuning every test shape would only cost compile time)
 SELAGG_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$REPO/tests" -p no:cacheprovider \
   --rootdir "$REPO" -c "$REPO/pytest.ini" ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
@@ -28,5 +29,6 @@ cat "$OUT/versions.txt" "$OUT/gpu.txt"
 sed -n '/^AbMILP pooling/,$p' "$OUT/bench_abmilp.log" | grep -v "^wrote"
 sed -n '/^One attention block/,$p' "$OUT/bench_attention.log" | grep -v "^wrote"
 sed -n '/^Probe training step/,$p' "$OUT/bench_probe.log" | grep -v "^wrote"
+sed -n '/^Analyze throughput/,$p' "$OUT/bench_analyze.log" | grep -v "^wrote"
 grep -hE "Error|error:" "$OUT"/bench_*.log | tail -n 8 || true
 grep -E "passed|failed" "$OUT/tests.log" | tail -n 1

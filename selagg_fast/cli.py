@@ -15,6 +15,9 @@ def _bench(args) -> None:
     if args.what in ("attention", "all"):
         from .bench import attention
         attention.run(quick=args.quick, with_compile=not args.no_compile, csv_path=f"{args.out}/attention.csv")
+    if args.what in ("analyze", "all"):
+        from .bench import analyze
+        analyze.run(quick=args.quick, csv_path=f"{args.out}/analyze.csv")
     if args.what in ("probe", "all"):
         from .bench import probe
         probe.run(quick=args.quick, csv_path=f"{args.out}/probe.csv")
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
     add_analysis_commands(sub)
 
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
-    p.add_argument("what", choices=["abmilp", "attention", "probe", "all"])
+    p.add_argument("what", choices=["abmilp", "attention", "probe", "analyze", "all"])
     p.add_argument("--quick", action="store_true", help="ViT-B shape only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile)")
     p.add_argument("--out", default="bench/out", help="folder for CSV results")

@@ -47,7 +47,34 @@ def run_demo(args) -> dict:
     print(f"selective beats avg by {best['selective']['top1'] - best['avg']['top1']:+.1f} and cls by "
           f"{best['selective']['top1'] - best['cls']['top1']:+.1f} top-1 points "
           f"({time.perf_counter() - start:.0f} s; outputs in {cfg.output_dir})")
+    _analysis(cfg, args.out)
+    print(f"demo done in {time.perf_counter() - start:.0f} s")
     return results
+
+
+def _analysis(cfg: ProbeConfig, out: str) -> None:
+    """The analysis tools on the same backbone and probe: statistics + plot, localisation, maps."""
+    from .analysis.analyze import AnalyzeConfig, run_analyze
+    from .analysis.localize import format_localization, localize, write_localization
+    from .analysis.maps import write_maps
+    from .analysis.plot import plot_runs
+    from .data import SyntheticObjects
+
+    stats_dir = os.path.join(out, "analyze")
+    run_analyze(AnalyzeConfig(model=cfg.model, random_init=True, model_kwargs=cfg.model_kwargs, data="synthetic",
+                              limit=500, batch_size=250, workers=0, output_dir=stats_dir, resume=True,
+                              progress=False, seed=cfg.seed))
+    figure = plot_runs([stats_dir], os.path.join(out, "attention_stats.png"))
+    val_dir = os.path.join(out, "val_images")
+    boxes = SyntheticObjects(300, cfg.synthetic_classes, DEMO_MODEL_KWARGS["img_size"], seed=cfg.seed + 1,
+                             split="val").export(val_dir)
+    result = localize(cfg.output_dir, val_dir, boxes, workers=0, progress=False)
+    write_localization(result, os.path.join(cfg.output_dir, "localization.json"))
+    print("\nobject localisation on 300 images (MaxBoxAccV2, paper Table 7 protocol):")
+    print(format_localization(result))
+    first = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(val_dir) for f in fs if f.endswith(".png"))[:3]
+    maps = write_maps(cfg.output_dir, first, os.path.join(out, "maps"))
+    print(f"attention statistics: {stats_dir}/stats.json, plot {figure}; selection maps: {os.path.dirname(maps[0])}/")
 
 
 def _finished(cfg: ProbeConfig) -> bool:

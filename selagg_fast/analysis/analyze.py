@@ -50,6 +50,14 @@ class AnalyzeConfig:
     save_every: int = 20
     device: str = "auto"
     progress: bool = True
+    seed: int = 0  # seeds a --random-init model exactly as `probe --seed` does
+
+
+def forward_batch(backbone, images: torch.Tensor, use_bf16: bool) -> None:
+    """One analysed batch: the frozen forward; the patched attention layers add to the running sums."""
+    device = next(backbone.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        backbone(images.to(device, non_blocking=True))
 
 
 def _gathered_state(recorder) -> dict:
@@ -96,6 +104,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     dist_info = init_distributed(cfg.device)
     device = dist_info.device
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(cfg.seed)
     backbone = create_backbone(cfg.model, cfg.checkpoint, random_init=cfg.random_init,
                                allow_key_mismatch=cfg.allow_key_mismatch, return_block=cfg.return_block,
                                **cfg.model_kwargs).to(device)
@@ -142,8 +151,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
         for n, (b, (images, _labels, _idx, skipped)) in enumerate(zip(todo, loader)):
             unreadable += len(skipped)
             if images is not None:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    backbone(images.to(device, non_blocking=True))
+                forward_batch(backbone, images, use_bf16)
                 seen += len(images)
             done.add(b)
             bar.update((len(skipped) + (0 if images is None else len(images))) * dist_info.world_size)

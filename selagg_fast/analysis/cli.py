@@ -24,6 +24,7 @@ def add_analysis_commands(sub) -> None:
     p.add_argument("--name", help="run name in stats.csv and plot legends (default: the output folder's name)")
     p.add_argument("--resume", action="store_true", help="continue from the partial sums in --output-dir")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint the running sums every N batches")
+    p.add_argument("--seed", type=int, default=0, help="seed of a --random-init model (same as probe --seed)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_analyze)

@@ -19,6 +19,32 @@ def _eager(q, k, v):
     return out, stats
 
 
+def _flex_peer(flex):
+    """The strongest do-it-yourself peer (anchors.md note 2): SDPA for the output, then one
+    FlexAttention call with V = K and the [cls] key masked, whose LSE is the patch-renormalised
+    log-sum-exp and whose output is sum_j p_j k_j, so entropy = LSE_p - scale * q . (sum p k).
+    The [cls] logit then gives the full LSE, the prefix mass and the diagonal. P = 1 only."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    masks = {}
+
+    def run(q, k, v):
+        B, H, T, d = q.shape
+        if T not in masks:
+            masks[T] = create_block_mask(lambda b, h, qi, ki: ki >= 1, None, None, T, T, device=q.device)
+        scale = d ** -0.5
+        out = F.scaled_dot_product_attention(q, k, v)
+        pk, lse_p = flex(q, k, k, block_mask=masks[T], return_lse=True)
+        qf, kf = q.float(), k.float()
+        entropy = lse_p - scale * (qf * pk.float()).sum(-1)
+        s_cls = scale * (qf * kf[..., :1, :]).sum(-1)
+        lse = torch.logaddexp(lse_p, s_cls)
+        prefix = torch.exp(s_cls - lse)
+        return out, AttentionStats(self_attn=torch.exp(scale * (qf * kf).sum(-1) - lse), prefix_attn=prefix,
+                                   patch_entropy=entropy, cls_attn=prefix)
+    return run
+
+
 def op_rows(env, quick: bool, with_compile: bool) -> list:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -31,6 +57,17 @@ def op_rows(env, quick: bool, with_compile: bool) -> list:
         if cuda and with_compile and name == "ViT-B":
             compiled = torch.compile(_eager)
             providers["compile"] = lambda: compiled(q, k, v)
+        if cuda and with_compile:
+            try:
+                from torch.nn.attention.flex_attention import flex_attention
+                peer = _flex_peer(torch.compile(flex_attention))
+                _, got = peer(q, k, v)
+                _, ref = attention_with_stats(q, k, v, num_prefix_tokens=1)
+                err = max((a - b).abs().max().item() for a, b in zip(got, ref))
+                print(f"{name}: FlexAttention peer max |stat - fused stat| = {err:.2e}")
+                providers["flex peer (compiled)"] = lambda: peer(q, k, v)
+            except Exception as e:
+                print(f"error: {name} flex peer: {type(e).__name__}: {str(e)[:300]}")
         if cuda:
             providers["fused"] = lambda: attention_with_stats(q, k, v, num_prefix_tokens=1)
         times = {}

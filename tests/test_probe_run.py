@@ -171,3 +171,17 @@ def test_demo_finishes_and_selective_beats_avg(tmp_path):
     best = json.loads((tmp_path / "probe" / "results.json").read_text())["best_per_head"]
     assert best["selective"]["top1"] > best["avg"]["top1"] + 20, best
     assert "selective beats avg" in proc.stdout
+
+
+def test_accum_iter_steps_every_n_batches_and_sgd(tmp_path, monkeypatch):
+    from selagg_fast.probe.optim import LARS
+    steps = []
+    step = LARS.step
+    monkeypatch.setattr(LARS, "step", lambda self, closure=None: steps.append(1) or step(self, closure))
+    run_probe(tiny_config(tmp_path / "acc", batch_size=16, accum_iter=2, epochs=1))
+    assert len(steps) == 4  # 128 images / 16 = 8 batches, one step per 2
+    config = json.loads((tmp_path / "acc" / "config.json").read_text())
+    assert config["effective_batch"] == 32
+    run_probe(tiny_config(tmp_path / "sgd", optimizer="sgd", epochs=1))
+    state = torch.load(tmp_path / "sgd" / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
+    assert state and all("momentum_buffer" in s for s in state.values())

@@ -16,7 +16,7 @@ PY
 REPO=$(cd "$OLDPWD" && pwd)
 # benchmarks first: they carry the targets
 timeout ${BENCH_TIMEOUT:-160} selagg-fast bench abmilp --out "$OUT" >"$OUT/bench_abmilp.log" 2>&1; echo "abmilp bench exit $?"
-timeout ${BENCH_TIMEOUT:-130} selagg-fast bench attention --out "$OUT" >"$OUT/bench_attention.log" 2>&1; echo "attention bench exit $?"
+timeout ${BENCH_TIMEOUT:-180} selagg-fast bench attention --out "$OUT" >"$OUT/bench_attention.log" 2>&1; echo "attention bench exit $?"
 timeout ${BENCH_TIMEOUT:-120} selagg-fast bench probe --out "$OUT" >"$OUT/bench_probe.log" 2>&1; echo "probe bench exit $?"
 timeout ${BENCH_TIMEOUT:-120} selagg-fast bench analyze --quick --out "$OUT" >"$OUT/bench_analyze.log" 2>&1; echo "analyze bench exit $?"
 # tests: default launch configs (autotuning every test shape would only cost compile time)

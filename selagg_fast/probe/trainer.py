@@ -317,9 +317,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
             loss_sums += torch.stack([per_pair[n].detach() for n in names]).double() * len(labels)
             seen += len(labels)
             images_done += len(labels)
+        bar.set_postfix(img_s=f"{images_done * run.dist.world_size / (time.perf_counter() - start):.0f}",
+                        refresh=False)
         bar.update(1)
-        if it % 10 == 0:
-            bar.set_postfix(img_s=f"{images_done * run.dist.world_size / (time.perf_counter() - start):.0f}")
     bar.close()
     all_reduce_sum(loss_sums)
     all_reduce_sum(seen)
@@ -396,7 +396,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
         run.optimizer.load_state_dict(state["optimizer"])
         start_epoch, results = state["epoch"], state.get("results")
         log.info("resuming %s after epoch %d", out, start_epoch)
-    elif os.path.exists(ckpt_path) and dist_info.is_main:
+    elif os.path.exists(ckpt_path):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another "
                               "--output-dir")
     if dist_info.is_main:

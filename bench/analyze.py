@@ -19,7 +19,7 @@ from selagg_fast.analysis.analyze import AnalyzeConfig, forward_batch, run_analy
 from selagg_fast.backbone import create_backbone
 from selagg_fast.modules import record_attention_stats
 
-from .common import environment, print_table, write_csv
+from .common import environment, peak_extra_mib, print_table, write_csv
 
 
 def _timed(fn, repeats: int) -> float:
@@ -68,10 +68,10 @@ def run(quick: bool = False, csv_path: str = "bench/out/analyze.csv") -> list:
     rows = []
     t_plain = _timed(plain, 3)
     rows.append(dict(model=name, batch=batch, pipeline="plain fused-attention forward (generated tensors)",
-                     img_s=images / t_plain, ratio_to_plain=1.0))
+                     img_s=images / t_plain, ratio_to_plain=1.0, peak_MiB=peak_extra_mib(plain)))
     t_an = _timed(analysed, 3)
     rows.append(dict(model=name, batch=batch, pipeline="analyze forward + running sums (generated tensors)",
-                     img_s=images / t_an, ratio_to_plain=t_plain / t_an))
+                     img_s=images / t_an, ratio_to_plain=t_plain / t_an, peak_MiB=peak_extra_mib(analysed)))
     with tempfile.TemporaryDirectory() as tmp:
         _write_jpegs(tmp, n_jpegs)
         workers = min(16, os.cpu_count() or 1)
@@ -81,8 +81,8 @@ def run(quick: bool = False, csv_path: str = "bench/out/analyze.csv") -> list:
         rows.append(dict(model=name, batch=batch, pipeline=f"analyze command, {n_jpegs} JPEGs 500x375, "
                          f"{workers} workers", img_s=stats["images_per_s"],
                          ratio_to_plain=stats["images_per_s"] / rows[0]["img_s"]))
-    print_table(rows, ["model", "batch", "pipeline", "img_s", "ratio_to_plain"],
-                title="Analyze throughput (target: kernel-bound >= 0.9x plain)")
+    print_table(rows, ["model", "batch", "pipeline", "img_s", "ratio_to_plain", "peak_MiB"],
+                title="Analyze throughput (targets: kernel-bound >= 0.9x plain, peak memory <= 1.1x plain)")
     for r in rows:
         r.update(env)
     write_csv(csv_path, rows)

@@ -185,3 +185,16 @@ def test_accum_iter_steps_every_n_batches_and_sgd(tmp_path, monkeypatch):
     run_probe(tiny_config(tmp_path / "sgd", optimizer="sgd", epochs=1))
     state = torch.load(tmp_path / "sgd" / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
     assert state and all("momentum_buffer" in s for s in state.values())
+
+
+def test_two_process_cache_extraction_equals_one_process(tmp_path):
+    cached = ["--no-augment", "--cache-features", str(tmp_path / "cache"), "--cache-dtype", "fp32"]
+    _cli(_cli_args(tmp_path / "one") + ["--batch-size", "32"] + cached)
+    # 2 processes fill disjoint batches of a fresh store (batch 16 gives a separate cache folder)
+    _cli(_cli_args(tmp_path / "two") + ["--batch-size", "16"] + cached, nproc=2)
+    stores = sorted(d.name.split("-")[0] for d in (tmp_path / "cache").iterdir())
+    assert stores == ["train", "train", "val", "val"]
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert [p["top1"] for p in r2["pairs"]] == [p["top1"] for p in r1["pairs"]]
+    _assert_same_heads(_heads_state(tmp_path / "two"), _heads_state(tmp_path / "one"), atol=1e-5)

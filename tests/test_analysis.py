@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import requires_kernels
+from conftest import DEVICE, requires_kernels
 from PIL import Image
 from test_attention import unfused_reference_columns
 
@@ -36,7 +36,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def analyze_config(out, ckpt, **kw):
     cfg = dict(model="vit_tiny_patch16_224", checkpoint=ckpt, model_kwargs=TINY, data="synthetic", limit=20,
-               batch_size=8, workers=0, output_dir=str(out), progress=False, device="cpu")
+               batch_size=8, workers=0, output_dir=str(out), progress=False, device=DEVICE)
     cfg.update(kw)
     return AnalyzeConfig(**cfg)
 
@@ -44,9 +44,9 @@ def analyze_config(out, ckpt, **kw):
 @requires_kernels
 def test_analyze_equals_unfused_reference_pipeline(tmp_path, tiny_checkpoint):
     path, model = tiny_checkpoint
-    stats = run_analyze(analyze_config(tmp_path / "run", path))
+    stats = run_analyze(analyze_config(tmp_path / "run", path, precision="fp32"))  # vs float64 maps
     images = torch.stack([analysis_images("synthetic", 32, 20)[i][0] for i in range(20)])
-    _, ref = unfused_reference_columns(model, images)  # one batch of all 20 images, float64
+    _, ref = unfused_reference_columns(model.to(DEVICE), images.to(DEVICE))  # one batch, float64 maps
     assert stats["images"] == 20 and stats["blocks"] == [1, 2] and stats["heads"] == 3
     assert stats["num_patches"] == 16 and stats["max_entropy"] == pytest.approx(np.log(16))
     for name, table in ref.items():
@@ -216,7 +216,7 @@ def tiny_probe(tmp_path_factory):
 def test_maps_write_decodable_figures(tmp_path, tiny_probe):
     run, val, _ = tiny_probe
     files = sorted(str(p) for p in val.rglob("*.png"))[:2]
-    written = write_maps(str(run), files, str(tmp_path / "maps"), device="cpu")
+    written = write_maps(str(run), files, str(tmp_path / "maps"), device=DEVICE)
     assert len(written) == 2
     for path in written:
         with Image.open(path) as img:
@@ -228,7 +228,7 @@ def test_maps_write_decodable_figures(tmp_path, tiny_probe):
 @requires_kernels
 def test_localize_end_to_end(tiny_probe):
     run, val, csv_path = tiny_probe
-    result = localize(str(run), str(val), csv_path, workers=0, device="cpu", progress=False)
+    result = localize(str(run), str(val), csv_path, workers=0, device=DEVICE, progress=False)
     assert result["images"] == 12 and set(result["maps"]) == {"selective", "cls"}
     for r in result["maps"].values():
         assert 0 <= r["max_box_acc_v2"] <= 100 and r["images"] == 12

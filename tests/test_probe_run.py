@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 from selagg_fast.probe.trainer import ProbeConfig, format_results, run_probe
 
@@ -17,13 +18,13 @@ def tiny_config(out, **overrides) -> ProbeConfig:
     cfg = dict(model="vit_tiny_patch16_224", random_init=True, model_kwargs=TINY, data="synthetic",
                synthetic_train_size=128, synthetic_val_size=64, synthetic_classes=4, heads="avg,selective",
                lrs="0.5,2.0", epochs=2, warmup_epochs=1, batch_size=32, workers=0, output_dir=str(out),
-               progress=False, device="cpu")
+               progress=False, device=DEVICE)  # CUDA: bf16 autocast and the fused kernels
     cfg.update(overrides)
     return ProbeConfig(**cfg)
 
 
 def _heads_state(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["heads"]
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)["heads"]
 
 
 def _assert_same_heads(a, b, atol):

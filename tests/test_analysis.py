@@ -233,3 +233,5 @@ def test_localize_end_to_end(tiny_probe):
     for r in result["maps"].values():
         assert 0 <= r["max_box_acc_v2"] <= 100 and r["images"] == 12
     assert result["head"] == "selective@2"
+    pooled = localize(str(run), str(val), csv_path, workers=2, device=DEVICE, progress=False)
+    assert pooled["maps"] == result["maps"]  # the process pool changes nothing

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import xml.etree.ElementTree as ET
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from ..data import image_files, val_transform
 from .probe_maps import ProbeMaps, upsample
 
 THRESHOLDS = np.arange(0.0, 1.0, 0.01)
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=int)
 IOU_LEVELS = (0.3, 0.5, 0.7)
 
 
@@ -30,13 +32,14 @@ def largest_component_box(mask: np.ndarray):
     """``(x0, y0, x1, y1)`` (pixel edges) of the largest 8-connected component, or None if empty."""
     from scipy import ndimage
 
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+    labels, n = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
     if n == 0:
         return None
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    ys, xs = np.nonzero(labels == sizes.argmax())
-    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    largest = int(sizes.argmax())
+    rows, cols = ndimage.find_objects(labels, max_label=largest)[largest - 1]
+    return cols.start, rows.start, cols.stop, rows.stop
 
 
 def box_iou(a, b) -> float:
@@ -138,6 +141,11 @@ def _collate(batch):
     return (torch.stack([b[0] for b in good]) if good else None, [b[1:] for b in good], len(batch) - len(good))
 
 
+def _image_ious(item):
+    heatmaps, gt = item
+    return {kind: best_ious(m, gt) for kind, m in heatmaps.items()}
+
+
 def localize(probe_dir: str, data: str, boxes_path: str, head: str | None = None, limit: int | None = None,
              batch_size: int = 64, workers: int = 4, device: str = "auto", progress: bool = True) -> dict:
     boxes = read_boxes(boxes_path)
@@ -153,21 +161,30 @@ def localize(probe_dir: str, data: str, boxes_path: str, head: str | None = None
     loader = DataLoader(_BoxedImages(files, size), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     ious = {"selective": [], "cls": []}
     unreadable, no_box = 0, 0
-    for images, metas, skipped in tqdm(loader, desc="localize", unit="batch", disable=not progress):
-        unreadable += skipped
-        if images is None:
-            continue
-        selection, cls = probe.maps(images)
-        kinds = {"selective": upsample(selection, size).numpy()}
-        if cls is not None:
-            kinds["cls"] = upsample(cls, size).numpy()
-        for j, (w, h, i) in enumerate(metas):
-            gt = crop_boxes(boxes[os.path.splitext(os.path.basename(files[i]))[0]], w, h, size)
-            if not gt:
-                no_box += 1
+    # the threshold sweep (100 connected-component labellings per map) is CPU work: a process pool
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
+    try:
+        for images, metas, skipped in tqdm(loader, desc="localize", unit="batch", disable=not progress):
+            unreadable += skipped
+            if images is None:
                 continue
-            for kind, maps in kinds.items():
-                ious[kind].append(best_ious(maps[j], gt))
+            selection, cls = probe.maps(images)
+            kinds = {"selective": upsample(selection, size).numpy()}
+            if cls is not None:
+                kinds["cls"] = upsample(cls, size).numpy()
+            items = []
+            for j, (w, h, i) in enumerate(metas):
+                gt = crop_boxes(boxes[os.path.splitext(os.path.basename(files[i]))[0]], w, h, size)
+                if gt:
+                    items.append(({kind: maps[j] for kind, maps in kinds.items()}, gt))
+                else:
+                    no_box += 1
+            for per_kind in (pool.map(_image_ious, items, chunksize=4) if pool else map(_image_ious, items)):
+                for kind, v in per_kind.items():
+                    ious[kind].append(v)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     results = {kind: max_box_acc_v2(np.stack(v)) for kind, v in ious.items() if v}
     return dict(probe=probe_dir, head=probe.head, images=len(files), unreadable_images=unreadable,
                 images_without_box_in_crop=no_box, maps=results)

@@ -49,7 +49,8 @@ def add_analysis_commands(sub) -> None:
     p.add_argument("--head", help="selective pair to evaluate (default: the best one)")
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="DataLoader workers and processes for the threshold sweep")
     p.add_argument("--output", help="JSON file (default: PROBE/localization.json)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -30,7 +30,8 @@ def _demo(args) -> None:
 
 def _probe(args) -> None:
     from .probe.cli import config_from_args
-    from .probe.trainer import format_results, run_probe
+    from .probe.outputs import format_results
+    from .probe.trainer import run_probe
     results = run_probe(config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))

@@ -12,7 +12,8 @@ import time
 import torch
 
 from .ops._dispatch import interpreter_active
-from .probe.trainer import ProbeConfig, format_results, run_probe
+from .probe.outputs import format_results
+from .probe.trainer import ProbeConfig, run_probe
 
 # A 4-block ViT-Tiny on 64 x 64 images with 8 x 8 patches: 64 patch tokens + [cls].
 DEMO_MODEL_KWARGS = dict(img_size=64, patch_size=8, depth=4)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from selagg_fast.probe.trainer import ProbeConfig, format_results, run_probe
+from selagg_fast.probe.outputs import format_results
+from selagg_fast.probe.trainer import ProbeConfig, run_probe
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
 

@@ -9,11 +9,15 @@ processes can fill disjoint batches of one store.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from ..data import collate_skipping
 
 _DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp32": (torch.float32, np.float32)}
 
@@ -106,3 +110,54 @@ class CachedBatches(torch.utils.data.Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_tokens": None}
+
+
+def file_stamp(path):
+    """(size, mtime) of a checkpoint, so a replaced file invalidates its cached tokens."""
+    if path is None:
+        return None
+    st = os.stat(path)
+    return [st.st_size, int(st.st_mtime)]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _labels_of(dataset) -> np.ndarray:
+    base = dataset.base
+    if hasattr(base, "samples"):
+        return np.array([y for _, y in base.samples], dtype=np.int64)
+    return np.array([base[i][1] for i in range(len(base))], dtype=np.int64)  # synthetic: generated labels
+
+
+def open_store(root: str, settings: dict, dataset, token_shape: tuple, dtype: str, batch_size: int,
+               is_main: bool = True, barrier=lambda: None) -> TokenStore:
+    """The store for ``settings`` under ``root``: one folder per setting, so changing the model,
+    data, dtype or batch never reuses stale tokens. Rank 0 creates it before the others map it."""
+    key = _digest(dict(settings, dtype=dtype, batch_size=batch_size))
+    args = (os.path.join(root, f"{settings['split']}-{key}"), settings, len(dataset), token_shape, dtype,
+            batch_size, _labels_of(dataset))
+    if is_main:
+        TokenStore(*args)
+    barrier()
+    return TokenStore(*args)
+
+
+def extract(store: TokenStore, dataset, tokens_fn, make_loader, device, rank: int = 0, world: int = 1,
+            desc: str = "extract tokens", progress: bool = True) -> None:
+    """Fill this process's pending batches (every ``world``-th) with ``tokens_fn(images)``."""
+    pending = store.pending_batches(rank, world)
+    if not pending:
+        return
+    bs = store.batch_size
+    batch_indices = [list(range(b * bs, min((b + 1) * bs, len(dataset)))) for b in pending]
+    loader = make_loader(dataset, batch_sampler=batch_indices, collate_fn=collate_skipping)
+    bar = tqdm(total=len(pending) * bs, desc=desc, unit="img", smoothing=0.1, disable=not progress)
+    for b, (images, _labels, indices, skipped) in zip(pending, loader):
+        if images is None:
+            store.write_batch(b, torch.empty(0, dtype=torch.long), torch.empty(0, *store.tokens.shape[1:]), skipped)
+        else:
+            store.write_batch(b, indices, tokens_fn(images.to(device, non_blocking=True)), skipped)
+        bar.update(len(skipped) + (0 if images is None else len(images)))
+    bar.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -24,9 +23,10 @@ from tqdm import tqdm
 from ..backbone import create_backbone
 from ..distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard_indices
 from ..profiling import nvtx_range
-from .cache import TokenStore
+from .cache import extract, file_stamp, open_store
 from ..data import collate_skipping, image_folder_datasets, synthetic_datasets
 from .heads import ProbeHeads, pair_name, parse_heads, probe_loss
+from .outputs import atomic_json, atomic_save, summarize, truncate_metrics
 from .optim import build_optimizer, set_lr
 
 log = logging.getLogger("selagg_fast")
@@ -213,81 +213,28 @@ class _Run:
 
     # feature cache ---------------------------------------------------------------------------
     def build_cache(self) -> None:
+        """Open (extracting what is missing) the train and val token stores of this run."""
         cfg = self.cfg
-        ckpt = cfg.checkpoint
-        self.stores = {}
         with torch.no_grad():
             probe = self.tokens(torch.zeros(1, 3, self.info.img_size, self.info.img_size, device=self.device))
-        token_shape = tuple(probe.shape[1:])
+        self.stores = {}
         for split, dataset in (("train", self.train_set), ("val", self.val_set)):
-            fingerprint = dict(
+            settings = dict(
                 split=split, model=cfg.model, model_kwargs=cfg.model_kwargs, return_block=cfg.return_block,
                 final_norm=cfg.final_norm, compact=self.compact, precision=str(self.autocast_dtype),
-                checkpoint=ckpt, checkpoint_stat=_file_stamp(ckpt), data=cfg.data, train_list=cfg.train_list,
+                checkpoint=cfg.checkpoint, checkpoint_stat=file_stamp(cfg.checkpoint), data=cfg.data,
+                train_list=cfg.train_list, num_samples=len(dataset),
                 synthetic=[cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.synthetic_classes, cfg.seed]
-                if cfg.data == "synthetic" else None, num_samples=len(dataset))
-            # one folder per setting: changing the model, data, dtype or batch never reuses stale tokens
-            key = _digest(dict(fingerprint, dtype=cfg.cache_dtype, batch_size=cfg.batch_size))
-            path = os.path.join(cfg.cache_features, f"{split}-{key}")
-            labels = _labels_of(dataset)
-            args = (path, fingerprint, len(dataset), token_shape, cfg.cache_dtype, cfg.batch_size, labels)
-            if self.dist.is_main:
-                TokenStore(*args)  # created once, before the other ranks map it
-            barrier()
-            store = TokenStore(*args)
-            self._extract(split, dataset, store)
+                if cfg.data == "synthetic" else None)
+            store = open_store(cfg.cache_features, settings, dataset, tuple(probe.shape[1:]), cfg.cache_dtype,
+                               cfg.batch_size, is_main=self.dist.is_main, barrier=barrier)
+            extract(store, dataset, self.tokens, self._loader, self.device, self.dist.rank, self.dist.world_size,
+                    desc=f"extract {split} tokens", progress=cfg.progress and self.dist.is_main)
             barrier()
             if not store.complete():
-                raise RuntimeError(f"feature cache {path}: extraction incomplete after all ranks finished")
+                raise RuntimeError(f"feature cache {store.path}: extraction incomplete after all ranks finished")
             self.unreadable[split] = store.num_unreadable()
             self.stores[split] = store
-
-    def _extract(self, split: str, dataset, store: TokenStore) -> None:
-        pending = store.pending_batches(self.dist.rank, self.dist.world_size)
-        if not pending:
-            return
-        bs = store.batch_size
-        batch_indices = [list(range(b * bs, min((b + 1) * bs, len(dataset)))) for b in pending]
-        loader = self._loader(dataset, batch_sampler=batch_indices, collate_fn=collate_skipping)
-        bar = tqdm(total=len(pending) * bs, desc=f"extract {split} tokens", unit="img", smoothing=0.1,
-                   disable=not (self.cfg.progress and self.dist.is_main))
-        for b, (images, _labels, indices, skipped) in zip(pending, loader):
-            if images is None:
-                store.write_batch(b, torch.empty(0, dtype=torch.long), torch.empty(0, *store.tokens.shape[1:]), skipped)
-            else:
-                tokens = self.tokens(images.to(self.device, non_blocking=True))
-                store.write_batch(b, indices, tokens, skipped)
-            bar.update(len(skipped) + (0 if images is None else len(images)))
-        bar.close()
-
-
-def _file_stamp(path):
-    if path is None:
-        return None
-    st = os.stat(path)
-    return [st.st_size, int(st.st_mtime)]
-
-
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _labels_of(dataset) -> np.ndarray:
-    base = dataset.base
-    if hasattr(base, "samples"):
-        return np.array([y for _, y in base.samples], dtype=np.int64)
-    return np.array([base[i][1] for i in range(len(base))], dtype=np.int64)  # synthetic: generated labels
-
-
-def _atomic_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def _atomic_save(path: str, obj) -> None:
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict:
@@ -361,21 +308,6 @@ def evaluate(run: _Run, epoch: int) -> dict:
     return {name: dict(top1=a[0], top5=a[1]) for name, a in zip(names, acc)}
 
 
-def _results(run: _Run, metrics: dict, epoch: int, images_per_s: float) -> dict:
-    pairs = []
-    for spec, lr in run.heads.pairs:
-        m = metrics[pair_name(spec, lr)]
-        pairs.append(dict(head=spec.name, base_lr=lr, top1=m["top1"], top5=m["top5"]))
-    best = {}
-    for p in pairs:
-        if p["head"] not in best or p["top1"] > best[p["head"]]["top1"]:
-            best[p["head"]] = p
-    return dict(model=run.cfg.model, checkpoint=run.cfg.checkpoint, epochs_done=epoch,
-                val_images=len(run.val_set), train_images=len(run.train_set), num_classes=run.num_classes,
-                unreadable_images=run.unreadable, train_images_per_s=images_per_s,
-                pairs=pairs, best_per_head=best)
-
-
 def run_probe(cfg: ProbeConfig) -> dict:
     """Train every (head, lr) pair; returns (and on rank 0 writes) ``results.json``'s content."""
     _validate(cfg)
@@ -400,11 +332,11 @@ def run_probe(cfg: ProbeConfig) -> dict:
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another "
                               "--output-dir")
     if dist_info.is_main:
-        _atomic_json(os.path.join(out, "config.json"), dict(
+        atomic_json(os.path.join(out, "config.json"), dict(
             **dataclasses.asdict(cfg), world_size=dist_info.world_size, effective_batch=run.effective_batch,
             backbone=dataclasses.asdict(run.info), head_prefix_tokens=run.head_prefix,
             pairs=run.heads.pair_names(), classes=run.train_set.classes))
-        _truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
+        truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
     barrier()
     if cfg.cache_features:
         run.build_cache()
@@ -413,7 +345,11 @@ def run_probe(cfg: ProbeConfig) -> dict:
     for epoch in range(start_epoch, last):
         train = _train_epoch(run, epoch)
         metrics = evaluate(run, epoch)
-        results = _results(run, metrics, epoch + 1, train["images_per_s"])
+        results = summarize(
+            [(spec.name, lr, metrics[pair_name(spec, lr)]) for spec, lr in run.heads.pairs],
+            model=cfg.model, checkpoint=cfg.checkpoint, epochs_done=epoch + 1, val_images=len(run.val_set),
+            train_images=len(run.train_set), num_classes=run.num_classes, unreadable_images=run.unreadable,
+            train_images_per_s=train["images_per_s"])
         if dist_info.is_main:
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 for spec, lr in run.heads.pairs:
@@ -422,39 +358,14 @@ def run_probe(cfg: ProbeConfig) -> dict:
                     f.write(json.dumps(dict(epoch=epoch + 1, head=spec.name, base_lr=lr, lr=group["lr"],
                                             train_loss=train["losses"][name], **metrics[name],
                                             images_per_s=train["images_per_s"])) + "\n")
-            _atomic_save(ckpt_path, dict(epoch=epoch + 1, heads=run.heads.state_dict(),
+            atomic_save(ckpt_path, dict(epoch=epoch + 1, heads=run.heads.state_dict(),
                                          optimizer=run.optimizer.state_dict(), config=dataclasses.asdict(cfg),
                                          backbone=dataclasses.asdict(run.info), results=results,
                                          pairs=run.heads.pair_names(), classes=run.train_set.classes))
-            _atomic_json(os.path.join(out, "results.json"), results)
+            atomic_json(os.path.join(out, "results.json"), results)
             best = ", ".join(f"{h} {p['top1']:.2f}" for h, p in results["best_per_head"].items())
             log.info("epoch %d/%d: top-1 best per head: %s", epoch + 1, cfg.epochs, best)
         barrier()
     if results is None:
         raise RuntimeError("no epoch was run (already finished? see results.json)")
     return results
-
-
-def _truncate_metrics(path: str, epochs_kept: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (a run killed between the two writes)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epochs_kept]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
-def format_results(results: dict) -> str:
-    """Side-by-side table: one row per head, one column per base lr, best marked."""
-    lrs = sorted({p["base_lr"] for p in results["pairs"]})
-    heads = list(dict.fromkeys(p["head"] for p in results["pairs"]))
-    by = {(p["head"], p["base_lr"]): p for p in results["pairs"]}
-    lines = [f"{'head':<16}" + "".join(f"{'lr ' + format(lr, 'g'):>12}" for lr in lrs) + f"{'best top-1':>12}{'top-5':>8}"]
-    for h in heads:
-        best = results["best_per_head"][h]
-        cells = "".join(f"{by[(h, lr)]['top1']:>12.2f}" if (h, lr) in by else f"{'':>12}" for lr in lrs)
-        lines.append(f"{h:<16}{cells}{best['top1']:>12.2f}{best['top5']:>8.2f}")
-    return "\n".join(lines)
-

@@ -166,7 +166,7 @@ class ProbeHeads(nn.Module):
         if any(s.kind == "cls" for s in self.specs):
             shared["cls"] = tokens[:, 0]
         if any(s.kind == "avg" for s in self.specs):
-            shared["avg"] = tokens[:, self.num_prefix_tokens:].float().mean(1)
+            shared["avg"] = tokens[:, self.num_prefix_tokens:].mean(1, dtype=torch.float32)  # no fp32 copy of the tokens
         for spec, lr in self.pairs:
             if spec.kind in shared:
                 features[self._key(spec, lr)] = shared[spec.kind]

@@ -150,7 +150,7 @@ class _Run:
             tokens = self.backbone(images)
         if self.compact:
             parts = ([tokens[:, :1]] if self.info.has_cls else []) + \
-                    [tokens[:, self.info.num_prefix_tokens:].float().mean(1, keepdim=True)]
+                    [tokens[:, self.info.num_prefix_tokens:].mean(1, keepdim=True, dtype=torch.float32)]
             tokens = torch.cat([p.to(tokens.dtype) for p in parts], 1)
         return tokens.to(self.autocast_dtype or torch.float32)
 

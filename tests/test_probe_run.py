@@ -39,6 +39,8 @@ def test_outputs_and_result_structure(tmp_path):
     out = tmp_path / "run"
     config = json.loads((out / "config.json").read_text())
     assert config["effective_batch"] == 32 and config["pairs"] == ["avg@0.5", "avg@2", "selective@0.5", "selective@2"]
+    assert config["final_norm"] is False  # the paper's reference code probes without the final LayerNorm
+    assert ProbeConfig().optimizer == "lars" and ProbeConfig().epochs == 90 and ProbeConfig().warmup_epochs == 10
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(m["epoch"], m["head"], m["base_lr"]) for m in lines][:4] == [
         (1, "avg", 0.5), (1, "avg", 2.0), (1, "selective", 0.5), (1, "selective", 2.0)]

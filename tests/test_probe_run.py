@@ -52,6 +52,9 @@ def test_outputs_and_result_structure(tmp_path):
     for head, best in results["best_per_head"].items():
         assert best["top1"] == max(p["top1"] for p in results["pairs"] if p["head"] == head)
     assert "selective" in format_results(results)
+    from PIL import Image
+    with Image.open(out / "curves.png") as img:  # top-1 and loss per epoch, every pair
+        assert img.size[0] > 1000 and np.asarray(img.convert("L")).std() > 10
     with pytest.raises(FileExistsError, match="--resume"):
         run_probe(tiny_config(out))
 

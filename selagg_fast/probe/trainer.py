@@ -24,6 +24,7 @@ from ..backbone import create_backbone
 from ..distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard_indices
 from ..profiling import nvtx_range
 from .cache import extract, file_stamp, open_store
+from .curves import plot_curves
 from ..data import collate_skipping, image_folder_datasets, synthetic_datasets
 from .heads import ProbeHeads, pair_name, parse_heads, probe_loss
 from .outputs import atomic_json, atomic_save, summarize, truncate_metrics
@@ -368,4 +369,6 @@ def run_probe(cfg: ProbeConfig) -> dict:
         barrier()
     if results is None:
         raise RuntimeError("no epoch was run (already finished? see results.json)")
+    if dist_info.is_main and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        plot_curves(out)  # curves.png: top-1 and loss per epoch, every pair
     return results

@@ -205,3 +205,19 @@ def test_two_process_cache_extraction_equals_one_process(tmp_path):
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
     assert [p["top1"] for p in r2["pairs"]] == [p["top1"] for p in r1["pairs"]]
     _assert_same_heads(_heads_state(tmp_path / "two"), _heads_state(tmp_path / "one"), atol=1e-5)
+
+
+def test_two_process_run_survives_an_all_unreadable_batch(tmp_path):
+    # batch 1 per process and one corrupt image: some process meets an empty batch; all must skip it
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.random.randint(0, 255, (36, 36, 3), np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "bad.png").write_bytes(b"broken")
+    args = _cli_args(tmp_path / "out")
+    args[args.index("synthetic")] = str(tmp_path / "data")
+    _cli(args + ["--batch-size", "1", "--epochs", "1", "--augment"], nproc=2, timeout=180)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["epochs_done"] == 1

@@ -135,6 +135,8 @@ class _Run:
         self.optimizer = build_optimizer(self.heads, cfg.optimizer, self.effective_batch, cfg.momentum,
                                          cfg.weight_decay)
         self.model = self.heads
+        # gloo group for host-side agreement (skipping a batch) without a device round trip
+        self.control_group = torch.distributed.new_group(backend="gloo") if dist_info.active else None
         if dist_info.active:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.heads, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -175,12 +177,22 @@ class _Run:
             shard = Subset(dataset, shard_indices(len(dataset), self.dist.rank, self.dist.world_size))
             loader = self._loader(shard, batch_size=self.cfg.batch_size, collate_fn=collate_skipping)
         for images, labels, _idx, skipped in loader:
+            if split == "train" and not self._every_rank_has_images(images is not None):
+                images = None  # a training step is taken by all processes or by none (collectives inside)
             if images is None:
                 yield None, None, len(skipped)
                 continue
             with nvtx_range("data"):
                 yield (self.tokens(images.to(self.device, non_blocking=True)),
                        labels.to(self.device, non_blocking=True), len(skipped))
+
+    def _every_rank_has_images(self, mine: bool) -> bool:
+        """False when some process's batch was entirely unreadable (a CPU all-reduce: no GPU sync)."""
+        if not self.dist.active:
+            return mine
+        flag = torch.tensor([int(mine)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.control_group)
+        return bool(flag.item())
 
     def cached_batches(self, split: str, epoch: int):
         store = self.stores[split]

@@ -76,14 +76,21 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
-        count = all_reduce(torch.full((1,), float(x.shape[0]), device=x.device, dtype=x.dtype))
-        mean = all_reduce(x.sum(0)) / count
-        var = all_reduce(((x - mean) ** 2).sum(0)) / count  # two passes: no E[x^2] - E[x]^2 cancellation
+        # one differentiable all-reduce of [sum, sum of squares, count] in float64 (no cancellation
+        # worth mentioning for float32 features), and no host sync: the step stays asynchronous
+        x64 = x.double()
+        local = torch.cat([x64.sum(0), (x64 * x64).sum(0), x64.new_full((1,), x.shape[0])])
+        total = all_reduce(local)
+        D = x.shape[1]
+        count = total[-1]
+        mean = total[:D] / count
+        var = (total[D:2 * D] / count - mean * mean).clamp_min(0)
         with torch.no_grad():
-            n = count.item()
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            unbiased = var * count / (count - 1).clamp_min(1)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked += 1
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
         return (x - mean) * torch.rsqrt(var + self.eps)
 
 

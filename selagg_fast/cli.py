@@ -18,6 +18,9 @@ def _bench(args) -> None:
     if args.what in ("analyze", "all"):
         from .bench import analyze
         analyze.run(quick=args.quick, csv_path=f"{args.out}/analyze.csv")
+    if args.what == "sweep":  # not part of "all": a GPU session runs it on purpose
+        from .bench import sweep
+        sweep.run(quick=args.quick, csv_path=f"{args.out}/sweep.csv")
     if args.what in ("probe", "all"):
         from .bench import probe
         probe.run(quick=args.quick, csv_path=f"{args.out}/probe.csv")
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     add_analysis_commands(sub)
 
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
-    p.add_argument("what", choices=["abmilp", "attention", "probe", "analyze", "all"])
+    p.add_argument("what", choices=["abmilp", "attention", "probe", "analyze", "sweep", "all"])
     p.add_argument("--quick", action="store_true", help="ViT-B shape only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile)")
     p.add_argument("--out", default="bench/out", help="folder for CSV results")

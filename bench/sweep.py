@@ -1,0 +1,112 @@
+"""`selagg-fast bench sweep`: time the kernels over a wide grid of launch configs (GPU only).
+
+The library launches a short autotune list; this sweep shows what the current kernels can reach
+at the issue shapes (AbMILP K=1 forward at ViT-B, attention+stats at ViT-B) and which tile /
+warp / stage choice gets there, so a GPU session spends its minutes on the right change. Each
+config's output is checked against the first one's before it is timed.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+
+from selagg_fast import abmilp_pool, attention_with_stats
+from selagg_fast.ops import abmilp as abmilp_ops
+from selagg_fast.ops import attention as attention_ops
+
+from .common import bench_ms, environment, print_table, write_csv
+
+
+@contextlib.contextmanager
+def _patched(module, **attrs):
+    old = {k: getattr(module, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+def _run_grid(label, configs, patch, call, check):
+    rows, first = [], None
+    for cfg in configs:
+        try:
+            with patch(cfg):
+                got = call()
+                if first is None:
+                    first = got
+                err = check(got, first)
+                ms = bench_ms(call)[0]
+        except Exception as e:  # e.g. a tile that needs more shared memory than an SM has
+            rows.append(dict(kernel=label, config=str(cfg), ms=float("nan"), max_err=float("nan"),
+                             note=f"{type(e).__name__}: {str(e)[:80]}"))
+            continue
+        rows.append(dict(kernel=label, config=str(cfg), ms=ms, max_err=err, note=""))
+    return rows
+
+
+def sweep_abmilp(device, dtype, B, T, D) -> list:
+    x = torch.randn(B, T, D, device=device, dtype=dtype)
+    w = torch.randn(D, device=device) * D ** -0.5
+    b = torch.zeros((), device=device)
+    configs = [dict(BT=bt, num_warps=nw, num_stages=ns)
+               for bt, nw, ns in itertools.product((2, 4, 8, 16), (2, 4, 8), (1, 2, 3, 4))
+               if bt * abmilp_ops.next_pow2(D) <= 16384]
+
+    def patch(cfg):
+        base = abmilp_ops._launch_config
+        return _patched(abmilp_ops, _launch_config=lambda D_, K_: dict(base(D_, K_), **cfg),
+                        _default=lambda c: dict(BT=c["BT"], num_warps=c["num_warps"], num_stages=c["num_stages"]))
+
+    def call():
+        with torch.no_grad():
+            return abmilp_pool(x, w, b, num_prefix_tokens=1, backend="triton")
+
+    return _run_grid(f"abmilp K=1 fwd {B}x{T}x{D}", configs, patch, call,
+                     lambda got, ref: (got.float() - ref.float()).abs().max().item())
+
+
+def sweep_attention(device, dtype, B, H, T, d) -> list:
+    q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype) for _ in range(3))
+    configs = [dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns)
+               for bm, bn, nw, ns in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3, 4))
+               if bn >= attention_ops.MIN_BN and bm * bn <= 8192]
+
+    def patch(cfg):
+        BD = max(16, attention_ops.next_pow2(d))
+        return _patched(attention_ops, _launch_config=lambda d_, fp32=False: dict(cfg, BD=BD))
+
+    def call():
+        return attention_with_stats(q, k, v, num_prefix_tokens=1, backend="triton")
+
+    def check(got, ref):
+        return max((a.float() - b.float()).abs().max().item() for a, b in zip((got[0], *got[1]), (ref[0], *ref[1])))
+
+    return _run_grid(f"attention+stats {B}x{H}x{T}x{d}", configs, patch, call, check)
+
+
+def run(quick: bool = False, csv_path: str = "bench/out/sweep.csv") -> list:
+    import os
+    env = environment()
+    cuda = torch.cuda.is_available()
+    print(f"Launch-config sweep on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit']}, {env['date']})")
+    if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        print("No CUDA device and no TRITON_INTERPRET=1: the sweep needs the kernels; nothing to do.")
+        return []
+    os.environ["SELAGG_AUTOTUNE"] = "0"  # every call launches the patched config
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    rows = sweep_abmilp(device, dtype, *((1024, 197, 768) if cuda else (2, 9, 16)))
+    if not quick:
+        rows += sweep_attention(device, dtype, *((256, 12, 197, 64) if cuda else (1, 1, 40, 16)))
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        mine = sorted((r for r in rows if r["kernel"] == kernel), key=lambda r: (r["ms"] != r["ms"], r["ms"]))
+        print_table(mine[:12], ["config", "ms", "max_err", "note"], title=f"Sweep: {kernel} (fastest first)")
+    for r in rows:
+        r.update(env)
+    write_csv(csv_path, rows)
+    return rows

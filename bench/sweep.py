@@ -72,12 +72,15 @@ def sweep_abmilp(device, dtype, B, T, D) -> list:
 
 def sweep_attention(device, dtype, B, H, T, d) -> list:
     q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype) for _ in range(3))
-    configs = [dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns)
-               for bm, bn, nw, ns in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3, 4))
-               if bn >= attention_ops.MIN_BN and bm * bn <= 8192]
+    BD = max(16, attention_ops.next_pow2(d))
+    # kernel variants: as launched today; the tail key block peeled (full blocks unmasked); and
+    # also no head-dim mask when d is a power of two
+    variants = [dict(), dict(PEEL_TAIL=True)] + ([dict(PEEL_TAIL=True, MASK_D=False)] if BD == d else [])
+    configs = [dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns, **var)
+               for var in variants
+               for bm, bn, nw, ns in itertools.product((64, 128), (32, 64), (4, 8), (1, 2, 3))]
 
     def patch(cfg):
-        BD = max(16, attention_ops.next_pow2(d))
         return _patched(attention_ops, _launch_config=lambda d_, fp32=False: dict(cfg, BD=BD))
 
     def call():

@@ -13,22 +13,59 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr):
+def _load(p, o_rows, o_cols, n_rows, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    # masks only where a block can overrun: the tail key block (rows), a padded head dim (cols)
+    if MASK_ROWS and MASK_COLS:
+        return tl.load(p, mask=(o_rows < n_rows) & (o_cols < n_cols), other=0.0)
+    elif MASK_ROWS:
+        return tl.load(p, mask=o_rows < n_rows, other=0.0)
+    elif MASK_COLS:
+        return tl.load(p, mask=o_cols < n_cols, other=0.0)
+    else:
+        return tl.load(p)
+
+
+@triton.jit
+def _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr,
+        MASK_N: tl.constexpr, MASK_D: tl.constexpr):
     # [BM, BD] x keys [BN] -> raw logits [BM, BN] float32 (scale applied by the caller).
-    b_k = tl.load(p_k + o_n[None, :] * stride_kt + o_d[:, None],
-                  mask=(o_n[None, :] < T) & (o_d[:, None] < d), other=0.0)  # [BD, BN]
+    b_k = _load(p_k + o_n[None, :] * stride_kt + o_d[:, None], o_n[None, :], o_d[:, None], T, d,
+                MASK_N, MASK_D)  # [BD, BN]
     if UPCAST:
         return tl.dot(b_q, b_k.to(tl.float32), input_precision=F32_PRECISION)
     return tl.dot(b_q, b_k)
 
 
 @triton.jit
-def _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr):
-    b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_d[None, :],
-                  mask=(o_n[:, None] < T) & (o_d[None, :] < d), other=0.0)  # [BN, BD]
+def _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr,
+        MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+    b_v = _load(p_v + o_n[:, None] * stride_vt + o_d[None, :], o_n[:, None], o_d[None, :], T, d,
+                MASK_N, MASK_D)  # [BN, BD]
     if UPCAST:
         return tl.dot(b_p, b_v.to(tl.float32), input_precision=F32_PRECISION)
     return tl.dot(b_p.to(b_v.dtype), b_v)
+
+
+@triton.jit
+def _patch_block(b_q, p_k, p_v, n0, m_i, l_i, lp_i, u_i, pre_i, b_acc, o_d, T, d, stride_kt, stride_vt, qk_scale,
+                 UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr, BN: tl.constexpr,
+                 MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+    # one key block past the first (patch keys only): online-softmax update of every running sum
+    o_n = n0 + tl.arange(0, BN)
+    b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION, MASK_N, MASK_D) * qk_scale
+    if MASK_N:
+        b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    b_p = tl.exp2(b_s - m_new[:, None])
+    r_i = tl.sum(b_p, axis=1)
+    # u is kept relative to the running max: shifting the max adds (m_old - m_new) * l_p
+    u_i = alpha * (u_i + (m_i - m_new) * lp_i) + tl.sum(b_p * (b_s - m_new[:, None]), axis=1)
+    l_i = l_i * alpha + r_i
+    lp_i = lp_i * alpha + r_i
+    pre_i = pre_i * alpha
+    b_acc = b_acc * alpha[:, None] + _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST, F32_PRECISION, MASK_N, MASK_D)
+    return m_new, l_i, lp_i, u_i, pre_i, b_acc
 
 
 @triton.jit(do_not_specialize=["T", "P"])
@@ -38,6 +75,7 @@ def attention_stats_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     H, T, P, d, qk_scale,
     UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    PEEL_TAIL: tl.constexpr = False, MASK_D: tl.constexpr = True,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -59,7 +97,7 @@ def attention_stats_fwd_kernel(
 
     # first key block: the only one holding prefix keys (P <= BN is checked by the launcher)
     o_n = tl.arange(0, BN)
-    b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION) * qk_scale  # [BM, BN], log2 units
+    b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION, True, MASK_D) * qk_scale  # [BM, BN], log2
     b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
     m_i = tl.max(b_s, axis=1)  # [BM]
     b_p = tl.exp2(b_s - m_i[:, None])
@@ -69,23 +107,24 @@ def attention_stats_fwd_kernel(
     u_i = tl.sum(tl.where(is_patch, b_p * (b_s - m_i[:, None]), 0.0), axis=1)
     pre_i = tl.sum(tl.where(is_patch, 0.0, b_p), axis=1)
     s_cls = tl.sum(tl.where(o_n[None, :] == 0, b_s, 0.0), axis=1)
-    b_acc = _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST, F32_PRECISION)  # [BM, BD]
+    b_acc = _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST, F32_PRECISION, True, MASK_D)  # [BM, BD]
 
-    for n0 in range(BN, T, BN):
-        o_n = n0 + tl.arange(0, BN)
-        b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION) * qk_scale
-        b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        b_p = tl.exp2(b_s - m_new[:, None])
-        r_i = tl.sum(b_p, axis=1)
-        # u is kept relative to the running max: shifting the max adds (m_old - m_new) * l_p
-        u_i = alpha * (u_i + (m_i - m_new) * lp_i) + tl.sum(b_p * (b_s - m_new[:, None]), axis=1)
-        l_i = l_i * alpha + r_i
-        lp_i = lp_i * alpha + r_i
-        pre_i = pre_i * alpha
-        b_acc = b_acc * alpha[:, None] + _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST, F32_PRECISION)
-        m_i = m_new
+    if PEEL_TAIL:
+        # full key blocks without row masks, then the partial tail block (if any) masked
+        n_full = (T // BN) * BN
+        for n0 in range(BN, n_full, BN):
+            m_i, l_i, lp_i, u_i, pre_i, b_acc = _patch_block(
+                b_q, p_k, p_v, n0, m_i, l_i, lp_i, u_i, pre_i, b_acc, o_d, T, d, stride_kt, stride_vt, qk_scale,
+                UPCAST, F32_PRECISION, BN, False, MASK_D)
+        if (n_full < T) & (n_full >= BN):
+            m_i, l_i, lp_i, u_i, pre_i, b_acc = _patch_block(
+                b_q, p_k, p_v, n_full, m_i, l_i, lp_i, u_i, pre_i, b_acc, o_d, T, d, stride_kt, stride_vt, qk_scale,
+                UPCAST, F32_PRECISION, BN, True, MASK_D)
+    else:
+        for n0 in range(BN, T, BN):
+            m_i, l_i, lp_i, u_i, pre_i, b_acc = _patch_block(
+                b_q, p_k, p_v, n0, m_i, l_i, lp_i, u_i, pre_i, b_acc, o_d, T, d, stride_kt, stride_vt, qk_scale,
+                UPCAST, F32_PRECISION, BN, True, MASK_D)
 
     inv_l = 1.0 / l_i
     b_out = b_acc * inv_l[:, None]

@@ -62,6 +62,26 @@ def test_output_and_statistics(shape, dtype, poisoned):
 
 
 @requires_kernels
+@pytest.mark.parametrize("variant", [dict(PEEL_TAIL=True), dict(PEEL_TAIL=True, MASK_D=False)],
+                         ids=["peel_tail", "peel_tail_even_d"])
+@pytest.mark.parametrize("T", [1, 32, 33, 64, 65, 96, 197])
+def test_launch_variants_match_reference(T, variant, monkeypatch, poisoned):
+    # the sweepable kernel variants (bench sweep): full key blocks unmasked, tail block masked
+    from selagg_fast.ops import attention as attention_ops
+    base = attention_ops._launch_config
+    monkeypatch.setenv("SELAGG_AUTOTUNE", "0")
+    monkeypatch.setattr(attention_ops, "_launch_config",
+                        lambda d, fp32=False: dict(base(d, fp32), BM=32, BN=32, **variant))
+    q, k, v = make_qkv(2, 2, T, 64, torch.float32)
+    out, stats = attention_with_stats(q, k, v, num_prefix_tokens=1)
+    ref_out, ref = attention_with_stats_reference(q.double(), k.double(), v.double(), num_prefix_tokens=1,
+                                                  compute_dtype=torch.float64)
+    assert rel_err(out, ref_out) < OUT_TOL[torch.float32]
+    for got, exp in zip(stats, ref):
+        assert max_abs(got, exp) < ENT_TOL[torch.float32]
+
+
+@requires_kernels
 def test_matches_sdpa_and_entropy_bounds():
     q, k, v = make_qkv(2, 4, 50, 64, torch.float32, spread=0.1)
     out, stats = attention_with_stats(q, k, v, num_prefix_tokens=1)

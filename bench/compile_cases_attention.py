@@ -18,4 +18,4 @@ def attention_cases():
                              (" peel+even_d", dict(PEEL_TAIL=True, MASK_D=cfg["BD"] != d))]
             for name, extra in variants:
                 yield (f"attn {dt} d={d}{name}", attention_stats_fwd_kernel, sig,
-                       dict(UPCAST=dt == "fp32", F32_PRECISION="tf32x3", **cfg, **extra), warps)
+                       dict(UPCAST=dt == "fp32", F32_PRECISION="tf32x3", **cfg, **extra), warps, stages)

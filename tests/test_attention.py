@@ -196,7 +196,6 @@ def unfused_reference_columns(model, images):
     P = model.num_prefix_tokens
     cols = {}
     for A in maps:  # [B, H, T, T]
-        T = A.shape[-1]
         diag = torch.diagonal(A, dim1=-2, dim2=-1)
         den = A[..., P:].sum(-1)
         Ahat = A[..., P:] / den[..., None]

@@ -221,3 +221,12 @@ def test_two_process_run_survives_an_all_unreadable_batch(tmp_path):
     args[args.index("synthetic")] = str(tmp_path / "data")
     _cli(args + ["--batch-size", "1", "--epochs", "1", "--augment"], nproc=2, timeout=180)
     assert json.loads((tmp_path / "out" / "results.json").read_text())["epochs_done"] == 1
+
+
+def test_feature_cache_refuses_a_disk_too_small(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 0, 10**4))
+    with pytest.raises(OSError, match="needs .* GiB, only"):
+        run_probe(tiny_config(tmp_path / "r", augment=False, epochs=1, cache_features=str(tmp_path / "cache")))

@@ -22,6 +22,16 @@ from ..data import collate_skipping
 _DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp32": (torch.float32, np.float32)}
 
 
+def _check_disk_space(path: str, needed: int) -> None:
+    # the memmap file is sparse until written: running out of space mid-extraction would end in a
+    # SIGBUS, so refuse up front
+    import shutil
+    free = shutil.disk_usage(path).free
+    if free < needed * 1.02:
+        raise OSError(f"feature cache {path}: needs {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free "
+                      "(choose another --cache-features folder, fewer heads needing all tokens, or no cache)")
+
+
 class TokenStore:
     def __init__(self, path: str, fingerprint: dict, num_samples: int, token_shape: tuple, dtype: str,
                  batch_size: int, labels: np.ndarray):
@@ -42,6 +52,8 @@ class TokenStore:
                                  f"choose another --cache-features folder.\n  cached: {old}\n  now:    {meta}")
         self.num_samples, self.batch_size = num_samples, batch_size
         self.num_batches = -(-num_samples // batch_size)
+        if fresh:
+            _check_disk_space(path, num_samples * int(np.prod(token_shape)) * np.dtype(np_dtype).itemsize)
         mode = "w+" if fresh else "r+"
         self.tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=np_dtype, mode=mode,
                                 shape=(num_samples, *token_shape))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 
 import torch
 
@@ -93,7 +94,6 @@ def sweep_attention(device, dtype, B, H, T, d) -> list:
 
 
 def run(quick: bool = False, csv_path: str = "bench/out/sweep.csv") -> list:
-    import os
     env = environment()
     cuda = torch.cuda.is_available()
     print(f"Launch-config sweep on {env['device']} (torch {env['torch']}, triton {env['triton']}, "

@@ -78,6 +78,9 @@ class ImageFiles(Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def labels(self) -> list:
+        return [y for _, y in self.samples]
+
     def __getitem__(self, index):
         path, label = self.samples[index]
         try:
@@ -167,6 +170,10 @@ class SyntheticObjects(Dataset):
     def __getitem__(self, index):
         image, label, _box = self.render(index)
         return image, label
+
+    def labels(self) -> list:
+        # the label is the first draw of an image's generator: no need to render the image
+        return [int(np.random.default_rng([self.seed, i]).integers(self.num_classes)) for i in range(self.size)]
 
     def render(self, index):
         """``(PIL image, label, object box (x0, y0, x1, y1) in pixels, outline included)``."""

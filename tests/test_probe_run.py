@@ -108,16 +108,22 @@ def test_compact_cache_without_selective_heads(tmp_path):
     assert {p["head"] for p in results["pairs"]} == {"cls", "avg"}
 
 
-def test_corrupt_image_is_counted_not_fatal(tmp_path):
+def _noise_image_folder(root, per_class: int, corrupt: str) -> str:
+    """ImageFolder train/ and val/ with classes a, b of random 36 px PNGs, plus one corrupt file."""
     from PIL import Image
     for split in ("train", "val"):
         for c in ("a", "b"):
-            d = tmp_path / "data" / split / c
+            d = root / split / c
             d.mkdir(parents=True)
-            for i in range(4):
+            for i in range(per_class):
                 Image.fromarray(np.random.randint(0, 255, (36, 36, 3), np.uint8)).save(d / f"{i}.png")
-    (tmp_path / "data" / "val" / "a" / "bad.png").write_bytes(b"\x89PNG truncated")
-    results = run_probe(tiny_config(tmp_path / "r", data=str(tmp_path / "data"), epochs=1, heads="cls,avg"))
+    (root / corrupt).write_bytes(b"\x89PNG truncated")
+    return str(root)
+
+
+def test_corrupt_image_is_counted_not_fatal(tmp_path):
+    data = _noise_image_folder(tmp_path / "data", 4, "val/a/bad.png")
+    results = run_probe(tiny_config(tmp_path / "r", data=data, epochs=1, heads="cls,avg"))
     assert results["unreadable_images"]["val"] == 1 and results["val_images"] == 9
 
 
@@ -209,16 +215,9 @@ def test_two_process_cache_extraction_equals_one_process(tmp_path):
 
 def test_two_process_run_survives_an_all_unreadable_batch(tmp_path):
     # batch 1 per process and one corrupt image: some process meets an empty batch; all must skip it
-    from PIL import Image
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            d = tmp_path / "data" / split / c
-            d.mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(np.random.randint(0, 255, (36, 36, 3), np.uint8)).save(d / f"{i}.png")
-    (tmp_path / "data" / "train" / "a" / "bad.png").write_bytes(b"broken")
+    data = _noise_image_folder(tmp_path / "data", 3, "train/a/bad.png")
     args = _cli_args(tmp_path / "out")
-    args[args.index("synthetic")] = str(tmp_path / "data")
+    args[args.index("synthetic")] = data
     _cli(args + ["--batch-size", "1", "--epochs", "1", "--augment"], nproc=2, timeout=180)
     assert json.loads((tmp_path / "out" / "results.json").read_text())["epochs_done"] == 1
 

@@ -60,14 +60,15 @@ def forward_batch(backbone, images: torch.Tensor, use_bf16: bool) -> None:
         backbone(images.to(device, non_blocking=True))
 
 
-def _gathered_state(recorder) -> dict:
-    """Sum of every process's running sums (float64), on rank 0's CPU."""
-    state = recorder.state_dict()
+def _gathered_state(recorder, unreadable: int) -> dict:
+    """Sum of every process's running sums (float64) and unreadable count, on rank 0's CPU."""
+    state = dict(recorder.state_dict(), unreadable=unreadable)
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return state
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
-    total = {"images": sum(s["images"] for s in states), "sums": {}}
+    total = {"images": sum(s["images"] for s in states), "unreadable": sum(s["unreadable"] for s in states),
+             "sums": {}}
     for s in states:
         for column, by_block in s["sums"].items():
             into = total["sums"].setdefault(column, {})
@@ -161,12 +162,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     bar.close()
     save_partial()
     elapsed = time.perf_counter() - start
-    state = _gathered_state(recorder)
-    unreadable_all = torch.tensor([unreadable])
-    if dist_info.active:
-        counts = [None] * dist_info.world_size
-        dist.all_gather_object(counts, unreadable)
-        unreadable_all = torch.tensor([sum(counts)])
+    state = _gathered_state(recorder, unreadable)
     stats = None
     if dist_info.is_main:
         recorder.load_state_dict(state)
@@ -174,7 +170,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
         omitted = [] if info.has_cls else list(CLS_COLUMNS) + (["cls_magnitude_ratio"] if cfg.magnitudes else [])
         num_patches = info.patch_grid[0] * info.patch_grid[1]
         meta = dict(run=run_name, model=cfg.model, checkpoint=cfg.checkpoint, images=recorder.images,
-                    unreadable_images=int(unreadable_all.item()), blocks=list(range(1, info.num_blocks + 1)),
+                    unreadable_images=state["unreadable"], blocks=list(range(1, info.num_blocks + 1)),
                     heads=int(backbone.model.blocks[0].attn.num_heads), num_prefix_tokens=info.num_prefix_tokens,
                     has_cls=info.has_cls, num_patches=num_patches, max_entropy=math.log(num_patches),
                     omitted_columns=omitted, images_per_s=seen * dist_info.world_size / max(elapsed, 1e-9),

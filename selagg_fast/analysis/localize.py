@@ -16,11 +16,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data import image_files, val_transform
+from ..data import ImageFiles, image_files, val_transform
 from .probe_maps import ProbeMaps, upsample
 
 THRESHOLDS = np.arange(0.0, 1.0, 0.01)
@@ -122,18 +121,19 @@ def crop_boxes(boxes, width: int, height: int, size: int):
 
 
 class _BoxedImages(Dataset):
+    """Validation-cropped images with their original size (boxes are given in original pixels)."""
+
     def __init__(self, files, size):
-        self.files, self.transform = files, val_transform(size)
+        self.images, self.transform = ImageFiles([(f, 0) for f in files], ["image"]), val_transform(size)
 
     def __len__(self):
-        return len(self.files)
+        return len(self.images)
 
     def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as img:
-                return self.transform(img.convert("RGB")), img.size[0], img.size[1], i
-        except Exception:
+        img, _ = self.images[i]
+        if img is None:
             return None, 0, 0, i
+        return self.transform(img), img.size[0], img.size[1], i
 
 
 def _collate(batch):

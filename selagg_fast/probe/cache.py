@@ -136,20 +136,13 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _labels_of(dataset) -> np.ndarray:
-    base = dataset.base
-    if hasattr(base, "samples"):
-        return np.array([y for _, y in base.samples], dtype=np.int64)
-    return np.array([base[i][1] for i in range(len(base))], dtype=np.int64)  # synthetic: generated labels
-
-
 def open_store(root: str, settings: dict, dataset, token_shape: tuple, dtype: str, batch_size: int,
                is_main: bool = True, barrier=lambda: None) -> TokenStore:
     """The store for ``settings`` under ``root``: one folder per setting, so changing the model,
     data, dtype or batch never reuses stale tokens. Rank 0 creates it before the others map it."""
     key = _digest(dict(settings, dtype=dtype, batch_size=batch_size))
     args = (os.path.join(root, f"{settings['split']}-{key}"), settings, len(dataset), token_shape, dtype,
-            batch_size, _labels_of(dataset))
+            batch_size, np.asarray(dataset.base.labels(), dtype=np.int64))
     if is_main:
         TokenStore(*args)
     barrier()

@@ -60,14 +60,33 @@ def _abmilp_cases():
         yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=True, **tiles),
                cfg["num_warps"])
     for D, K in ((768, 4), (768, 16), (1024, 16)):
-        cfg = _launch_config(D, K)
+        cfg = _launch_config(D, K, "batched")
         tiles = dict(BT=cfg["BT"], BC=cfg["BC"], NC=cfg["NC"], BK=cfg["BK"], **dot)
-        yield (f"fwd K={K} D={D}", k.abmilp_fwd_kernel, dict(fwd, K="i32", **multi),
+        yield (f"fwd K={K} D={D} batched", k.abmilp_fwd_kernel, dict(fwd, K="i32", **multi),
                dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, **tiles), cfg["num_warps"])
-        yield (f"bwd K={K} D={D}", k.abmilp_bwd_kernel, dict(bwd, K="i32", **multi),
+        yield (f"bwd K={K} D={D} batched", k.abmilp_bwd_kernel, dict(bwd, K="i32", **multi),
                dict(HAS_BIAS=True, HAS_DX=False, **tiles), cfg["num_warps"])
-        yield (f"bwd+dx K={K} D={D}", k.abmilp_bwd_kernel, dict(bwd, K="i32", **multi),
+        yield (f"bwd+dx K={K} D={D} batched", k.abmilp_bwd_kernel, dict(bwd, K="i32", **multi),
                dict(HAS_BIAS=True, HAS_DX=True, **tiles), cfg["num_warps"])
+    # the split kernels at every config of their autotune list (ViT-B, K=4: the probe trainer's
+    # four selective lrs), plus the default at other shapes and float32 tokens
+    from ..ops.abmilp import _split_configs
+    f32 = dict(x_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", dout_ptr="*fp32", dx_ptr="*fp32")
+    for D, K, dt in [(768, 16, "bf16"), (1280, 4, "bf16"), (768, 4, "fp32")]:
+        configs = _split_configs(D, K, dt == "fp32")
+        for cfg in configs if (D, K, dt) == (768, 16, "bf16") else configs[:1]:
+            def sig(base):
+                over = f32 if dt == "fp32" else {}
+                return {n: over.get(n, t) for n, t in dict(base, K="i32", **multi).items()}
+            ce = dict(BT=cfg["BT"], BC=cfg["BC"], BK=cfg["BK"],
+                      **(dict(LOWP=False, F32_PRECISION="tf32x3") if dt == "fp32" else dot))
+            tag = f"K={K} D={D} {dt} split BC={cfg['BC']} BT={cfg['BT']}"
+            yield (f"fwd {tag}", k.abmilp_fwd_split_kernel, sig(fwd),
+                   dict(HAS_BIAS=True, STORE_F32=dt != "fp32", STORE_SCORES=False, **ce), cfg["num_warps"])
+            yield (f"bwd {tag}", k.abmilp_bwd_split_kernel, sig(bwd),
+                   dict(HAS_BIAS=True, HAS_DX=False, **ce), cfg["num_warps"])
+            yield (f"bwd+dx {tag}", k.abmilp_bwd_split_kernel, sig(bwd),
+                   dict(HAS_BIAS=True, HAS_DX=True, **ce), cfg["num_warps"])
 
 
 def main() -> None:
@@ -77,13 +96,13 @@ def main() -> None:
         cases += list(attention_cases())
     except ImportError:
         pass
-    print(f"{'kernel':<28} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem':>7}")
+    print(f"{'kernel':<44} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem':>7}")
     for name, fn, sig, ce, warps, *stages in cases:  # an optional 6th item: num_stages of the launch
         try:
             r = compile_kernel(fn, sig, ce, warps, *stages)
-            print(f"{name:<28} {warps:>5} {r['regs']:>5} {r['spill_bytes']:>8} {r['shared']:>7}")
+            print(f"{name:<44} {warps:>5} {r['regs']:>5} {r['spill_bytes']:>8} {r['shared']:>7}")
         except Exception as e:  # report and go on: one broken config should not hide the others
-            print(f"{name:<28} {warps:>5} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            print(f"{name:<44} {warps:>5} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 # One-shot GPU check for a lent Hopper machine (no network): install, benchmarks, CUDA tests,
 # a compact table last. Usage: bash bench/gpu_check.sh [OUTDIR]   (about 8 minutes; run it with a
 # 600 s limit). Each table is appended to OUTDIR/summary.txt as soon as its benchmark ends, so a
-# run cut short still returns what it measured. ONLY=abmilp,probe runs a subset of the benchmarks;
-# ONLY=sweep times the kernels over a wide launch-config grid (bench/sweep.py).
+# run cut short still returns what it measured. ONLY=abmilp,probe,tests runs a subset (the CUDA
+# tests are the item "tests"); ONLY=sweep times the kernels over a wide launch-config grid
+# (bench/sweep.py, ~4 min, not part of the default run).
 set -u
 OUT=${1:-${OUT:-/tmp/selagg_gpu}}
 mkdir -p "$OUT"
@@ -35,7 +36,8 @@ bench abmilp "AbMILP pooling" 150
 bench attention "One attention block" 170
 bench probe "Probe training step" 110
 bench analyze "Analyze throughput" 90 --quick
-case ",${ONLY:-}," in *",sweep,"*) bench sweep "Sweep" 240 ;; esac  # only when asked: ONLY=sweep
+case ",${ONLY:-}," in *",sweep,"*) bench sweep "Sweep" 300 ;; esac  # only when asked: ONLY=sweep
+case ",${ONLY:-tests}," in *",tests,"*) ;; *) echo; echo "==== results ===="; cat "$SUMMARY"; exit 0 ;; esac
 # tests: default launch configs (autotuning every test shape would only cost compile time); the
 # torchrun tests run on CPUs with gloo and were run on the CPU machine: deselected here to save time
 SELAGG_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-200} python3 -m pytest "$REPO/tests" -p no:cacheprovider \

@@ -1,7 +1,7 @@
 """`selagg-fast bench sweep`: time the kernels over a wide grid of launch configs (GPU only).
 
 The library launches a short autotune list; this sweep shows what the current kernels can reach
-at the issue shapes (AbMILP K=1 forward at ViT-B, attention+stats at ViT-B) and which tile /
+at the issue shapes (AbMILP K=1 and K=16 forward at ViT-B, attention+stats at ViT-B) and which tile /
 warp / stage choice gets there, so a GPU session spends its minutes on the right change. Each
 config's output is checked against the first one's before it is timed.
 """
@@ -60,14 +60,48 @@ def sweep_abmilp(device, dtype, B, T, D) -> list:
 
     def patch(cfg):
         base = abmilp_ops._launch_config
-        return _patched(abmilp_ops, _launch_config=lambda D_, K_: dict(base(D_, K_), **cfg),
-                        _default=lambda c: dict(BT=c["BT"], num_warps=c["num_warps"], num_stages=c["num_stages"]))
+        return _patched(abmilp_ops, _launch_config=lambda D_, K_, *a: dict(base(D_, K_, *a), **cfg))
 
     def call():
         with torch.no_grad():
             return abmilp_pool(x, w, b, num_prefix_tokens=1, backend="triton")
 
     return _run_grid(f"abmilp K=1 fwd {B}x{T}x{D}", configs, patch, call,
+                     lambda got, ref: (got.float() - ref.float()).abs().max().item())
+
+
+def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
+    """K>1 forward: both kernel families; the split kernels over chunk width x tokens x warps x stages."""
+    x = torch.randn(B, T, D, device=device, dtype=dtype)
+    w = torch.randn(K, D, device=device) * D ** -0.5
+    b = torch.zeros(K, device=device)
+    BD = max(16, abmilp_ops.next_pow2(D))
+    configs = [dict(variant="batched", num_stages=ns) for ns in (1, 2)]
+    configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=ns)
+                for bc, bt, nw, ns in itertools.product((64, 128, 256, 512), (16, 32), (4, 8), (1,))
+                if bc <= BD and (bc >= 128 or BD < 128)]  # stages: sm_90 compiles show no async copies
+
+    @contextlib.contextmanager
+    def patch(cfg):
+        cfg = dict(cfg)
+        variant = cfg.pop("variant")
+        base = abmilp_ops._launch_config
+        old = os.environ.get("SELAGG_ABMILP_MULTI")
+        os.environ["SELAGG_ABMILP_MULTI"] = variant
+        try:
+            with _patched(abmilp_ops, _launch_config=lambda D_, K_, v="split", fp32=False: dict(base(D_, K_, v, fp32), **cfg)):
+                yield
+        finally:
+            if old is None:
+                os.environ.pop("SELAGG_ABMILP_MULTI")
+            else:
+                os.environ["SELAGG_ABMILP_MULTI"] = old
+
+    def call():
+        with torch.no_grad():
+            return abmilp_pool(x, w, b, num_prefix_tokens=1, backend="triton")
+
+    return _run_grid(f"abmilp K={K} fwd {B}x{T}x{D}", configs, patch, call,
                      lambda got, ref: (got.float() - ref.float()).abs().max().item())
 
 
@@ -104,6 +138,7 @@ def run(quick: bool = False, csv_path: str = "bench/out/sweep.csv") -> list:
     os.environ["SELAGG_AUTOTUNE"] = "0"  # every call launches the patched config
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     rows = sweep_abmilp(device, dtype, *((1024, 197, 768) if cuda else (2, 9, 16)))
+    rows += sweep_abmilp_multi(device, dtype, *((1024, 197, 768, 16) if cuda else (2, 9, 40, 3)))
     if not quick:
         rows += sweep_attention(device, dtype, *((256, 12, 197, 64) if cuda else (1, 1, 40, 16)))
     for kernel in dict.fromkeys(r["kernel"] for r in rows):

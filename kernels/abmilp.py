@@ -1,8 +1,17 @@
 """Triton kernels for Selective Aggregation (AbMILP pooling).
 
-One program owns one image: it streams the image's pooled tokens once, keeping an
+K = 1: one program owns one image: it streams the image's pooled tokens once, keeping an
 online softmax (running max ``m``, running sum ``l``) and the weighted token sum in
-registers, so the tokens are read exactly once. ``K`` branches share that read.
+registers, so the tokens are read exactly once.
+
+K > 1, two families (the launcher picks the faster on a GPU, see ops/abmilp.py):
+- "batched" (``abmilp_fwd_kernel`` / ``abmilp_bwd_kernel``): one program per image, the
+  feature dim as NC chunks batched through 3-D ``tl.dot``s, a [NC, BK, BC] accumulator;
+- "split" (``*_split_kernel``): one program per (image, D-chunk of BC features). Every
+  program computes the full scores (a loop over all chunks: tensor-core work is cheap here)
+  and accumulates only its own chunk, so the accumulator is [BC, BK] and occupancy stays
+  high; the chunk programs of an image run side by side, so HBM serves each token once and
+  the other chunk programs read it from L2.
 Maths: README, `abmilp_pool`.
 """
 import triton
@@ -221,3 +230,144 @@ def abmilp_bwd_kernel(
                 tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
     tl.store(dw_ptr + i_p * K * D + o_kd, b_dw, mask=m_kd)
     tl.store(db_ptr + i_p * K + o_k, b_db, mask=m_k)
+
+
+@triton.jit
+def _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC: tl.constexpr,
+                  LOWP: tl.constexpr, F32_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    # [BT, BK] scores x_t . w_k over all of D, one BC-wide chunk at a time
+    o_e = tl.arange(0, BC)
+    b_s = tl.zeros([BT, BK], dtype=tl.float32)
+    for d0 in range(0, D, BC):
+        o_d = d0 + o_e
+        m_d = o_d < D
+        b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_wt = tl.load(w_ptr + o_k[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_k[None, :], other=0.0)
+        b_s += _dot(b_x, b_wt, LOWP, F32_PRECISION)
+    return b_s
+
+
+@triton.jit(do_not_specialize=["P", "N"])
+def abmilp_fwd_split_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr,
+    stride_xb, stride_xt, P, N, D, K,
+    HAS_BIAS: tl.constexpr, STORE_F32: tl.constexpr, STORE_SCORES: tl.constexpr,
+    LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+):
+    # Program pid = image * NSPLIT + chunk: the chunk programs of one image are neighbours in
+    # launch order, so they stream the image's tokens at the same time (L2 reuse).
+    NSPLIT = tl.cdiv(D, BC)
+    pid = tl.program_id(0)
+    i_c = pid % NSPLIT
+    i_b = (pid // NSPLIT).to(tl.int64)
+    o_own = i_c * BC + tl.arange(0, BC)
+    m_own = o_own < D
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_bias = tl.zeros([BK], dtype=tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+    p_x = x_ptr + i_b * stride_xb + P * stride_xt
+
+    m_i = tl.full([BK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BK], dtype=tl.float32)
+    b_acc = tl.zeros([BC, BK], dtype=tl.float32)  # this chunk of the K weighted sums, transposed
+    for t0 in range(0, N, BT):
+        o_t = t0 + tl.arange(0, BT)
+        m_t = o_t < N
+        b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
+        b_s = tl.where(m_t[:, None], b_s + b_bias[None, :], float("-inf"))  # [BT, BK]
+        if STORE_SCORES:
+            if i_c == 0:
+                tl.store(s_ptr + i_b * K * N + o_k[None, :] * N + o_t[:, None], b_s,
+                         mask=m_t[:, None] & m_k[None, :])
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=0))  # [BK]
+        alpha = tl.exp(m_i - m_new)
+        b_p = tl.exp(b_s - m_new[None, :])  # [BT, BK]
+        l_i = l_i * alpha + tl.sum(b_p, axis=0)
+        # this program's features of the tile, [BC, BT]: just read by the score loop (L1)
+        b_xo = tl.load(p_x + o_t[None, :] * stride_xt + o_own[:, None], mask=m_t[None, :] & m_own[:, None],
+                       other=0.0)
+        if not LOWP:
+            b_xo = b_xo.to(tl.float32)
+        b_acc = b_acc * alpha[None, :] + _dot(b_xo, b_p.to(b_xo.dtype), LOWP, F32_PRECISION)  # [BC, BK]
+        m_i = m_new
+
+    b_out = b_acc / l_i[None, :]
+    o_out = i_b * K * D + o_k[None, :] * D + o_own[:, None]
+    m_out = m_k[None, :] & m_own[:, None]
+    tl.store(out_ptr + o_out, b_out.to(out_ptr.dtype.element_ty), mask=m_out)
+    if STORE_F32:
+        tl.store(out32_ptr + o_out, b_out, mask=m_out)
+    if i_c == 0:
+        tl.store(lse_ptr + i_b * K + o_k, m_i + tl.log(l_i), mask=m_k)
+
+
+@triton.jit(do_not_specialize=["B", "P", "N"])
+def abmilp_bwd_split_kernel(
+    x_ptr, w_ptr, bias_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+    stride_xb, stride_xt, stride_dxb, stride_dxt, B, P, N, D, K,
+    HAS_BIAS: tl.constexpr, HAS_DX: tl.constexpr,
+    LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+):
+    # Program pid = i_p * NSPLIT + chunk walks images i_p, i_p + G, ... and keeps the dw
+    # partial of its chunk in registers; every chunk program recomputes the full scores.
+    NSPLIT = tl.cdiv(D, BC)
+    pid = tl.program_id(0)
+    i_c = pid % NSPLIT
+    i_p = pid // NSPLIT
+    G = tl.num_programs(0) // NSPLIT
+    o_e = tl.arange(0, BC)
+    o_own = i_c * BC + o_e
+    m_own = o_own < D
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_ko = m_k[:, None] & m_own[None, :]  # [BK, BC]
+    b_bias = tl.zeros([BK], dtype=tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_w = tl.load(w_ptr + o_k[:, None] * D + o_own[None, :], mask=m_ko, other=0.0)  # [BK, BC], for dx
+    if not LOWP:
+        b_w = b_w.to(tl.float32)
+    b_dw = tl.zeros([BC, BK], dtype=tl.float32)
+    b_db = tl.zeros([BK], dtype=tl.float32)
+    for i_img in range(i_p, B, G):
+        i_b = tl.cast(i_img, tl.int64)
+        p_g = dout_ptr + i_b * K * D
+        # c_k = <dout_k, out_k> over all of D
+        b_c = tl.zeros([BK], dtype=tl.float32)
+        for d0 in range(0, D, BC):
+            o_d = d0 + o_e
+            m_kd = m_k[:, None] & (o_d < D)[None, :]
+            b_gc = tl.load(p_g + o_k[:, None] * D + o_d[None, :], mask=m_kd, other=0.0).to(tl.float32)
+            b_oc = tl.load(out32_ptr + i_b * K * D + o_k[:, None] * D + o_d[None, :], mask=m_kd, other=0.0)
+            b_c += tl.sum(b_gc * b_oc, axis=1)
+        b_lse = tl.load(lse_ptr + i_b * K + o_k, mask=m_k, other=0.0)
+        b_go = tl.load(p_g + o_k[:, None] * D + o_own[None, :], mask=m_ko, other=0.0)  # [BK, BC]
+        if not LOWP:
+            b_go = b_go.to(tl.float32)
+        p_x = x_ptr + i_b * stride_xb + P * stride_xt
+        for t0 in range(0, N, BT):
+            o_t = t0 + tl.arange(0, BT)
+            m_t = o_t < N
+            # scores and <x_t, dout_k> over all of D, [BT, BK] each
+            b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
+            b_gz = _split_scores(p_x, o_t, m_t, stride_xt, p_g, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
+            b_a = tl.where(m_t[:, None] & m_k[None, :], tl.exp(b_s + b_bias[None, :] - b_lse[None, :]), 0.0)
+            b_ds = b_a * (b_gz - b_c[None, :])  # d loss / d score
+            b_xo = tl.load(p_x + o_t[None, :] * stride_xt + o_own[:, None], mask=m_t[None, :] & m_own[:, None],
+                           other=0.0)  # [BC, BT]
+            if not LOWP:
+                b_xo = b_xo.to(tl.float32)
+            b_dw += _dot(b_xo, b_ds.to(b_xo.dtype), LOWP, F32_PRECISION)  # [BC, BK]
+            b_db += tl.sum(b_ds, axis=0)
+            if HAS_DX:
+                b_dx = _dot(b_a.to(b_go.dtype), b_go, LOWP, F32_PRECISION) \
+                    + _dot(b_ds.to(b_w.dtype), b_w, LOWP, F32_PRECISION)  # [BT, BC]
+                p_dx = dx_ptr + i_b * stride_dxb + (P + o_t[:, None]) * stride_dxt + o_own[None, :]
+                tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_t[:, None] & m_own[None, :])
+    tl.store(dw_ptr + i_p * K * D + o_k[None, :] * D + o_own[:, None], b_dw, mask=m_k[None, :] & m_own[:, None])
+    if i_c == 0:
+        tl.store(db_ptr + i_p * K + o_k, b_db, mask=m_k)

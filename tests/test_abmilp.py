@@ -5,6 +5,7 @@ import torch
 
 from conftest import DEVICE, rel_err, requires_kernels
 from selagg_fast import SelectiveAggregation, abmilp_pool
+from selagg_fast.ops import abmilp as abmilp_ops
 from selagg_fast.reference import abmilp_pool_reference
 
 # Relative-norm tolerances against float64: fp32 is accumulation error only; bf16/fp16
@@ -23,12 +24,29 @@ SHAPES = [
     (5, 257, 64, 3, 0),
     (1, 577, 100, 16, 1),
     (5, 2, 100, 16, 1),
+    (2, 33, 1280, 4, 1),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _ids(shape):
     return "B{}-T{}-D{}-K{}-P{}".format(*shape)
+
+
+def with_variants(shapes):
+    """K>1 shapes once per kernel family (split, batched); K=1 has one kernel."""
+    return [pytest.param(s, v, id=_ids(s) + (f"-{v}" if v else ""))
+            for s in shapes for v in (abmilp_ops.MULTI_VARIANTS if s[3] > 1 else ("",))]
+
+
+@pytest.fixture
+def force_variant(monkeypatch):
+    def force(variant, x, K):
+        if variant:
+            monkeypatch.setenv("SELAGG_ABMILP_MULTI", variant)
+            if not abmilp_ops.multi_variants(x, K):
+                pytest.skip(f"the {variant} kernels do not run K={K}, D={x.shape[-1]}, {x.dtype} on {x.device}")
+    return force
 
 
 def make_inputs(B, T, D, K, dtype, bias=True):
@@ -46,10 +64,11 @@ def reference64(x, w, b, P):
 
 @requires_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_forward_and_weights(shape, dtype, poisoned):
+@pytest.mark.parametrize("shape,variant", with_variants(SHAPES))
+def test_forward_and_weights(shape, variant, dtype, poisoned, force_variant):
     B, T, D, K, P = shape
     x, w, b = make_inputs(B, T, D, K, dtype)
+    force_variant(variant, x, K)
     pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=P, return_weights=True, backend="auto")
     ref_pooled, ref_weights = reference64(x, w, b, P)
     assert pooled.dtype == dtype and weights.dtype == torch.float32
@@ -60,10 +79,11 @@ def test_forward_and_weights(shape, dtype, poisoned):
 
 @requires_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_gradients(shape, dtype, poisoned):
+@pytest.mark.parametrize("shape,variant", with_variants(SHAPES))
+def test_gradients(shape, variant, dtype, poisoned, force_variant):
     B, T, D, K, P = shape
     x, w, b = make_inputs(B, T, D, K, dtype)
+    force_variant(variant, x, K)
     x.requires_grad_(True)
     w.requires_grad_(True)
     b.requires_grad_(True)
@@ -99,12 +119,13 @@ def test_frozen_tokens_get_no_grad_and_weight_grad_is_right(poisoned):
 
 
 @requires_kernels
-@pytest.mark.parametrize("K", [1, 3])
-def test_strided_tokens_read_in_place(K, poisoned):
+@pytest.mark.parametrize("K,variant", [(1, ""), (3, "split"), (3, "batched")])
+def test_strided_tokens_read_in_place(K, variant, poisoned, force_variant):
     base = torch.randn(4, 40, 2, 96, device=DEVICE)
     x = base[:, 1:35, 0, :]  # batch and token strides differ from a contiguous tensor
     assert not x.is_contiguous() and x.stride(-1) == 1
     _, w, b = make_inputs(4, 34, 96, K, torch.float32)
+    force_variant(variant, x, K)
     pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=2, return_weights=True)
     ref_pooled, ref_weights = reference64(x, w, b, 2)
     assert rel_err(pooled, ref_pooled) < 1e-5
@@ -119,8 +140,10 @@ def test_non_unit_last_stride_is_copied_and_correct():
 
 
 @requires_kernels
-def test_huge_scores_do_not_overflow_and_nan_stays_in_its_image():
-    x, w, b = make_inputs(3, 20, 16, 1, torch.float32)
+@pytest.mark.parametrize("K,variant", [(1, ""), (3, "split"), (3, "batched")])
+def test_huge_scores_do_not_overflow_and_nan_stays_in_its_image(K, variant, force_variant):
+    x, w, b = make_inputs(3, 20, 16, K, torch.float32)
+    force_variant(variant, x, K)
     x = x * 1e3  # scores of magnitude ~1e4
     w = w * 10
     x[1, 5, 3] = float("nan")
@@ -189,6 +212,14 @@ def test_forced_triton_on_unsupported_case_raises():
     x = torch.randn(1, 4, 20000)
     with pytest.raises(ValueError, match="do not support"):
         abmilp_pool(x, torch.randn(20000), backend="triton")
+    with pytest.raises(ValueError, match="exceed 64"):
+        abmilp_pool(torch.randn(1, 4, 256), torch.randn(65, 256), backend="triton")
+
+
+def test_unknown_kernel_family_is_refused(monkeypatch):
+    monkeypatch.setenv("SELAGG_ABMILP_MULTI", "fastest")
+    with pytest.raises(ValueError, match="SELAGG_ABMILP_MULTI"):
+        abmilp_pool(torch.randn(1, 4, 8), torch.randn(2, 8), backend="triton")
 
 
 def test_unsupported_case_falls_back_and_says_why_once(caplog):

@@ -63,7 +63,7 @@ def _analyze(args) -> None:
     if stats is not None:
         print(format_stats(stats))
         print(f"{stats['images']} images ({stats['unreadable_images']} unreadable skipped), "
-              f"{stats['images_per_s']:.0f} img/s; wrote {args.output_dir}/stats.json and stats.csv")
+              f"{stats['images_per_s']:.3g} img/s; wrote {args.output_dir}/stats.json and stats.csv")
 
 
 def _plot(args) -> None:

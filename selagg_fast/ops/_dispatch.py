@@ -91,6 +91,12 @@ def empty(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def autotuning(device: torch.device) -> bool:
+    """Whether launches on ``device`` are tuned: CUDA only; SELAGG_AUTOTUNE=0 turns tuning off
+    and launches the default configs (e.g. test runs that compile many shapes)."""
+    return device.type == "cuda" and os.environ.get("SELAGG_AUTOTUNE", "1") != "0"
+
+
 def launcher(kernel, configs: list, key: list):
     """Pick the kernel to launch: autotuned over ``configs`` on a GPU, fixed on the interpreter.
 
@@ -107,8 +113,7 @@ def launcher(kernel, configs: list, key: list):
     )(kernel)
 
     def launch(grid, device, default: dict, **kwargs):
-        # SELAGG_AUTOTUNE=0 launches the default config (e.g. test runs that compile many shapes)
-        if device.type == "cuda" and len(configs) > 1 and os.environ.get("SELAGG_AUTOTUNE", "1") != "0":
+        if len(configs) > 1 and autotuning(device):
             tuned[grid](**kwargs)
         else:
             kernel[grid(default) if callable(grid) else grid](**kwargs, **default)

@@ -2,46 +2,77 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
+import triton
 
 from ..kernels.abmilp import (
     abmilp_bwd_kernel,
     abmilp_bwd_single_kernel,
+    abmilp_bwd_split_kernel,
     abmilp_fwd_kernel,
     abmilp_fwd_single_kernel,
+    abmilp_fwd_split_kernel,
 )
 from ..reference import abmilp_pool_reference
 from . import _dispatch
 from ._dispatch import (
+    autotuning,
     check_float,
     check_num_prefix_tokens,
     check_same_device,
     choose_backend,
     dot_settings,
     launcher,
+    logger,
     next_pow2,
     persistent_programs,
 )
 
 OP = "abmilp_pool"
-# The multi-branch kernels keep a [BK, BD] float32 accumulator in registers.
-MAX_ACC_ELEMENTS = 16384
 MAX_SINGLE_BD = 8192
+# The "batched" K>1 kernels keep a [NC, BK, BC] float32 accumulator (BK * BD elements) in registers.
+MAX_BATCHED_ACC = 16384
+# The "split" K>1 kernels keep [BC, BK]; past 64 branches the tile would be too thin to pay.
+MAX_SPLIT_K = 64
+MULTI_VARIANTS = ("split", "batched")
+# (pass, D, K, dtype, dx) -> the K>1 kernel family timed fastest on this GPU
+_chosen_variant: dict = {}
 
 
-def _launch_config(D: int, K: int) -> dict:
+def _launch_config(D: int, K: int, variant: str = "split", fp32: bool = False) -> dict:
     BD = next_pow2(D)
     if K == 1:
         # ~8K tile elements per step: 8 tokens at ViT-B, fewer for very wide tokens. (Tiling D
         # as a power of two plus a masked remainder, to skip padded lanes, ran 3x slower on an H200.)
         return dict(BD=BD, BT=max(1, min(16, 8192 // BD)), num_warps=4 if BD <= 1024 else 8)
     BK = max(16, next_pow2(K))
-    # The feature dim is processed as NC chunks of BC (see the kernel); 8 warps, 16 tokens a
-    # step keep the [NC, BK, BC] accumulator in registers without spills on sm_90 at BK*BD <= 16K.
-    BC = min(128, BD)
-    return dict(BD=BD, BK=BK, BC=BC, NC=BD // BC, BT=16, num_warps=8)
+    if variant == "batched":
+        # The feature dim is processed as NC chunks of BC (see the kernel); 8 warps, 16 tokens a
+        # step keep the [NC, BK, BC] accumulator in registers without spills on sm_90 at BK*BD <= 16K.
+        BC = min(128, BD)
+        return dict(BD=BD, BK=BK, BC=BC, NC=BD // BC, BT=16, num_warps=8)
+    # split: 256-feature chunks (3 programs per ViT-B image), narrower as K grows so that the
+    # [BC, BK] accumulator stays at <= 4K elements; tl.dot needs every tile dim >= 16. float32
+    # operands (3xTF32 splits each into two) spill past 64-wide chunks on sm_90.
+    return dict(BK=BK, BC=max(16, min(BD, 64 if fp32 else 256, 4096 // BK)), BT=16, num_warps=4)
+
+
+def _split_configs(D: int, K: int, fp32: bool = False) -> list:
+    """Autotune list of the split kernels: chunk width x tokens per step x warps (sm_90 compiles
+    of each at ViT-B: no spills except a few bytes at 256 x 32 and 512; bench/compile_report.py)."""
+    default = _launch_config(D, K, fp32=fp32)
+    BD, BK = max(16, next_pow2(D)), default["BK"]
+    shapes = ((32, 16, 4), (64, 16, 8)) if fp32 else (
+        (128, 16, 4), (128, 32, 8), (256, 16, 8), (256, 32, 8), (512, 16, 8))
+    configs = [default]
+    for bc, bt, w in shapes:
+        cfg = dict(BK=BK, BC=min(bc, BD), BT=bt, num_warps=w)
+        if cfg["BC"] * BK <= 8192 and cfg not in configs:
+            configs.append(cfg)
+    return configs
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,24 +83,77 @@ def _single_launcher(kernel, BD: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _multi_launcher(kernel):
+def _batched_launcher(kernel):
     return launcher(kernel, [dict(BT=16, num_warps=8, num_stages=s) for s in (1, 2)], key=["D", "K"])
+
+
+@functools.lru_cache(maxsize=None)
+def _split_launcher(kernel, D: int, K: int, fp32: bool):
+    configs = [{k: v for k, v in c.items() if k != "BK"} for c in _split_configs(D, K, fp32)]
+    return launcher(kernel, configs, key=["D", "K"])
+
+
+def multi_variants(x: torch.Tensor, K: int) -> tuple:
+    """The K>1 kernel families that can run this call (``SELAGG_ABMILP_MULTI`` forces one)."""
+    D = x.shape[-1]
+    runnable = []
+    if K <= MAX_SPLIT_K:
+        runnable.append("split")
+    # fp32 operands of the batched kernels' 3-D tl.dot need more shared memory than an SM has
+    if max(16, next_pow2(K)) * next_pow2(D) <= MAX_BATCHED_ACC and not (
+            x.dtype == torch.float32 and x.device.type == "cuda"):
+        runnable.append("batched")
+    forced = os.environ.get("SELAGG_ABMILP_MULTI", "")
+    if forced:
+        if forced not in MULTI_VARIANTS:
+            raise ValueError(f"SELAGG_ABMILP_MULTI must be one of {MULTI_VARIANTS}, got {forced!r}")
+        return tuple(v for v in runnable if v == forced)
+    return tuple(runnable)
 
 
 def _unsupported_reason(x: torch.Tensor, K: int) -> Optional[str]:
     D = x.shape[-1]
-    if K > 1 and x.dtype == torch.float32 and x.device.type == "cuda":
-        # fp32 operands of the batched tl.dot need more shared memory than an SM has.
-        return "float32 tokens with K>1 branches (the multi-branch kernel is bf16/fp16 on the GPU)"
     if K == 1 and next_pow2(D) > MAX_SINGLE_BD:
         return f"token dim D={D} exceeds {MAX_SINGLE_BD}"
-    if K > 1 and max(16, next_pow2(K)) * next_pow2(D) > MAX_ACC_ELEMENTS:
-        return f"K={K} branches x D={D} exceed the register accumulator ({MAX_ACC_ELEMENTS} elements)"
+    if K > 1 and not multi_variants(x, K):
+        forced = os.environ.get("SELAGG_ABMILP_MULTI", "")
+        return (f"SELAGG_ABMILP_MULTI={forced} cannot run K={K}, D={D}, {x.dtype}" if forced
+                else f"K={K} branches exceed {MAX_SPLIT_K}")
     return None
 
 
-def _default(cfg: dict) -> dict:
-    return dict(BT=cfg["BT"], num_warps=cfg["num_warps"])
+def _pick_variant(key: tuple, variants: tuple, device: torch.device, run) -> str:
+    """On a GPU, time each K>1 kernel family once per key (each autotuned first) and keep the faster."""
+    if len(variants) == 1 or not autotuning(device):
+        return variants[0]
+    if key not in _chosen_variant:
+        from triton.testing import do_bench
+        times = {v: do_bench(lambda v=v: run(v), return_mode="median") for v in variants}
+        _chosen_variant[key] = min(times, key=times.get)
+        logger.info("%s %s: %s kernels (median ms %s)", OP, key, _chosen_variant[key],
+                    {k: round(t, 4) for k, t in times.items()})
+    return _chosen_variant[key]
+
+
+def _default(cfg: dict, tuned=("BT", "num_warps")) -> dict:
+    """The launch used where nothing is tuned: the ``tuned`` entries of ``cfg`` (and num_stages
+    where a config names it, as the sweep's do)."""
+    return {k: cfg[k] for k in (*tuned, "num_stages") if k in cfg}
+
+
+def _launch_multi(variant: str, split_kernel, batched_kernel, programs: int, x: torch.Tensor, K: int,
+                  kwargs: dict) -> None:
+    """Launch one K>1 kernel family. ``programs``: images (forward) or image walkers (backward);
+    the split kernels run that many per feature chunk."""
+    D, fp32 = x.shape[-1], x.dtype == torch.float32
+    cfg = _launch_config(D, K, variant, fp32)
+    if variant == "split":
+        _split_launcher(split_kernel, D, K, fp32)(
+            lambda meta: (programs * triton.cdiv(D, meta["BC"]),), x.device,
+            _default(cfg, ("BC", "BT", "num_warps")), **kwargs, BK=cfg["BK"])
+    else:
+        _batched_launcher(batched_kernel)(
+            (programs,), x.device, _default(cfg), **kwargs, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
 
 
 def _dot_operands(weight: torch.Tensor, x_dtype: torch.dtype) -> dict:
@@ -91,7 +175,6 @@ def abmilp_fwd(x, weight, bias, P, store_f32, store_scores):
         _dispatch.empty((B, K, D), x.device, torch.float32) if store_f32 else None)
     lse = _dispatch.empty((B, K), x.device, torch.float32)
     scores = _dispatch.empty((B, K, N), x.device, torch.float32) if store_scores else None
-    cfg = _launch_config(D, K)
     common = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight,
         out_ptr=out, out32_ptr=out32 if out32 is not None else out, lse_ptr=lse,
@@ -101,12 +184,17 @@ def abmilp_fwd(x, weight, bias, P, store_f32, store_scores):
         STORE_SCORES=scores is not None,
     )
     if K == 1:
+        cfg = _launch_config(D, 1)
         _single_launcher(abmilp_fwd_single_kernel, cfg["BD"])(
             (B,), x.device, _default(cfg), **common, BD=cfg["BD"])
-    else:
-        _multi_launcher(abmilp_fwd_kernel)(
-            (B,), x.device, _default(cfg), **dict(common, **_dot_operands(weight, x.dtype)),
-            K=K, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
+        return out, out32, lse, scores
+
+    multi = dict(common, **_dot_operands(weight, x.dtype), K=K)
+
+    def run(variant):
+        _launch_multi(variant, abmilp_fwd_split_kernel, abmilp_fwd_kernel, B, x, K, multi)
+
+    run(_pick_variant(("fwd", D, K, x.dtype), multi_variants(x, K), x.device, run))
     return out, out32, lse, scores
 
 
@@ -122,7 +210,6 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
     if need_dx:
         dx = _dispatch.empty(x.shape, x.device, x.dtype)
         dx[:, :P].zero_()
-    cfg = _launch_config(D, K)
     common = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, lse_ptr=lse,
         out32_ptr=out32, dout_ptr=dout, dx_ptr=dx if dx is not None else x, dw_ptr=dw, db_ptr=db,
@@ -131,12 +218,17 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
         B=B, P=P, N=N, D=D, HAS_BIAS=bias is not None, HAS_DX=need_dx,
     )
     if K == 1:
+        cfg = _launch_config(D, 1)
         _single_launcher(abmilp_bwd_single_kernel, cfg["BD"])(
             (G,), x.device, _default(cfg), **common, BD=cfg["BD"])
-    else:
-        _multi_launcher(abmilp_bwd_kernel)(
-            (G,), x.device, _default(cfg), **dict(common, **_dot_operands(weight, x.dtype)),
-            K=K, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])
+        return dx, dw.sum(0), db.sum(0)
+
+    multi = dict(common, **_dot_operands(weight, x.dtype), K=K)
+
+    def run(variant):
+        _launch_multi(variant, abmilp_bwd_split_kernel, abmilp_bwd_kernel, G, x, K, multi)
+
+    run(_pick_variant(("bwd", D, K, x.dtype, need_dx), multi_variants(x, K), x.device, run))
     return dx, dw.sum(0), db.sum(0)
 
 

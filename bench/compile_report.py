@@ -57,6 +57,8 @@ def _abmilp_cases():
         tiles = dict(BT=cfg["BT"], BD=cfg["BD"])
         yield (f"fwd K=1 D={D}", k.abmilp_fwd_single_kernel, fwd,
                dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, **tiles), cfg["num_warps"])
+        yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=False, **tiles),
+               cfg["num_warps"])
         yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=True, **tiles),
                cfg["num_warps"])
     for D, K in ((768, 4), (768, 16), (1024, 16)):

@@ -203,7 +203,12 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
     B, T, D = x.shape
     K = weight.shape[0]
     N = T - P
-    G = persistent_programs(x.device, B)
+    # Image walkers, each with a dw partial. Fewer walkers than resident program slots would idle
+    # SMs; a few more than the slots (4 per SM; sm_90 fits 3 of the K=1 kernel at 141 registers)
+    # leave a second wave of walkers running alone at a fraction of the bandwidth. For K = 1 the
+    # partials are tiny ([G, D]), so oversubscribe (8 per SM: one image each at B = 1024) and let
+    # the hardware scheduler balance; K > 1 keeps 4 (its split kernels multiply the programs).
+    G = persistent_programs(x.device, B, per_sm=8 if K == 1 else 4)
     dw = _dispatch.empty((G, K, D), x.device, torch.float32)
     db = _dispatch.empty((G, K), x.device, torch.float32)
     dx = None

@@ -23,11 +23,22 @@ def _ptxas() -> str:
     return os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
+def _aligned_attrs(fn, signature: dict, extra_aligned=()) -> dict:
+    """Divisibility hints as a real launch gets them: Triton's JIT marks 16-aligned pointers and
+    ints divisible by 16 (the contiguous-tensor strides and feature dims of every shape here),
+    which is what lets it vectorise loads and stage them asynchronously. Without the hints the
+    compile would model 2-byte scalar loads, not what runs."""
+    names = [n for n, t in signature.items() if t.startswith("*") or n.startswith("stride_") or n in ("D", "d")]
+    names += list(extra_aligned)
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names if n in signature}
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                   extra_aligned=()) -> dict:
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_aligned_attrs(fn, signature, extra_aligned))
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -37,8 +48,12 @@ def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4, nu
     info = res.stderr
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores", info)
+    ptx_text = compiled.asm["ptx"]
     return {"regs": int(regs.group(1)) if regs else -1, "spill_bytes": int(spill.group(1)) if spill else -1,
-            "shared": compiled.metadata.shared}
+            "shared": compiled.metadata.shared,
+            # which matrix instructions and whether the token/key loads are staged asynchronously
+            "mma": "wgmma" if "wgmma.mma_async" in ptx_text else ("mma.sync" if "mma.sync" in ptx_text else "-"),
+            "async_copy": "cp.async" in ptx_text}
 
 
 def _abmilp_cases():
@@ -98,11 +113,12 @@ def main() -> None:
         cases += list(attention_cases())
     except ImportError:
         pass
-    print(f"{'kernel':<44} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem':>7}")
+    print(f"{'kernel':<44} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem':>7} {'mma':>8} {'async':>5}")
     for name, fn, sig, ce, warps, *stages in cases:  # an optional 6th item: num_stages of the launch
         try:
             r = compile_kernel(fn, sig, ce, warps, *stages)
-            print(f"{name:<44} {warps:>5} {r['regs']:>5} {r['spill_bytes']:>8} {r['shared']:>7}")
+            print(f"{name:<44} {warps:>5} {r['regs']:>5} {r['spill_bytes']:>8} {r['shared']:>7} {r['mma']:>8} "
+                  f"{'yes' if r['async_copy'] else 'no':>5}")
         except Exception as e:  # report and go on: one broken config should not hide the others
             print(f"{name:<44} {warps:>5} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
 

@@ -62,7 +62,7 @@ def _launch_config(D: int, K: int, variant: str = "split", fp32: bool = False) -
 
 def _split_configs(D: int, K: int, fp32: bool = False) -> list:
     """Autotune list of the split kernels: chunk width x tokens per step x warps (sm_90 compiles
-    of each at ViT-B: no spills except a few bytes at 256 x 32 and 512; bench/compile_report.py)."""
+    of each at ViT-B, bf16 and float32, Triton 3.6 and 3.8: no spills; bench/compile_report.py)."""
     default = _launch_config(D, K, fp32=fp32)
     BD, BK = max(16, next_pow2(D)), default["BK"]
     shapes = ((32, 16, 4), (64, 16, 8)) if fp32 else (
@@ -203,12 +203,7 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
     B, T, D = x.shape
     K = weight.shape[0]
     N = T - P
-    # Image walkers, each with a dw partial. Fewer walkers than resident program slots would idle
-    # SMs; a few more than the slots (4 per SM; sm_90 fits 3 of the K=1 kernel at 141 registers)
-    # leave a second wave of walkers running alone at a fraction of the bandwidth. For K = 1 the
-    # partials are tiny ([G, D]), so oversubscribe (8 per SM: one image each at B = 1024) and let
-    # the hardware scheduler balance; K > 1 keeps 4 (its split kernels multiply the programs).
-    G = persistent_programs(x.device, B, per_sm=8 if K == 1 else 4)
+    G = persistent_programs(x.device, B)
     dw = _dispatch.empty((G, K, D), x.device, torch.float32)
     db = _dispatch.empty((G, K), x.device, torch.float32)
     dx = None

@@ -65,8 +65,22 @@ def main(argv=None) -> int:
     p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except _user_errors() as e:
+        # a bad path, flag or checkpoint: the message says what to change; a traceback would bury it
+        if os.environ.get("SELAGG_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"selagg-fast {args.command}: error: {e}\n(SELAGG_TRACEBACK=1 shows where it was raised)",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def _user_errors() -> tuple:
+    from .probe.cache import DiskSpaceError
+    # CheckpointError is a ValueError
+    return (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, DiskSpaceError)
 
 
 if __name__ == "__main__":

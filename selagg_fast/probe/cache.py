@@ -22,13 +22,17 @@ from ..data import collate_skipping
 _DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp32": (torch.float32, np.float32)}
 
 
+class DiskSpaceError(OSError):
+    """The feature cache would not fit on its disk."""
+
+
 def _check_disk_space(path: str, needed: int) -> None:
     # the memmap file is sparse until written: running out of space mid-extraction would end in a
     # SIGBUS, so refuse up front
     import shutil
     free = shutil.disk_usage(path).free
     if free < needed * 1.02:
-        raise OSError(f"feature cache {path}: needs {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free "
+        raise DiskSpaceError(f"feature cache {path}: needs {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free "
                       "(choose another --cache-features folder, fewer heads needing all tokens, or no cache)")
 
 

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from .ops import abmilp_pool
-from .reference import CLS_COLUMNS, attention_stats_columns
+from .reference import CLS_COLUMNS
+
+# The recorder's per-image columns, in its storage order: averages over the patch rows (the last one
+# reads A_i0, so it needs [cls]), then the [cls] row's own (all of CLS_COLUMNS with the former).
+PATCH_ROW_COLUMNS = ("pos_self_attention", "pos_self_attention_adj_for_cls", "pos_pos_entropy", "pos_cls_attention")
+CLS_ROW_COLUMNS = ("cls_cls_attention", "cls_cls_attention_adj_for_cls", "cls_pos_attention", "cls_pos_entropy")
+assert set(PATCH_ROW_COLUMNS[3:] + CLS_ROW_COLUMNS) == set(CLS_COLUMNS)
 
 
 class SelectiveAggregation(nn.Module):
@@ -72,18 +78,38 @@ class AttentionStatsRecorder:
         self.magnitudes = magnitudes
         self.last: dict = {}  # block index -> AttentionStats of the latest forward (per image)
         self.images = 0
-        self._sums: dict = {}  # column -> {block index -> float64 [H] running sum}
+        # Running sums as one float64 [C, H] tensor per block (and [M, 1] for the magnitudes), in
+        # the column order below: a block's columns cost a dozen tensor ops, not one chain per
+        # column (on a GPU each is a kernel launch, ~3% of a ViT-B forward at batch 256).
+        self.columns = list(PATCH_ROW_COLUMNS[:3]) + (list(PATCH_ROW_COLUMNS[3:]) + list(CLS_ROW_COLUMNS)
+                                                      if self.has_cls else [])
+        self.magnitude_columns = (["cls_magnitude_ratio"] if self.has_cls else []) + ["pos_magnitude_ratio"]
+        self._sums: dict = {}  # block index -> float64 [len(columns), H]
+        self._magnitude_sums: dict = {}  # block index -> float64 [len(magnitude_columns), 1]
 
-    def _add(self, column: str, block: int, per_image: torch.Tensor) -> None:
-        by_block = self._sums.setdefault(column, {})
-        total = per_image.double().sum(0)
-        by_block[block] = by_block[block] + total if block in by_block else total
+    @staticmethod
+    def _accumulate(into: dict, block: int, per_image: torch.Tensor) -> None:
+        total = per_image.sum(1)  # [C, B, ...] -> [C, ...]
+        if block in into:
+            into[block] += total
+        else:
+            into[block] = total
 
     def record(self, block: int, stats) -> None:
+        """Add one forward's per-image columns (definitions: ``reference.attention_stats_columns``)."""
         self.last[block] = stats
-        for column, per_image in attention_stats_columns(stats, self.num_prefix_tokens).items():
-            if self.has_cls or column not in CLS_COLUMNS:
-                self._add(column, block, per_image)
+        P = self.num_prefix_tokens
+        rows = torch.stack((stats.self_attn, stats.prefix_attn, stats.patch_entropy, stats.cls_attn)).double()
+        self_attn, prefix, entropy, cls_attn = rows.unbind(0)  # [B, H, T] each
+        den = 1.0 - prefix  # attention mass on patch keys
+        per_row = (self_attn, self_attn / den, entropy) + ((cls_attn,) if self.has_cls else ())
+        per_image = torch.stack(per_row)[..., P:].mean(-1)  # [C, B, H], columns of PATCH_ROW_COLUMNS
+        if self.has_cls:
+            cls_den = den[..., 0]
+            cls_row = torch.stack((self_attn[..., 0], self_attn[..., 0] / cls_den,
+                                   cls_den / (self_attn.shape[-1] - P), entropy[..., 0]))  # CLS_ROW_COLUMNS
+            per_image = torch.cat((per_image, cls_row))
+        self._accumulate(self._sums, block, per_image)
         if block == self.block_indices[0]:
             self.images += stats.self_attn.shape[0]
 
@@ -91,27 +117,39 @@ class AttentionStatsRecorder:
         # ||attention branch|| / ||residual input|| per token; the exact ratio (no 1e-6 term)
         # float32 norms without float32 copies of the [B, T, D] tensors (they cost ~5% of a ViT-B forward)
         ratio = (torch.linalg.vector_norm(branch, dim=-1, dtype=torch.float32)
-                 / torch.linalg.vector_norm(residual, dim=-1, dtype=torch.float32))  # [B, T]
-        P = self.num_prefix_tokens
-        if self.has_cls:
-            self._add("cls_magnitude_ratio", block, ratio[:, :1])
-        self._add("pos_magnitude_ratio", block, ratio[:, P:].mean(-1, keepdim=True))
+                 / torch.linalg.vector_norm(residual, dim=-1, dtype=torch.float32)).double()  # [B, T]
+        patch = ratio[:, self.num_prefix_tokens:].mean(-1, keepdim=True)
+        per_image = torch.stack((ratio[:, :1], patch) if self.has_cls else (patch,))  # [M, B, 1]
+        self._accumulate(self._magnitude_sums, block, per_image)
+
+    def _by_column(self) -> dict:
+        out = {}
+        for names, sums in ((self.columns, self._sums), (self.magnitude_columns, self._magnitude_sums)):
+            for block, total in sums.items():
+                for name, row in zip(names, total):
+                    out.setdefault(name, {})[block] = row
+        return out
 
     def state_dict(self) -> dict:
-        """Running sums and image count, to resume an interrupted analysis."""
+        """Running sums and image count, to resume an interrupted analysis: column -> block -> [H]."""
         return {"images": self.images,
-                "sums": {c: {b: t.cpu() for b, t in by.items()} for c, by in self._sums.items()}}
+                "sums": {c: {b: t.cpu() for b, t in by.items()} for c, by in self._by_column().items()}}
 
     def load_state_dict(self, state: dict, device=None) -> None:
         self.images = state["images"]
-        self._sums = {c: {int(b): t.to(device) for b, t in by.items()} for c, by in state["sums"].items()}
+        sums = state["sums"]
+        self._sums, self._magnitude_sums = {}, {}
+        for names, into in ((self.columns, self._sums), (self.magnitude_columns, self._magnitude_sums)):
+            if names and names[0] in sums:
+                for block in sums[names[0]]:
+                    into[int(block)] = torch.stack([sums[n][block] for n in names]).to(device)
 
     def summary(self) -> dict:
         """Column name -> float64 ``[L, H]`` (blocks x heads; magnitudes ``[L, 1]``), mean over images."""
         if self.images == 0:
             raise RuntimeError("record_attention_stats: no images recorded yet")
         return {column: torch.stack([by_block[b] for b in self.block_indices]).cpu() / self.images
-                for column, by_block in self._sums.items()}
+                for column, by_block in self._by_column().items()}
 
 
 def _vit_blocks(model: nn.Module):

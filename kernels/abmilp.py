@@ -70,6 +70,26 @@ def _dot(a, b, LOWP: tl.constexpr, F32_PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=F32_PRECISION)
 
 
+@triton.jit
+def _branch_bias(bias_ptr, o_k, m_k, HAS_BIAS: tl.constexpr, BK: tl.constexpr):
+    # [BK] float32: each branch's bias, 0 without one
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        b_bias = tl.zeros([BK], dtype=tl.float32)
+    return b_bias
+
+
+@triton.jit
+def _softmax_step(b_s, m_i, l_i):
+    # online softmax over tokens, one column per branch: scores [BT, BK] and running max / sum [BK]
+    # -> new max, the factor rescaling what was accumulated so far, the tile's weights, new sum
+    m_new = tl.maximum(m_i, tl.max(b_s, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    b_p = tl.exp(b_s - m_new[None, :])
+    return m_new, alpha, b_p, l_i * alpha + tl.sum(b_p, axis=0)
+
+
 @triton.jit(do_not_specialize=["P", "N"])
 def abmilp_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr,
@@ -91,9 +111,7 @@ def abmilp_fwd_kernel(
                    mask=(o_dw < D) & m_k[None, None, :], other=0.0)  # [NC, BC, BK]
     if not LOWP:
         b_wt = b_wt.to(tl.float32)
-    b_bias = tl.zeros([BK], dtype=tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_bias = _branch_bias(bias_ptr, o_k, m_k, HAS_BIAS, BK)
     p_x = x_ptr + i_b * stride_xb + P * stride_xt
 
     m_i = tl.full([BK], float("-inf"), dtype=tl.float32)
@@ -111,10 +129,7 @@ def abmilp_fwd_kernel(
         if STORE_SCORES:
             tl.store(s_ptr + i_b * K * N + o_k[None, :] * N + o_t[:, None], b_s,
                      mask=m_t[:, None] & m_k[None, :])
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=0))  # [BK]
-        alpha = tl.exp(m_i - m_new)
-        b_p = tl.exp(b_s - m_new[None, :])  # [BT, BK]
-        l_i = l_i * alpha + tl.sum(b_p, axis=0)
+        m_new, alpha, b_p, l_i = _softmax_step(b_s, m_i, l_i)  # b_p [BT, BK]
         b_pt = tl.broadcast_to(tl.trans(b_p).to(b_x.dtype)[None, :, :], [NC, BK, BT])
         b_acc = b_acc * alpha[None, :, None] + _dot(b_pt, b_x, LOWP, F32_PRECISION)  # [NC, BK, BC]
         m_i = m_new
@@ -193,9 +208,7 @@ def abmilp_bwd_kernel(
                    mask=(o_dw < D) & m_k[None, None, :], other=0.0)  # [NC, BC, BK]
     if not LOWP:
         b_wt = b_wt.to(tl.float32)
-    b_bias = tl.zeros([BK], dtype=tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_bias = _branch_bias(bias_ptr, o_k, m_k, HAS_BIAS, BK)
     b_dw = tl.zeros([NC, BK, BC], dtype=tl.float32)
     b_db = tl.zeros([BK], dtype=tl.float32)
     for i_img in range(i_p, B, G):
@@ -265,9 +278,7 @@ def abmilp_fwd_split_kernel(
     m_own = o_own < D
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    b_bias = tl.zeros([BK], dtype=tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_bias = _branch_bias(bias_ptr, o_k, m_k, HAS_BIAS, BK)
     p_x = x_ptr + i_b * stride_xb + P * stride_xt
 
     m_i = tl.full([BK], float("-inf"), dtype=tl.float32)
@@ -282,10 +293,7 @@ def abmilp_fwd_split_kernel(
             if i_c == 0:
                 tl.store(s_ptr + i_b * K * N + o_k[None, :] * N + o_t[:, None], b_s,
                          mask=m_t[:, None] & m_k[None, :])
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=0))  # [BK]
-        alpha = tl.exp(m_i - m_new)
-        b_p = tl.exp(b_s - m_new[None, :])  # [BT, BK]
-        l_i = l_i * alpha + tl.sum(b_p, axis=0)
+        m_new, alpha, b_p, l_i = _softmax_step(b_s, m_i, l_i)  # b_p [BT, BK]
         # this program's features of the tile, [BC, BT]: just read by the score loop (L1)
         b_xo = tl.load(p_x + o_t[None, :] * stride_xt + o_own[:, None], mask=m_t[None, :] & m_own[:, None],
                        other=0.0)
@@ -325,9 +333,7 @@ def abmilp_bwd_split_kernel(
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     m_ko = m_k[:, None] & m_own[None, :]  # [BK, BC]
-    b_bias = tl.zeros([BK], dtype=tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_bias = _branch_bias(bias_ptr, o_k, m_k, HAS_BIAS, BK)
     b_w = tl.load(w_ptr + o_k[:, None] * D + o_own[None, :], mask=m_ko, other=0.0)  # [BK, BC], for dx
     if not LOWP:
         b_w = b_w.to(tl.float32)

@@ -260,3 +260,31 @@ def test_module_loads_reference_head_state_dict():
     head.load_state_dict(state)
     assert torch.equal(head.weight, state["attention_predictor.0.weight"])
     assert torch.equal(head.bias, state["attention_predictor.0.bias"])
+
+
+@requires_kernels
+def test_gpu_picks_the_faster_multi_branch_family_once(monkeypatch, poisoned):
+    # On a GPU the first call per (pass, D, K, dtype) times both families (simulated: a fake clock)
+    # and launches the faster from then on.
+    import triton.testing
+    launched, launch = [], abmilp_ops._launch_multi
+
+    def recording_launch(variant, *args):
+        launched.append(variant)
+        return launch(variant, *args)
+
+    def fake_do_bench(fn, return_mode="mean", **_):
+        fn()
+        return {"split": 2.0, "batched": 1.0}[launched[-1]]
+
+    monkeypatch.setattr(abmilp_ops, "_launch_multi", recording_launch)
+    monkeypatch.setattr(abmilp_ops, "autotuning", lambda device: True)
+    monkeypatch.setattr(abmilp_ops, "_chosen_variant", {})
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    x, w, b = make_inputs(2, 21, 40, 3, torch.bfloat16)  # bf16: both families run it on a GPU too
+    for _ in range(2):
+        pooled = abmilp_pool(x, w, b, num_prefix_tokens=1)
+        assert rel_err(pooled, reference64(x, w, b, 1)[0]) < TOL[torch.bfloat16]
+    # first call: each family timed, then the faster launched; second call: the faster only
+    assert launched == ["split", "batched", "batched", "batched"]
+    assert abmilp_ops._chosen_variant == {("fwd", 40, 3, torch.bfloat16): "batched"}

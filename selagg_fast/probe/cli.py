@@ -20,6 +20,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="apply the ViT's last LayerNorm (default: no, as the paper's reference code)")
     g.add_argument("--model-kwargs", type=json.loads, default={},
                    help='JSON passed to timm.create_model, e.g. \'{"img_size": 448}\'')
+    g.add_argument("--compile-backbone", action="store_true",
+                   help="torch.compile the frozen backbone: compiles on the first batches, faster forwards after")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="ImageFolder root with train/ and val/, or 'synthetic'")
     g.add_argument("--train-list", help="file listing the training images to use (e.g. the ImageNet-1%% split)")

@@ -43,6 +43,7 @@ class ProbeConfig:
     return_block: int | None = None
     final_norm: bool = False
     model_kwargs: dict = field(default_factory=dict)
+    compile_backbone: bool = False
     data: str | None = None
     train_list: str | None = None
     synthetic_train_size: int = 4000
@@ -114,6 +115,9 @@ class _Run:
             cfg.model, cfg.checkpoint, random_init=cfg.random_init, allow_key_mismatch=cfg.allow_key_mismatch,
             return_block=cfg.return_block, final_norm=cfg.final_norm, **cfg.model_kwargs).to(self.device)
         self.info = self.backbone.info
+        # torch.compile of the frozen forward: compiled on the first batch (and again for the
+        # last, smaller one), the same tokens up to float rounding afterwards
+        self.forward_backbone = torch.compile(self.backbone) if cfg.compile_backbone else self.backbone
         self.specs = parse_heads(cfg.heads, has_cls=self.info.has_cls)
         self.lrs = cfg.lr_list()
         # Without selective heads the cache keeps only [cls] and the patch mean per image.
@@ -150,7 +154,7 @@ class _Run:
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.autocast(), nvtx_range("backbone"):
-            tokens = self.backbone(images)
+            tokens = self.forward_backbone(images)
         if self.compact:
             parts = ([tokens[:, :1]] if self.info.has_cls else []) + \
                     [tokens[:, self.info.num_prefix_tokens:].mean(1, keepdim=True, dtype=torch.float32)]

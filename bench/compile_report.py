@@ -70,8 +70,10 @@ def _abmilp_cases():
     for D in (384, 768, 1024, 1280):
         cfg = _launch_config(D, 1)
         tiles = dict(BT=cfg["BT"], BD=cfg["BD"])
-        yield (f"fwd K=1 D={D}", k.abmilp_fwd_single_kernel, fwd,
-               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, **tiles), cfg["num_warps"])
+        for prefetch in (False, True):
+            yield (f"fwd K=1 D={D}" + (" prefetch" if prefetch else ""), k.abmilp_fwd_single_kernel, fwd,
+                   dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=prefetch, **tiles),
+                   cfg["num_warps"])
         yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=False, **tiles),
                cfg["num_warps"])
         yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=True, **tiles),

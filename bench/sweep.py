@@ -54,8 +54,8 @@ def sweep_abmilp(device, dtype, B, T, D) -> list:
     x = torch.randn(B, T, D, device=device, dtype=dtype)
     w = torch.randn(D, device=device) * D ** -0.5
     b = torch.zeros((), device=device)
-    configs = [dict(BT=bt, num_warps=nw, num_stages=ns)
-               for bt, nw, ns in itertools.product((2, 4, 8, 16), (2, 4, 8), (1, 2, 3, 4))
+    configs = [dict(BT=bt, num_warps=nw, num_stages=ns, PREFETCH=pf)
+               for pf, bt, nw, ns in itertools.product((False, True), (4, 8, 16), (2, 4, 8), (1, 3))
                if bt * abmilp_ops.next_pow2(D) <= 16384]
 
     def patch(cfg):

@@ -18,12 +18,27 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _single_tile(b_x, o_t, m_t, b_w, bias, m_i, l_i, b_acc, s_ptr, i_b, N, STORE_SCORES: tl.constexpr):
+    # one [BT, BD] float32 tile of tokens: scores, online-softmax update, weighted sum
+    b_s = tl.sum(b_x * b_w[None, :], axis=1) + bias  # [BT]
+    b_s = tl.where(m_t, b_s, float("-inf"))
+    if STORE_SCORES:
+        tl.store(s_ptr + i_b * N + o_t, b_s, mask=m_t)
+    m_new = tl.maximum(m_i, tl.max(b_s, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    b_p = tl.exp(b_s - m_new)  # [BT]
+    l_i = l_i * alpha + tl.sum(b_p, axis=0)
+    b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_x, axis=0)
+    return m_new, l_i, b_acc
+
+
 @triton.jit(do_not_specialize=["P", "N"])
 def abmilp_fwd_single_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr,
     stride_xb, stride_xt, P, N, D,
     HAS_BIAS: tl.constexpr, STORE_F32: tl.constexpr, STORE_SCORES: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BD)
@@ -37,21 +52,26 @@ def abmilp_fwd_single_kernel(
     m_i = float("-inf")
     l_i = 0.0
     b_acc = tl.zeros([BD], dtype=tl.float32)
-    for t0 in range(0, N, BT):
-        o_t = t0 + tl.arange(0, BT)
-        m_t = o_t < N
-        b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_d[None, :],
-                      mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BT, BD]
-        b_s = tl.sum(b_x * b_w[None, :], axis=1) + bias  # [BT]
-        b_s = tl.where(m_t, b_s, float("-inf"))
-        if STORE_SCORES:
-            tl.store(s_ptr + i_b * N + o_t, b_s, mask=m_t)
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        b_p = tl.exp(b_s - m_new)  # [BT]
-        l_i = l_i * alpha + tl.sum(b_p, axis=0)
-        b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_x, axis=0)
-        m_i = m_new
+    if PREFETCH:
+        # the next tile's load is issued before this tile's math: two tiles in flight per program
+        o_t = tl.arange(0, BT)
+        b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_d[None, :], mask=(o_t < N)[:, None] & m_d[None, :],
+                      other=0.0)
+        for t0 in range(0, N, BT):
+            o_t = t0 + tl.arange(0, BT)
+            o_n = o_t + BT
+            b_next = tl.load(p_x + o_n[:, None] * stride_xt + o_d[None, :],
+                             mask=(o_n < N)[:, None] & m_d[None, :], other=0.0)
+            m_i, l_i, b_acc = _single_tile(b_x.to(tl.float32), o_t, o_t < N, b_w, bias, m_i, l_i, b_acc,
+                                           s_ptr, i_b, N, STORE_SCORES)
+            b_x = b_next
+    else:
+        for t0 in range(0, N, BT):
+            o_t = t0 + tl.arange(0, BT)
+            m_t = o_t < N
+            b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_d[None, :],
+                          mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BT, BD]
+            m_i, l_i, b_acc = _single_tile(b_x, o_t, m_t, b_w, bias, m_i, l_i, b_acc, s_ptr, i_b, N, STORE_SCORES)
 
     b_out = b_acc / l_i
     tl.store(out_ptr + i_b * D + o_d, b_out.to(out_ptr.dtype.element_ty), mask=m_d)

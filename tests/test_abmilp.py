@@ -288,3 +288,20 @@ def test_gpu_picks_the_faster_multi_branch_family_once(monkeypatch, poisoned):
     # first call: each family timed, then the faster launched; second call: the faster only
     assert launched == ["split", "batched", "batched", "batched"]
     assert abmilp_ops._chosen_variant == {("fwd", 40, 3, torch.bfloat16): "batched"}
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 1, 1, 0), (3, 17, 100, 1, 1), (2, 197, 768, 1, 1), (1, 257, 1280, 1, 5)],
+                         ids=_ids)
+def test_prefetching_single_branch_forward(shape, dtype, monkeypatch, poisoned):
+    # PREFETCH (next tile loaded before this one's math) is one of the GPU autotune configs
+    base = abmilp_ops._launch_config
+    monkeypatch.setattr(abmilp_ops, "_launch_config", lambda D, K, *a: dict(base(D, K, *a), PREFETCH=K == 1))
+    monkeypatch.setenv("SELAGG_AUTOTUNE", "0")
+    B, T, D, K, P = shape
+    x, w, b = make_inputs(B, T, D, K, dtype)
+    pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=P, return_weights=True)
+    ref_pooled, ref_weights = reference64(x, w, b, P)
+    assert rel_err(pooled, ref_pooled) < TOL[dtype]
+    assert rel_err(weights, ref_weights) < max(TOL[dtype], 1e-5) * 2

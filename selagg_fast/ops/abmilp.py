@@ -47,7 +47,7 @@ def _launch_config(D: int, K: int, variant: str = "split", fp32: bool = False) -
     if K == 1:
         # ~8K tile elements per step: 8 tokens at ViT-B, fewer for very wide tokens. (Tiling D
         # as a power of two plus a masked remainder, to skip padded lanes, ran 3x slower on an H200.)
-        return dict(BD=BD, BT=max(1, min(16, 8192 // BD)), num_warps=4 if BD <= 1024 else 8)
+        return dict(BD=BD, BT=max(1, min(16, 8192 // BD)), num_warps=4 if BD <= 1024 else 8, PREFETCH=False)
     BK = max(16, next_pow2(K))
     if variant == "batched":
         # The feature dim is processed as NC chunks of BC (see the kernel); 8 warps, 16 tokens a
@@ -76,9 +76,13 @@ def _split_configs(D: int, K: int, fp32: bool = False) -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def _single_launcher(kernel, BD: int):
-    # K = 1 is pure bandwidth: tune tokens per step and warps (anchors: 8 tokens, 4 warps ~70%).
+def _single_launcher(kernel, BD: int, prefetch: bool = False):
+    # K = 1 is pure bandwidth: tune tokens per step and warps (anchors: 8 tokens, 4 warps ~70%), and
+    # for the forward whether the next tile is loaded before this one's math (PREFETCH: two tiles
+    # in flight per program; no async copies are generated for these loads on sm_90).
     configs = [dict(BT=bt, num_warps=w) for bt in (4, 8, 16) for w in (4, 8) if bt * BD <= 16384]
+    if prefetch:
+        configs = [dict(c, PREFETCH=p) for c in configs for p in (False, True)]
     return launcher(kernel, configs, key=["D"])
 
 
@@ -185,8 +189,8 @@ def abmilp_fwd(x, weight, bias, P, store_f32, store_scores):
     )
     if K == 1:
         cfg = _launch_config(D, 1)
-        _single_launcher(abmilp_fwd_single_kernel, cfg["BD"])(
-            (B,), x.device, _default(cfg), **common, BD=cfg["BD"])
+        _single_launcher(abmilp_fwd_single_kernel, cfg["BD"], prefetch=True)(
+            (B,), x.device, _default(cfg, ("BT", "num_warps", "PREFETCH")), **common, BD=cfg["BD"])
         return out, out32, lse, scores
 
     multi = dict(common, **_dot_operands(weight, x.dtype), K=K)

@@ -12,10 +12,10 @@ def attention_cases():
         for d in (32, 64, 80, 128):
             cfg = _launch_config(d, dt == "fp32")
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            variants = [("", dict(PEEL_TAIL=False, MASK_D=True))]
-            if dt == "bf16" and d in (64, 80):  # the sweepable variants: peeled tail block, unmasked head dim
-                variants += [(" peel", dict(PEEL_TAIL=True, MASK_D=True)),
-                             (" peel+even_d", dict(PEEL_TAIL=True, MASK_D=cfg["BD"] != d))]
+            mask_d = cfg["BD"] != d  # as launched: no head-dim mask for a power-of-two d
+            variants = [("", dict(PEEL_TAIL=False, MASK_D=mask_d))]
+            if dt == "bf16" and d in (64, 80):  # the tuner's other key loop: tail block peeled
+                variants += [(" peel", dict(PEEL_TAIL=True, MASK_D=mask_d))]
             for name, extra in variants:
                 yield (f"attn {dt} d={d}{name}", attention_stats_fwd_kernel, sig,
                        dict(UPCAST=dt == "fp32", F32_PRECISION="tf32x3", **cfg, **extra), warps, stages)

@@ -108,9 +108,9 @@ def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
 def sweep_attention(device, dtype, B, H, T, d) -> list:
     q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype) for _ in range(3))
     BD = max(16, attention_ops.next_pow2(d))
-    # kernel variants: as launched today; the tail key block peeled (full blocks unmasked); and
-    # also no head-dim mask when d is a power of two
-    variants = [dict(), dict(PEEL_TAIL=True)] + ([dict(PEEL_TAIL=True, MASK_D=False)] if BD == d else [])
+    # kernel variants: one masked key loop; the tail key block peeled (full blocks unmasked). (The
+    # head-dim mask is dropped whenever d is a power of two.)
+    variants = [dict(PEEL_TAIL=False), dict(PEEL_TAIL=True)]
     configs = [dict(BM=bm, BN=bn, num_warps=nw, num_stages=ns, **var)
                for var in variants
                for bm, bn, nw, ns in itertools.product((64, 128), (32, 64), (4, 8), (1, 2, 3))]

@@ -62,17 +62,17 @@ def test_output_and_statistics(shape, dtype, poisoned):
 
 
 @requires_kernels
-@pytest.mark.parametrize("variant", [dict(PEEL_TAIL=True), dict(PEEL_TAIL=True, MASK_D=False)],
-                         ids=["peel_tail", "peel_tail_even_d"])
+@pytest.mark.parametrize("BN", [32, 64])
+@pytest.mark.parametrize("d", [64, 80])  # head-dim mask off / on
 @pytest.mark.parametrize("T", [1, 32, 33, 64, 65, 96, 197])
-def test_launch_variants_match_reference(T, variant, monkeypatch, poisoned):
-    # the sweepable kernel variants (bench sweep): full key blocks unmasked, tail block masked
+def test_peeled_tail_matches_reference(T, d, BN, monkeypatch, poisoned):
+    # PEEL_TAIL (in the GPU autotune list): full key blocks unmasked, the tail block masked
     from selagg_fast.ops import attention as attention_ops
     base = attention_ops._launch_config
     monkeypatch.setenv("SELAGG_AUTOTUNE", "0")
     monkeypatch.setattr(attention_ops, "_launch_config",
-                        lambda d, fp32=False: dict(base(d, fp32), BM=32, BN=32, **variant))
-    q, k, v = make_qkv(2, 2, T, 64, torch.float32)
+                        lambda d, fp32=False: dict(base(d, fp32), BM=32, BN=BN, PEEL_TAIL=True))
+    q, k, v = make_qkv(2, 2, T, d, torch.float32)
     out, stats = attention_with_stats(q, k, v, num_prefix_tokens=1)
     ref_out, ref = attention_with_stats_reference(q.double(), k.double(), v.double(), num_prefix_tokens=1,
                                                   compute_dtype=torch.float64)

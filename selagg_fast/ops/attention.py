@@ -19,9 +19,12 @@ LOG2E = 1.4426950408889634
 
 
 MIN_BN = 32  # every config's key block holds all prefix tokens when P <= MIN_BN
-_CONFIGS = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2))]
-_launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST"])
+# Tiles x warps x stages, each with the key loop as one masked loop or with the tail block peeled
+# off (full blocks unmasked): the tuner keeps whichever is faster for the sequence length.
+_CONFIGS = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s, PEEL_TAIL=peel)
+            for bm, bn, w, s in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2))
+            for peel in (False, True)]
+_launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST", "T"])
 # fp32 inputs use 3xTF32 dots (float32-accurate), whose operands need more shared memory
 _F32_CONFIG = dict(BM=32, BN=32, num_warps=4, num_stages=1)
 _launch_f32 = launcher(attention_stats_fwd_kernel, [_F32_CONFIG], key=["BD"])
@@ -60,6 +63,7 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vt=v.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
         H=H, T=T, P=P, d=d, qk_scale=scale * LOG2E, BD=BD,
+        MASK_D=BD != d,  # a power-of-two head dim needs no column mask
         # the interpreter computes bf16/fp16 dots on raw bits: upcast there, never on a GPU
         UPCAST=interpreter_active() or q.dtype == torch.float32,
         F32_PRECISION="ieee" if interpreter_active() else "tf32x3",

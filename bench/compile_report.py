@@ -65,6 +65,9 @@ def _abmilp_cases():
     bwd = dict(base, lse_ptr="*fp32", out32_ptr="*fp32", dout_ptr="*bf16", dx_ptr="*bf16", dw_ptr="*fp32",
                db_ptr="*fp32", stride_xb="i64", stride_xt="i64", stride_dxb="i64", stride_dxt="i64",
                B="i32", P="i32", N="i32", D="i32")
+    bwd1 = {n: ("*fp32" if n == "s_ptr" else t) for n, t in
+            dict(x_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32", **{k: v for k, v in bwd.items()
+                                                                 if k not in ("x_ptr", "w_ptr", "bias_ptr")}).items()}
     dot = dict(LOWP=True, F32_PRECISION="tf32x3")
     from ..ops.abmilp import _launch_config
     for D in (384, 768, 1024, 1280):
@@ -74,10 +77,8 @@ def _abmilp_cases():
             yield (f"fwd K=1 D={D}" + (" prefetch" if prefetch else ""), k.abmilp_fwd_single_kernel, fwd,
                    dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=prefetch, **tiles),
                    cfg["num_warps"])
-        yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=False, **tiles),
-               cfg["num_warps"])
-        yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd, dict(HAS_BIAS=True, HAS_DX=True, **tiles),
-               cfg["num_warps"])
+        yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd1, dict(HAS_DX=False, **tiles), cfg["num_warps"])
+        yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd1, dict(HAS_DX=True, **tiles), cfg["num_warps"])
     for D, K in ((768, 4), (768, 16), (1024, 16)):
         cfg = _launch_config(D, K, "batched")
         tiles = dict(BT=cfg["BT"], BC=cfg["BC"], NC=cfg["NC"], BK=cfg["BK"], **dot)

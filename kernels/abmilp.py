@@ -165,19 +165,21 @@ def abmilp_fwd_kernel(
 
 @triton.jit(do_not_specialize=["B", "P", "N"])
 def abmilp_bwd_single_kernel(
-    x_ptr, w_ptr, bias_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+    x_ptr, w_ptr, s_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
     stride_xb, stride_xt, stride_dxb, stride_dxt, B, P, N, D,
-    HAS_BIAS: tl.constexpr, HAS_DX: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    HAS_DX: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
     # Each program walks images i_p, i_p + G, ... and keeps its dw / db partials in registers.
+    # The forward's scores s [B, N] are read back, so a token costs one reduction over D
+    # (<x, dout>), not two.
     i_p = tl.program_id(0)
     G = tl.num_programs(0)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
-    b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
+    if HAS_DX:
+        b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
+    else:
+        b_w = tl.zeros([BD], dtype=tl.float32)  # unused
     b_dw = tl.zeros([BD], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     for i_img in range(i_p, B, G):
@@ -192,7 +194,7 @@ def abmilp_bwd_single_kernel(
             m_t = o_t < N
             m_x = m_t[:, None] & m_d[None, :]
             b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_d[None, :], mask=m_x, other=0.0).to(tl.float32)
-            b_s = tl.sum(b_x * b_w[None, :], axis=1) + bias  # [BT]
+            b_s = tl.load(s_ptr + i_b * N + o_t, mask=m_t, other=0.0)  # [BT]
             b_a = tl.where(m_t, tl.exp(b_s - lse), 0.0)
             b_ds = b_a * (tl.sum(b_x * b_g[None, :], axis=1) - c)  # [BT]
             b_dw += tl.sum(b_ds[:, None] * b_x, axis=0)

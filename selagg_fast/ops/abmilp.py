@@ -202,8 +202,10 @@ def abmilp_fwd(x, weight, bias, P, store_f32, store_scores):
     return out, out32, lse, scores
 
 
-def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
-    """Launch the backward. Returns dx (or None), dweight [K, D] float32, dbias [K] float32."""
+def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx, scores=None):
+    """Launch the backward. Returns dx (or None), dweight [K, D] float32, dbias [K] float32.
+
+    ``scores``: the forward's [B, 1, N] scores, which K = 1 needs (K > 1 recomputes them)."""
     B, T, D = x.shape
     K = weight.shape[0]
     N = T - P
@@ -223,8 +225,9 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
     )
     if K == 1:
         cfg = _launch_config(D, 1)
+        single = {k: v for k, v in common.items() if k not in ("bias_ptr", "HAS_BIAS")}  # scores carry the bias
         _single_launcher(abmilp_bwd_single_kernel, cfg["BD"])(
-            (G,), x.device, _default(cfg), **common, BD=cfg["BD"])
+            (G,), x.device, _default(cfg), **single, s_ptr=scores, BD=cfg["BD"])
         return dx, dw.sum(0), db.sum(0)
 
     multi = dict(common, **_dot_operands(weight, x.dtype), K=K)
@@ -237,13 +240,17 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx):
 
 
 class AbmilpPoolFunction(torch.autograd.Function):
-    """Fused AbMILP pooling with K branches. Saves x, weight, bias, lse and the float32 output."""
+    """Fused AbMILP pooling with K branches. Saves x, weight, bias, lse, the float32 output and,
+    for K = 1, the float32 scores [B, 1, N] (4 bytes a token: the backward then reduces over D
+    once per token instead of twice; K > 1 recomputes them on the tensor cores)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_prefix_tokens, store_scores):
-        store_f32 = any(ctx.needs_input_grad[:3])
-        out, out32, lse, scores = abmilp_fwd(x, weight, bias, num_prefix_tokens, store_f32, store_scores)
-        ctx.save_for_backward(x, weight, bias, lse, out32)
+        needs_grad = any(ctx.needs_input_grad[:3])
+        keep_scores = needs_grad and weight.shape[0] == 1
+        out, out32, lse, scores = abmilp_fwd(x, weight, bias, num_prefix_tokens, needs_grad,
+                                             store_scores or keep_scores)
+        ctx.save_for_backward(x, weight, bias, lse, out32, scores if keep_scores else None)
         ctx.num_prefix_tokens = num_prefix_tokens
         if scores is None:
             scores = lse.new_empty(0)
@@ -252,10 +259,10 @@ class AbmilpPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse, _dscores):
-        x, weight, bias, lse, out32 = ctx.saved_tensors
+        x, weight, bias, lse, out32, scores = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         dx, dw, db = abmilp_bwd(x, weight, bias, ctx.num_prefix_tokens, lse, out32,
-                                dout.to(x.dtype).contiguous(), need_dx)
+                                dout.to(x.dtype).contiguous(), need_dx, scores)
         dbias = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw.to(weight.dtype), dbias, None, None
 

@@ -63,6 +63,16 @@ class SelectiveAggregation(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _stacked(stats) -> torch.Tensor:
+    """The four statistics as one [4, B, H, T] tensor; no copy when they are the slices of one
+    buffer, as ``attention_with_stats`` writes them."""
+    base = stats.self_attn._base
+    if (base is not None and base.dim() == 4 and base.shape[0] == 4 and base.is_contiguous()
+            and all(t._base is base and t.data_ptr() == base[i].data_ptr() for i, t in enumerate(stats))):
+        return base
+    return torch.stack(tuple(stats))
+
+
 class AttentionStatsRecorder:
     """Running per-block, per-head sums of the paper's attention columns (see ``summary``).
 
@@ -99,17 +109,18 @@ class AttentionStatsRecorder:
         """Add one forward's per-image columns (definitions: ``reference.attention_stats_columns``)."""
         self.last[block] = stats
         P = self.num_prefix_tokens
-        rows = torch.stack((stats.self_attn, stats.prefix_attn, stats.patch_entropy, stats.cls_attn)).double()
-        self_attn, prefix, entropy, cls_attn = rows.unbind(0)  # [B, H, T] each
-        den = 1.0 - prefix  # attention mass on patch keys
-        per_row = (self_attn, self_attn / den, entropy) + ((cls_attn,) if self.has_cls else ())
-        per_image = torch.stack(per_row)[..., P:].mean(-1)  # [C, B, H], columns of PATCH_ROW_COLUMNS
+        rows = _stacked(stats)  # [4, B, H, T] float32: self, prefix, entropy, cls
+        self_attn, prefix, entropy, cls_attn = rows.unbind(0)
+        # per-image means over the patch rows in float32 (the rows are float32 already); the
+        # running sums over images are float64
+        patch_means = rows[..., P:].mean(-1)  # [4, B, H]
+        adj = (self_attn[..., P:] / (1.0 - prefix[..., P:])).mean(-1)
+        cols = [patch_means[0], adj, patch_means[2]]  # PATCH_ROW_COLUMNS order
         if self.has_cls:
-            cls_den = den[..., 0]
-            cls_row = torch.stack((self_attn[..., 0], self_attn[..., 0] / cls_den,
-                                   cls_den / (self_attn.shape[-1] - P), entropy[..., 0]))  # CLS_ROW_COLUMNS
-            per_image = torch.cat((per_image, cls_row))
-        self._accumulate(self._sums, block, per_image)
+            cls_den = 1.0 - prefix[..., 0]  # the [cls] row's mass on patch keys
+            cols += [patch_means[3], self_attn[..., 0], self_attn[..., 0] / cls_den,
+                     cls_den / (rows.shape[-1] - P), entropy[..., 0]]  # + CLS_ROW_COLUMNS
+        self._accumulate(self._sums, block, torch.stack(cols).double())  # [C, B, H]
         if block == self.block_indices[0]:
             self.images += stats.self_attn.shape[0]
 

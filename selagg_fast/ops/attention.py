@@ -50,7 +50,8 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
     """Launch the forward. Returns out [B, H, T, d] (a view of a [B, T, H, d] buffer) and the statistics."""
     B, H, T, d = q.shape
     out = _dispatch.empty((B, T, H, d), q.device, q.dtype).transpose(1, 2)
-    stats = [_dispatch.empty((B, H, T), q.device, torch.float32) for _ in range(4)]
+    # one [4, B, H, T] buffer: record_attention_stats reduces all four rows in one pass
+    stats = _dispatch.empty((4, B, H, T), q.device, torch.float32).unbind(0)
     fp32 = q.dtype == torch.float32
     cfg = _launch_config(d, fp32)
     BD = cfg.pop("BD")

@@ -305,3 +305,25 @@ def test_prefetching_single_branch_forward(shape, dtype, monkeypatch, poisoned):
     ref_pooled, ref_weights = reference64(x, w, b, P)
     assert rel_err(pooled, ref_pooled) < TOL[dtype]
     assert rel_err(weights, ref_weights) < max(TOL[dtype], 1e-5) * 2
+
+
+@requires_kernels
+def test_a_multi_branch_family_that_fails_on_the_gpu_is_skipped(monkeypatch, caplog):
+    import triton.testing
+    launch = abmilp_ops._launch_multi
+
+    def split_breaks(variant, *args):
+        if variant == "split":
+            raise RuntimeError("simulated compile failure")
+        return launch(variant, *args)
+
+    monkeypatch.setattr(abmilp_ops, "_launch_multi", split_breaks)
+    monkeypatch.setattr(abmilp_ops, "autotuning", lambda device: True)
+    monkeypatch.setattr(abmilp_ops, "_chosen_variant", {})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), 1.0)[1])
+    x, w, b = make_inputs(2, 21, 40, 3, torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="selagg_fast"):
+        pooled = abmilp_pool(x, w, b, num_prefix_tokens=1)
+    assert rel_err(pooled, reference64(x, w, b, 1)[0]) < TOL[torch.bfloat16]
+    assert any("split kernels failed" in r.getMessage() for r in caplog.records)
+    assert abmilp_ops._chosen_variant == {("fwd", 40, 3, torch.bfloat16): "batched"}

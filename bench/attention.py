@@ -57,7 +57,7 @@ def op_rows(env, quick: bool, with_compile: bool) -> list:
         if cuda and with_compile and name == "ViT-B":
             compiled = torch.compile(_eager)
             providers["compile"] = lambda: compiled(q, k, v)
-        if cuda and with_compile:
+        if cuda and with_compile and name == "ViT-B":  # the peers' anchor shape; each compile takes a while
             try:
                 from torch.nn.attention.flex_attention import flex_attention
                 peer = _flex_peer(torch.compile(flex_attention))
@@ -81,7 +81,10 @@ def op_rows(env, quick: bool, with_compile: bool) -> list:
             rows.append(dict(shape=name, B=B, H=H, T=T, d=d, provider=prov, ms=med, ms_p20=lo, ms_p80=hi,
                              peak_MiB=peak_extra_mib(fn), **env))
         for r in [r for r in rows if r["shape"] == name]:
-            r["pct_of_sdpa"] = 100 * r["ms"] / times["sdpa (no stats)"]
+            r["pct_of_sdpa"] = 100 * r["ms"] / times["sdpa (no stats)"] if "sdpa (no stats)" in times else None
+        # each shape's table as soon as it is measured (a run cut short keeps what it has)
+        print_table([r for r in rows if r["shape"] == name], ["shape", "provider", "ms", "pct_of_sdpa", "peak_MiB"],
+                    f"One attention block, bf16, {name} (B={B}, H={H}, T={T}, d={d})")
     return rows
 
 
@@ -154,7 +157,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
     if not torch.cuda.is_available():
         print("No CUDA device: GPU figures need CUDA; timing the PyTorch paths only, at a small shape.")
     rows = op_rows(env, quick, with_compile)
-    print_table(rows, ["shape", "provider", "ms", "pct_of_sdpa", "peak_MiB"], "One attention block, bf16")
+    write_csv(csv_path, rows)
     mrows = model_rows(env)
     print_table(mrows, ["model", "batch", "pipeline", "img_per_s", "pct_of_plain", "peak_MiB"],
                 "Whole-model analysis throughput, forward_features, bf16 autocast")

@@ -69,10 +69,10 @@ def run(quick: bool = False, csv_path: str = "bench/out/probe.csv") -> list:
         del backbone
         if cuda:
             torch.cuda.empty_cache()
-    print_table(rows, ["model", "batch", "heads", "ms", "img_s", "overhead_pct"],
-                title="Probe training step: backbone forward + 12 heads (cls/avg/selective x 4 lrs), bf16 "
-                      "(target: fused overhead <= 5%)")
-    for r in rows:
-        r.update(env)
-    write_csv(csv_path, rows)
-    return rows
+        # each model's table as soon as it is measured (a run cut short keeps what it has)
+        print_table([r for r in rows if r["model"] == label],
+                    ["model", "batch", "heads", "ms", "img_s", "overhead_pct"],
+                    title=f"Probe training step, {label}: backbone forward + 12 heads (cls/avg/selective x 4 lrs), "
+                          "bf16 (target: fused overhead <= 5%)")
+        write_csv(csv_path, [dict(r, **env) for r in rows])
+    return [dict(r, **env) for r in rows]

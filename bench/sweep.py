@@ -89,7 +89,10 @@ def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
         old = os.environ.get("SELAGG_ABMILP_MULTI")
         os.environ["SELAGG_ABMILP_MULTI"] = variant
         try:
-            with _patched(abmilp_ops, _launch_config=lambda D_, K_, v="split", fp32=False: dict(base(D_, K_, v, fp32), **cfg)):
+            def config(D_, K_, v="split", fp32=False):
+                return dict(base(D_, K_, v, fp32), **cfg)
+
+            with _patched(abmilp_ops, _launch_config=config):
                 yield
         finally:
             if old is None:

@@ -50,17 +50,20 @@ def _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST: tl.constexpr, F32_PRECISION
 def _patch_block(b_q, p_k, p_v, n0, m_i, l_i, lp_i, u_i, pre_i, b_acc, o_d, T, d, stride_kt, stride_vt, qk_scale,
                  UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr, BN: tl.constexpr,
                  MASK_N: tl.constexpr, MASK_D: tl.constexpr):
-    # one key block past the first (patch keys only): online-softmax update of every running sum
+    # one key block past the first (patch keys only): online-softmax update of every running sum.
+    # The scale is folded into one multiply-add per logit, s * scale - m, shared by the exponent
+    # and the entropy term; the row max is taken on the raw logits (qk_scale >= 0, see launcher).
     o_n = n0 + tl.arange(0, BN)
-    b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION, MASK_N, MASK_D) * qk_scale
+    b_raw = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION, MASK_N, MASK_D)
     if MASK_N:
-        b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
-    m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        b_raw = tl.where(o_n[None, :] < T, b_raw, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(b_raw, axis=1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    b_p = tl.exp2(b_s - m_new[:, None])
+    b_z = b_raw * qk_scale - m_new[:, None]  # log2 units, <= 0
+    b_p = tl.exp2(b_z)
     r_i = tl.sum(b_p, axis=1)
     # u is kept relative to the running max: shifting the max adds (m_old - m_new) * l_p
-    u_i = alpha * (u_i + (m_i - m_new) * lp_i) + tl.sum(b_p * (b_s - m_new[:, None]), axis=1)
+    u_i = alpha * (u_i + (m_i - m_new) * lp_i) + tl.sum(b_p * b_z, axis=1)
     l_i = l_i * alpha + r_i
     lp_i = lp_i * alpha + r_i
     pre_i = pre_i * alpha

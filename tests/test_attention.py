@@ -165,6 +165,16 @@ def test_unsupported_head_dim_falls_back():
         attention_with_stats(q, k, v, backend="triton")
 
 
+def test_non_positive_scale_falls_back_to_the_reference():
+    q, k, v = make_qkv(1, 2, 9, 16, torch.float32)
+    for scale in (0.0, -0.5):
+        out, stats = attention_with_stats(q, k, v, scale=scale)
+        ref_out, ref = attention_with_stats_reference(q, k, v, scale=scale)
+        assert rel_err(out, ref_out) < 1e-6 and max_abs(stats.patch_entropy, ref.patch_entropy) < 1e-6
+        with pytest.raises(ValueError, match="scale"):
+            attention_with_stats(q, k, v, scale=scale, backend="triton")
+
+
 # ---- timm integration --------------------------------------------------------------------
 
 MODELS = {

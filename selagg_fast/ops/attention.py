@@ -37,8 +37,10 @@ def _launch_config(d: int, fp32: bool = False) -> dict:
     return dict(BM=64, BN=32 if BD > 64 else 64, BD=BD, num_warps=4, num_stages=3 if BD <= 64 else 2)
 
 
-def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int) -> Optional[str]:
+def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float) -> Optional[str]:
     d = q.shape[-1]
+    if scale <= 0:  # the kernel takes row maxima of the unscaled logits and masks them unscaled
+        return f"scale {scale} <= 0"
     if d > MAX_HEAD_DIM:
         return f"head dim {d} > {MAX_HEAD_DIM}"
     if num_prefix_tokens > MIN_BN:
@@ -141,7 +143,7 @@ def attention_with_stats(
     scale = d ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale}")
-    path = choose_backend(OP, backend, q.device, _unsupported_reason(q, num_prefix_tokens))
+    path = choose_backend(OP, backend, q.device, _unsupported_reason(q, num_prefix_tokens, scale))
     if path == "reference" or q.shape[0] * q.shape[1] == 0:
         with torch.autocast(q.device.type, enabled=False):
             return attention_with_stats_reference(q, k, v, scale=scale, num_prefix_tokens=num_prefix_tokens)

@@ -2,7 +2,8 @@
 
 K = 1: one program owns one image: it streams the image's pooled tokens once, keeping an
 online softmax (running max ``m``, running sum ``l``) and the weighted token sum in
-registers, so the tokens are read exactly once.
+registers, so the tokens are read exactly once. The backward reads the forward's scores
+back instead of recomputing them.
 
 K > 1, two families (the launcher picks the faster on a GPU, see ops/abmilp.py):
 - "batched" (``abmilp_fwd_kernel`` / ``abmilp_bwd_kernel``): one program per image, the

@@ -28,7 +28,7 @@ bench() {
   case ",${ONLY:-$name}," in *",$name,"*) ;; *) return ;; esac
   timeout "${BENCH_TIMEOUT:-$limit}" selagg-fast bench "$name" --out "$OUT" "$@" >"$OUT/bench_$name.log" 2>&1
   echo "$name bench exit $?"
-  sed -n "/^$title/,\$p" "$OUT/bench_$name.log" | grep -v "^wrote" >>"$SUMMARY"
+  sed -n "/^$title/,\$p" "$OUT/bench_$name.log" | grep -vE "^(wrote|WARNING|INFO) " >>"$SUMMARY"
   grep -hE "Error|error:" "$OUT/bench_$name.log" | tail -n 4 >>"$SUMMARY" || true
 }
 # benchmarks first: they carry the targets

@@ -89,8 +89,9 @@ class AttentionStatsRecorder:
         self.last: dict = {}  # block index -> AttentionStats of the latest forward (per image)
         self.images = 0
         # Running sums as one float64 [C, H] tensor per block (and [M, 1] for the magnitudes), in
-        # the column order below: a block's columns cost a dozen tensor ops, not one chain per
-        # column (on a GPU each is a kernel launch, ~3% of a ViT-B forward at batch 256).
+        # the column order below: a block's columns cost about a dozen tensor ops, not a chain per
+        # column (on a GPU each op is a kernel launch; ~30 launches per block was estimated at a
+        # few percent of a ViT-B forward at batch 256, not measured).
         self.columns = list(PATCH_ROW_COLUMNS[:3]) + (list(PATCH_ROW_COLUMNS[3:]) + list(CLS_ROW_COLUMNS)
                                                       if self.has_cls else [])
         self.magnitude_columns = (["cls_magnitude_ratio"] if self.has_cls else []) + ["pos_magnitude_ratio"]

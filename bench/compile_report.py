@@ -101,12 +101,13 @@ def _abmilp_cases():
             ce = dict(BT=cfg["BT"], BC=cfg["BC"], BK=cfg["BK"],
                       **(dict(LOWP=False, F32_PRECISION="tf32x3") if dt == "fp32" else dot))
             tag = f"K={K} D={D} {dt} split BC={cfg['BC']} BT={cfg['BT']}"
+            stages = 2  # the autotuner's (ops/_dispatch.launcher)
             yield (f"fwd {tag}", k.abmilp_fwd_split_kernel, sig(fwd),
-                   dict(HAS_BIAS=True, STORE_F32=dt != "fp32", STORE_SCORES=False, **ce), cfg["num_warps"])
+                   dict(HAS_BIAS=True, STORE_F32=dt != "fp32", STORE_SCORES=False, **ce), cfg["num_warps"], stages)
             yield (f"bwd {tag}", k.abmilp_bwd_split_kernel, sig(bwd),
-                   dict(HAS_BIAS=True, HAS_DX=False, **ce), cfg["num_warps"])
+                   dict(HAS_BIAS=True, HAS_DX=False, **ce), cfg["num_warps"], stages)
             yield (f"bwd+dx {tag}", k.abmilp_bwd_split_kernel, sig(bwd),
-                   dict(HAS_BIAS=True, HAS_DX=True, **ce), cfg["num_warps"])
+                   dict(HAS_BIAS=True, HAS_DX=True, **ce), cfg["num_warps"], stages)
 
 
 def main() -> None:

@@ -78,8 +78,8 @@ def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
     BD = max(16, abmilp_ops.next_pow2(D))
     configs = [dict(variant="batched", num_stages=ns) for ns in (1, 2)]
     configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=ns)
-                for bc, bt, nw, ns in itertools.product((64, 128, 256, 512), (16, 32), (4, 8), (1,))
-                if bc <= BD and (bc >= 128 or BD < 128)]  # stages: sm_90 compiles show no async copies
+                for bc, bt, nw, ns in itertools.product((64, 128, 256, 512, 1024), (16, 32), (4, 8), (2, 3))
+                if bc <= BD and (bc >= 128 or BD < 128)]  # 2+ stages: async token copies
 
     @contextlib.contextmanager
     def patch(cfg):

@@ -8,7 +8,16 @@ from selagg_fast import abmilp_pool
 from selagg_fast.ops import abmilp as abmilp_ops
 from selagg_fast.reference import abmilp_pool_eager
 
-from .common import bench_graph_ms, bench_ms, copy_bandwidth_gbs, environment, peak_extra_mib, print_table, write_csv
+from .common import (
+    bench_graph_ms,
+    bench_ms,
+    copy_bandwidth_gbs,
+    environment,
+    peak_extra_mib,
+    print_banner,
+    print_table,
+    write_csv,
+)
 
 # (name, B, T, D): ViT-S/B/L at 224 px, ViT-H/14 at 224 px
 SHAPES = [("ViT-S", 1024, 197, 384), ("ViT-B", 1024, 197, 768), ("ViT-L", 1024, 197, 1024),
@@ -40,8 +49,7 @@ def _pool_step(pool):
 def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/out/abmilp.csv") -> list:
     env = environment()
     cuda = torch.cuda.is_available()
-    print(f"AbMILP benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}, {env['date']})")
+    print_banner("AbMILP benchmark", env)
     device = "cuda" if cuda else "cpu"
     if not cuda:
         print("No CUDA device: GPU figures need CUDA; timing the eager reference only, at a small shape.")

@@ -19,7 +19,7 @@ from selagg_fast.analysis.analyze import AnalyzeConfig, forward_batch, run_analy
 from selagg_fast.backbone import create_backbone
 from selagg_fast.modules import record_attention_stats
 
-from .common import environment, peak_extra_mib, print_table, write_csv
+from .common import environment, peak_extra_mib, print_banner, print_table, write_csv
 
 
 def _timed(fn, repeats: int) -> float:
@@ -45,8 +45,7 @@ def run(quick: bool = False, csv_path: str = "bench/out/analyze.csv") -> list:
     env = environment()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    print(f"Analyze benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}, {env['date']})")
+    print_banner("Analyze benchmark", env)
     name, kwargs, batch, n_batches, n_jpegs = ("vit_base_patch16_224", {}, 256, 8, 4096 if not quick else 2048) \
         if cuda else ("vit_tiny_patch16_224", dict(depth=4), 8, 2, 64)
     if not cuda:

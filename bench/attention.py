@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from selagg_fast import attention_with_stats, record_attention_stats
 from selagg_fast.reference import AttentionStats, attention_stats_columns, attention_with_stats_reference
 
-from .common import bench_ms, environment, peak_extra_mib, print_table, write_csv
+from .common import bench_ms, environment, peak_extra_mib, print_banner, print_table, write_csv
 
 SHAPES = [("ViT-B", 256, 12, 197, 64), ("ViT-L", 256, 16, 197, 64), ("ViT-H/14", 128, 16, 257, 80)]
 
@@ -152,8 +152,7 @@ def model_rows(env, batch: int = 256) -> list:
 
 def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/out/attention.csv") -> list:
     env = environment()
-    print(f"Attention-statistics benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}, {env['date']})")
+    print_banner("Attention-statistics benchmark", env)
     if not torch.cuda.is_available():
         print("No CUDA device: GPU figures need CUDA; timing the PyTorch paths only, at a small shape.")
     rows = op_rows(env, quick, with_compile)

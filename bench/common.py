@@ -82,6 +82,12 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / ms / 1e6
 
 
+def print_banner(what: str, env: dict) -> None:
+    """First line of every benchmark: what runs where, with which versions, at which commit."""
+    print(f"{what} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}, "
+          f"{env['date']})")
+
+
 def print_table(rows: list, columns: list, title: str = "") -> None:
     if title:
         print(f"\n{title}")

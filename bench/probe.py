@@ -13,7 +13,7 @@ from selagg_fast.backbone import create_backbone
 from selagg_fast.probe.heads import ProbeHeads, parse_heads, probe_loss
 from selagg_fast.probe.optim import build_optimizer, set_lr
 
-from .common import bench_ms, environment, print_table, write_csv
+from .common import bench_ms, environment, print_banner, print_table, write_csv
 
 MODELS = [("ViT-B", "vit_base_patch16_224", {}, 1024), ("ViT-L", "vit_large_patch16_224", {}, 1024)]
 CPU_MODELS = [("tiny-CPU", "vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4), 64)]
@@ -39,8 +39,7 @@ def run(quick: bool = False, csv_path: str = "bench/out/probe.csv") -> list:
     env = environment()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    print(f"Probe-step benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}, {env['date']})")
+    print_banner("Probe-step benchmark", env)
     if not cuda:
         print("No CUDA device: a tiny ViT at a small batch on the CPU, reference heads only (GPU figures need CUDA).")
     models = (MODELS[:1] if quick else MODELS) if cuda else CPU_MODELS

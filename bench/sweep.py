@@ -17,7 +17,7 @@ from selagg_fast import abmilp_pool, attention_with_stats
 from selagg_fast.ops import abmilp as abmilp_ops
 from selagg_fast.ops import attention as attention_ops
 
-from .common import bench_ms, environment, print_table, write_csv
+from .common import bench_ms, environment, print_banner, print_table, write_csv
 
 
 @contextlib.contextmanager
@@ -133,8 +133,7 @@ def sweep_attention(device, dtype, B, H, T, d) -> list:
 def run(quick: bool = False, csv_path: str = "bench/out/sweep.csv") -> list:
     env = environment()
     cuda = torch.cuda.is_available()
-    print(f"Launch-config sweep on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}, {env['date']})")
+    print_banner("Launch-config sweep", env)
     if not cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("No CUDA device and no TRITON_INTERPRET=1: the sweep needs the kernels; nothing to do.")
         return []

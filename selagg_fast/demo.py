@@ -56,7 +56,7 @@ def run_demo(args) -> dict:
 def _analysis(cfg: ProbeConfig, out: str) -> None:
     """The analysis tools on the same backbone and probe: statistics + plot, localisation, maps."""
     from .analysis.analyze import AnalyzeConfig, run_analyze
-    from .analysis.localize import format_localization, localize, write_localization
+    from .analysis.localize import format_localization, localize, plot_localization, write_localization
     from .analysis.maps import write_maps
     from .analysis.plot import plot_runs
     from .data import SyntheticObjects
@@ -71,11 +71,13 @@ def _analysis(cfg: ProbeConfig, out: str) -> None:
                              split="val").export(val_dir)
     result = localize(cfg.output_dir, val_dir, boxes, workers=0, progress=False)
     write_localization(result, os.path.join(cfg.output_dir, "localization.json"))
+    box_figure = plot_localization(result, os.path.join(cfg.output_dir, "localization.png"))
     print("\nobject localisation on 300 images (MaxBoxAccV2, paper Table 7 protocol):")
     print(format_localization(result))
     first = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(val_dir) for f in fs if f.endswith(".png"))[:3]
     maps = write_maps(cfg.output_dir, first, os.path.join(out, "maps"))
-    print(f"attention statistics: {stats_dir}/stats.json, plot {figure}; selection maps: {os.path.dirname(maps[0])}/")
+    print(f"attention statistics: {stats_dir}/stats.json, plot {figure}; box accuracy per threshold: "
+          f"{box_figure}; selection maps: {os.path.dirname(maps[0])}/")
 
 
 def _finished(cfg: ProbeConfig) -> bool:

@@ -15,7 +15,7 @@ from test_attention import unfused_reference_columns
 
 from selagg_fast.analysis.analyze import AnalyzeConfig, run_analyze
 from selagg_fast.analysis.localize import (
-    best_ious, box_iou, crop_boxes, largest_component_box, localize, max_box_acc_v2, read_boxes)
+    best_ious, box_iou, crop_boxes, largest_component_box, localize, max_box_acc_v2, plot_localization, read_boxes)
 from selagg_fast.analysis.maps import write_maps
 from selagg_fast.analysis.plot import plot_runs
 from selagg_fast.backbone import Backbone
@@ -233,5 +233,11 @@ def test_localize_end_to_end(tiny_probe):
     for r in result["maps"].values():
         assert 0 <= r["max_box_acc_v2"] <= 100 and r["images"] == 12
     assert result["head"] == "selective@2"
+    for level in ("iou30", "iou50", "iou70"):  # the curve behind each MaxBoxAcc, for the figure
+        curve = result["maps"]["selective"][level]["box_acc"]
+        assert len(curve) == 100 and abs(max(curve) - result["maps"]["selective"][level]["max_box_acc"]) < 1e-3
+    figure = plot_localization(result, str(run / "localization.png"))
+    with Image.open(figure) as im:
+        assert im.size[0] > 800 and len(np.unique(np.asarray(im.convert("L")))) > 10  # drawn, not blank
     pooled = localize(str(run), str(val), csv_path, workers=2, device=DEVICE, progress=False)
     assert pooled["maps"] == result["maps"]  # the process pool changes nothing

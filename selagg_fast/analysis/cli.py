@@ -78,13 +78,14 @@ def _maps(args) -> None:
 
 
 def _localize(args) -> None:
-    from .localize import format_localization, localize, write_localization
+    from .localize import format_localization, localize, plot_localization, write_localization
     result = localize(args.probe, args.data, args.boxes, head=args.head, limit=args.limit,
                       batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress)
     out = args.output or os.path.join(args.probe, "localization.json")
     write_localization(result, out)
+    figure = plot_localization(result, os.path.splitext(out)[0] + ".png")
     print(format_localization(result))
-    print(f"{result['images']} images; wrote {out}")
+    print(f"{result['images']} images; wrote {out} and {figure}")
 
 
 

@@ -67,7 +67,9 @@ def max_box_acc_v2(ious: np.ndarray, thresholds=THRESHOLDS, levels=IOU_LEVELS) -
     for delta in levels:
         acc = (ious >= delta).mean(0) * 100  # [T]
         best = int(acc.argmax())
-        per_level[f"iou{int(round(delta * 100))}"] = dict(max_box_acc=float(acc[best]), threshold=float(thresholds[best]))
+        per_level[f"iou{int(round(delta * 100))}"] = dict(
+            max_box_acc=float(acc[best]), threshold=float(thresholds[best]),
+            box_acc=[round(float(a), 4) for a in acc])  # the curve over thresholds, for the figure
     return dict(max_box_acc_v2=float(np.mean([v["max_box_acc"] for v in per_level.values()])),
                 images=int(ious.shape[0]), **per_level)
 
@@ -203,3 +205,31 @@ def write_localization(result: dict, path: str) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def plot_localization(result: dict, path: str, thresholds=THRESHOLDS) -> str:
+    """Box accuracy against the threshold, one panel per IoU level, both maps overlaid; the
+    maximum of each curve (its MaxBoxAcc) marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"selective": f"Selective ({result['head']})", "cls": "[cls] attention"}
+    levels = [k for k in next(iter(result["maps"].values())) if k.startswith("iou")]
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.6), sharey=True)
+    for ax, level in zip(np.atleast_1d(axes), levels):
+        for kind, r in result["maps"].items():
+            curve = r[level]["box_acc"]
+            line, = ax.plot(thresholds, curve, label=f"{names[kind]}: {r[level]['max_box_acc']:.1f}")
+            ax.plot([r[level]["threshold"]], [r[level]["max_box_acc"]], "o", color=line.get_color())
+        ax.set_title(f"IoU >= {int(level[3:]) / 100:.1f}")
+        ax.set_xlabel("threshold on the min-max normalised map")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    np.atleast_1d(axes)[0].set_ylabel("box accuracy (%)")
+    v2 = ", ".join(f"{names[k]} {r['max_box_acc_v2']:.1f}" for k, r in result["maps"].items())
+    fig.suptitle(f"MaxBoxAccV2 over {result['images']} images: {v2}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -38,6 +38,7 @@ def _probe(args) -> None:
     results = run_probe(config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))
+        print(f"top-1 / top-5 of every pair: {args.output_dir}/results.json; per epoch: metrics.jsonl, curves.png")
 
 
 def main(argv=None) -> int:

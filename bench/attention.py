@@ -54,10 +54,10 @@ def op_rows(env, quick: bool, with_compile: bool) -> list:
     for name, B, H, T, d in shapes:
         q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype) for _ in range(3))
         providers = {"sdpa (no stats)": lambda: F.scaled_dot_product_attention(q, k, v), "eager": lambda: _eager(q, k, v)}
-        if cuda and with_compile and name == "ViT-B":
+        if cuda and with_compile:  # each compile takes a while: --no-compile (or --quick) to skip / shorten
             compiled = torch.compile(_eager)
             providers["compile"] = lambda: compiled(q, k, v)
-        if cuda and with_compile and name == "ViT-B":  # the peers' anchor shape; each compile takes a while
+        if cuda and with_compile:
             try:
                 from torch.nn.attention.flex_attention import flex_attention
                 peer = _flex_peer(torch.compile(flex_attention))

@@ -36,7 +36,7 @@ bench() {
 # benchmarks first: they carry the targets
 QUICK=$([ "${FULL:-0}" = 1 ] || echo --quick)
 bench abmilp "AbMILP pooling" 150 $QUICK $([ "${FULL:-0}" = 1 ] || echo --no-compile)
-bench attention "One attention block" 170 $QUICK   # its torch.compile / FlexAttention peers: ViT-B only
+bench attention "One attention block" 170 $QUICK   # with its torch.compile and FlexAttention peers
 bench probe "Probe training step" 110 $QUICK
 bench analyze "Analyze throughput" 90 --quick
 case ",${ONLY:-}," in *",sweep,"*) bench sweep "Sweep" 300 ;; esac  # only when asked: ONLY=sweep

@@ -28,6 +28,7 @@ REPO=$(cd "$OLDPWD" && pwd)
 bench() {
   local name=$1 title=$2 limit=$3; shift 3
   case ",${ONLY:-$name}," in *",$name,"*) ;; *) return ;; esac
+  [ "${FULL:-0}" = 1 ] && limit=$((limit * 2))  # every shape and peer: give it twice the time
   timeout "${BENCH_TIMEOUT:-$limit}" selagg-fast bench "$name" --out "$OUT" "$@" >"$OUT/bench_$name.log" 2>&1
   echo "$name bench exit $?"
   sed -n "/^$title/,\$p" "$OUT/bench_$name.log" | grep -vE "^(wrote|WARNING|INFO) " >>"$SUMMARY"

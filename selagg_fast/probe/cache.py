@@ -32,8 +32,9 @@ def _check_disk_space(path: str, needed: int) -> None:
     import shutil
     free = shutil.disk_usage(path).free
     if free < needed * 1.02:
-        raise DiskSpaceError(f"feature cache {path}: needs {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free "
-                      "(choose another --cache-features folder, fewer heads needing all tokens, or no cache)")
+        raise DiskSpaceError(
+            f"feature cache {path}: needs {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free "
+            "(choose another --cache-features folder, fewer heads needing all tokens, or no cache)")
 
 
 class TokenStore:

@@ -225,7 +225,7 @@ def plot_localization(result: dict, path: str, thresholds=THRESHOLDS) -> str:
         ax.set_title(f"IoU >= {int(level[3:]) / 100:.1f}")
         ax.set_xlabel("threshold on the min-max normalised map")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="best")
     np.atleast_1d(axes)[0].set_ylabel("box accuracy (%)")
     v2 = ", ".join(f"{names[k]} {r['max_box_acc_v2']:.1f}" for k, r in result["maps"].items())
     fig.suptitle(f"MaxBoxAccV2 over {result['images']} images: {v2}")

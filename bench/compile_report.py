@@ -65,9 +65,9 @@ def _abmilp_cases():
     bwd = dict(base, lse_ptr="*fp32", out32_ptr="*fp32", dout_ptr="*bf16", dx_ptr="*bf16", dw_ptr="*fp32",
                db_ptr="*fp32", stride_xb="i64", stride_xt="i64", stride_dxb="i64", stride_dxt="i64",
                B="i32", P="i32", N="i32", D="i32")
-    bwd1 = {n: ("*fp32" if n == "s_ptr" else t) for n, t in
-            dict(x_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32", **{k: v for k, v in bwd.items()
-                                                                 if k not in ("x_ptr", "w_ptr", "bias_ptr")}).items()}
+    # the K=1 backward reads the saved scores instead of the bias
+    bwd1 = dict(x_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32",
+                **{k: v for k, v in bwd.items() if k not in ("x_ptr", "w_ptr", "bias_ptr")})
     dot = dict(LOWP=True, F32_PRECISION="tf32x3")
     from ..ops.abmilp import _launch_config
     for D in (384, 768, 1024, 1280):

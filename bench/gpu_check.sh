@@ -41,10 +41,10 @@ bench attention "One attention block" 170 $QUICK   # with its torch.compile and 
 bench probe "Probe training step" 110 $QUICK
 bench analyze "Analyze throughput" 90 --quick
 case ",${ONLY:-}," in *",sweep,"*) bench sweep "Sweep" 300 ;; esac  # only when asked: ONLY=sweep
-# the issues' targets against what was just measured (also in targets.txt, printed last below)
+# the issues' targets against what was just measured: $OUT/targets.txt, printed last
 python3 -m selagg_fast.bench.targets "$OUT" >"$OUT/targets.txt" 2>&1
-cat "$OUT/targets.txt" >>"$SUMMARY"
-case ",${ONLY:-tests}," in *",tests,"*) ;; *) echo; echo "==== results ===="; cat "$SUMMARY"; exit 0 ;; esac
+finish() { echo; echo "==== results ===="; cat "$SUMMARY"; echo; cat "$OUT/targets.txt"; }
+case ",${ONLY:-tests}," in *",tests,"*) ;; *) finish; exit 0 ;; esac
 # tests: default launch configs (autotuning every test shape would only cost compile time); the
 # torchrun tests (CPUs, gloo) and the torch.compile test ran on the CPU machine: deselected here to save time
 SELAGG_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-200} python3 -m pytest "$REPO/tests" -p no:cacheprovider \
@@ -52,6 +52,4 @@ SELAGG_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-200} python3 -m pytest "$REPO/tests" -
 echo "tests exit $?"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20 >>"$SUMMARY"
 grep -E "passed|failed" "$OUT/tests.log" | tail -n 1 >>"$SUMMARY"
-echo; echo "==== results ===="
-cat "$SUMMARY"
-echo; cat "$OUT/targets.txt"
+finish

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from unittest import mock
 
 import torch
 
@@ -50,6 +51,17 @@ def _run_grid(label, configs, patch, call, check):
     return rows
 
 
+def _pool_call(x, w, b):
+    def call():
+        with torch.no_grad():
+            return abmilp_pool(x, w, b, num_prefix_tokens=1, backend="triton")
+    return call
+
+
+def _max_abs_diff(got, ref) -> float:
+    return (got.float() - ref.float()).abs().max().item()
+
+
 def sweep_abmilp(device, dtype, B, T, D) -> list:
     x = torch.randn(B, T, D, device=device, dtype=dtype)
     w = torch.randn(D, device=device) * D ** -0.5
@@ -62,12 +74,7 @@ def sweep_abmilp(device, dtype, B, T, D) -> list:
         base = abmilp_ops._launch_config
         return _patched(abmilp_ops, _launch_config=lambda D_, K_, *a: dict(base(D_, K_, *a), **cfg))
 
-    def call():
-        with torch.no_grad():
-            return abmilp_pool(x, w, b, num_prefix_tokens=1, backend="triton")
-
-    return _run_grid(f"abmilp K=1 fwd {B}x{T}x{D}", configs, patch, call,
-                     lambda got, ref: (got.float() - ref.float()).abs().max().item())
+    return _run_grid(f"abmilp K=1 fwd {B}x{T}x{D}", configs, patch, _pool_call(x, w, b), _max_abs_diff)
 
 
 def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
@@ -86,26 +93,14 @@ def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
         cfg = dict(cfg)
         variant = cfg.pop("variant")
         base = abmilp_ops._launch_config
-        old = os.environ.get("SELAGG_ABMILP_MULTI")
-        os.environ["SELAGG_ABMILP_MULTI"] = variant
-        try:
-            def config(D_, K_, v="split", fp32=False):
-                return dict(base(D_, K_, v, fp32), **cfg)
 
-            with _patched(abmilp_ops, _launch_config=config):
-                yield
-        finally:
-            if old is None:
-                os.environ.pop("SELAGG_ABMILP_MULTI")
-            else:
-                os.environ["SELAGG_ABMILP_MULTI"] = old
+        def config(D_, K_, v="split", fp32=False):
+            return dict(base(D_, K_, v, fp32), **cfg)
 
-    def call():
-        with torch.no_grad():
-            return abmilp_pool(x, w, b, num_prefix_tokens=1, backend="triton")
+        with mock.patch.dict(os.environ, SELAGG_ABMILP_MULTI=variant), _patched(abmilp_ops, _launch_config=config):
+            yield
 
-    return _run_grid(f"abmilp K={K} fwd {B}x{T}x{D}", configs, patch, call,
-                     lambda got, ref: (got.float() - ref.float()).abs().max().item())
+    return _run_grid(f"abmilp K={K} fwd {B}x{T}x{D}", configs, patch, _pool_call(x, w, b), _max_abs_diff)
 
 
 def sweep_attention(device, dtype, B, H, T, d) -> list:

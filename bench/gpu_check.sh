@@ -5,8 +5,9 @@
 # minutes with the tests); FULL=1 adds ViT-S/L/H and, for pooling, the torch.compile peer. Each
 # table is appended to OUTDIR/summary.txt as soon as its benchmark ends, so a run cut short still
 # returns what it measured. ONLY=abmilp,probe,tests runs a subset (the CUDA tests are the item
-# "tests"); ONLY=sweep times the kernels over a wide launch-config grid (bench/sweep.py, ~4 min,
-# not part of the default run).
+# "tests"); two steps run only when named: "overhead" (host time per call against GPU time,
+# bench/host_overhead.py) and "sweep" (the kernels over a wide launch-config grid, bench/sweep.py,
+# ~4 min, last). FULL=probe,abmilp gives those benchmarks every shape, FULL=1 all of them.
 # The device tool returns at most 8 files from OUTDIR, so logs and CSVs go to a work folder that
 # is packed into OUTDIR/raw.tgz after every step; OUTDIR itself holds summary.txt and raw.tgz.
 # DEADLINE (seconds, default 560) caps the whole script: each step gets what is left of it, so
@@ -33,11 +34,15 @@ PY
 cat "$WORK/versions.txt" "$WORK/gpu.txt" >>"$SUMMARY"
 REPO=$(cd "$OLDPWD" && pwd)
 
+# wanted NAME: whether this run includes step NAME (ONLY unset: the default steps)
+wanted() { case ",${ONLY:-abmilp,attention,probe,analyze,tests}," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+# full NAME: every shape and peer for NAME (FULL=1: for all; FULL=probe,abmilp: for those)
+full() { case ",${FULL:-0}," in *",1,"*|*",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # bench NAME TITLE_REGEX TIMEOUT [ARGS...]: run one benchmark, keep its table in the summary
 bench() {
   local name=$1 title=$2 limit=$3; shift 3
-  case ",${ONLY:-$name}," in *",$name,"*) ;; *) return ;; esac
-  [ "${FULL:-0}" = 1 ] && limit=$((limit * 2))  # every shape and peer: give it twice the time
+  wanted "$name" || return 0
+  full "$name" && limit=$((limit * 2))  # every shape and peer: give it twice the time
   limit=$(budget "${BENCH_TIMEOUT:-$limit}" 60)  # keep a minute for the tests' start and the table
   timeout "$limit" selagg-fast bench "$name" --out "$WORK" "$@" >"$WORK/bench_$name.log" 2>&1
   echo "$name bench exit $? after ${SECONDS}s (limit ${limit}s)"
@@ -45,26 +50,33 @@ bench() {
   grep -hE "Error|error:" "$WORK/bench_$name.log" | tail -n 4 >>"$SUMMARY" || true
   pack
 }
+quick() { full "$1" || echo --quick; }
 # benchmarks first: they carry the targets
-QUICK=$([ "${FULL:-0}" = 1 ] || echo --quick)
-bench abmilp "AbMILP pooling" 150 $QUICK $([ "${FULL:-0}" = 1 ] || echo --no-compile)
-bench attention "One attention block" 170 $QUICK   # with its torch.compile and FlexAttention peers
-bench probe "Probe training step" 110 $QUICK
+bench abmilp "AbMILP pooling" 150 $(quick abmilp) $(full abmilp || echo --no-compile)
+bench attention "One attention block" 170 $(quick attention)   # with its torch.compile and FlexAttention peers
+bench probe "Probe training step" 110 $(quick probe)
 bench analyze "Analyze throughput" 90 --quick
-case ",${ONLY:-}," in *",sweep,"*) bench sweep "Sweep" 300 ;; esac  # only when asked: ONLY=sweep
-# the issues' targets against what was just measured: $OUT/targets.txt, printed last
+if wanted overhead; then  # host time per call vs GPU time (only when asked: ONLY=overhead)
+  timeout "$(budget 90 60)" python3 -m selagg_fast.bench.host_overhead >"$WORK/overhead.log" 2>&1
+  echo "overhead exit $? after ${SECONDS}s"
+  sed -n "/^Host time/,/^$/p" "$WORK/overhead.log" >>"$SUMMARY"
+  pack
+fi
+if wanted tests; then
+  # default launch configs (autotuning every test shape would only cost compile time); the
+  # torchrun tests (CPUs, gloo) and the torch.compile test ran on the CPU machine: deselected here.
+  # pytest-xdist (on the GPU image) spreads the tests' Triton compiles over the CPUs; one GPU serves all
+  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+  SELAGG_AUTOTUNE=0 timeout $(budget "${TEST_TIMEOUT:-200}" 5) python3 -m pytest "$REPO/tests" -p no:cacheprovider \
+    ${XDIST:-} -rs --rootdir "$REPO" -c "$REPO/pytest.ini" \
+    ${PYTEST_ARGS:--k "not two_process and not compiled_backbone"} >"$WORK/tests.log" 2>&1
+  echo "tests exit $? after ${SECONDS}s"
+  grep -E "^(FAILED|ERROR)" "$WORK/tests.log" | head -20 >>"$SUMMARY"
+  grep -E "passed|failed" "$WORK/tests.log" | tail -n 1 >>"$SUMMARY"
+  pack
+fi
+bench sweep "Sweep" 300  # only when asked (ONLY=...,sweep): last, it takes what time is left
+# the issues' targets against what was just measured, printed last
 python3 -m selagg_fast.bench.targets "$WORK" >"$WORK/targets.txt" 2>&1
 pack
-finish() { echo; echo "==== results (${SECONDS}s) ===="; cat "$SUMMARY"; echo; cat "$WORK/targets.txt"; }
-case ",${ONLY:-tests}," in *",tests,"*) ;; *) finish; exit 0 ;; esac
-# tests: default launch configs (autotuning every test shape would only cost compile time); the
-# torchrun tests (CPUs, gloo) and the torch.compile test ran on the CPU machine: deselected here to save time
-# pytest-xdist (on the GPU image) spreads the tests' Triton compiles over the CPUs; one GPU serves all
-XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
-SELAGG_AUTOTUNE=0 timeout $(budget "${TEST_TIMEOUT:-200}" 5) python3 -m pytest "$REPO/tests" -p no:cacheprovider ${XDIST:-} \
-  --rootdir "$REPO" -c "$REPO/pytest.ini" ${PYTEST_ARGS:--k "not two_process and not compiled_backbone"} >"$WORK/tests.log" 2>&1
-echo "tests exit $? after ${SECONDS}s"
-grep -E "^(FAILED|ERROR)" "$WORK/tests.log" | head -20 >>"$SUMMARY"
-grep -E "passed|failed" "$WORK/tests.log" | tail -n 1 >>"$SUMMARY"
-pack
-finish
+echo; echo "==== results (${SECONDS}s) ===="; cat "$SUMMARY"; echo; cat "$WORK/targets.txt"

@@ -134,14 +134,17 @@ def run(quick: bool = False, csv_path: str = "bench/out/sweep.csv") -> list:
         return []
     os.environ["SELAGG_AUTOTUNE"] = "0"  # every call launches the patched config
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    rows = sweep_abmilp(device, dtype, *((1024, 197, 768) if cuda else (2, 9, 16)))
-    rows += sweep_abmilp_multi(device, dtype, *((1024, 197, 768, 16) if cuda else (2, 9, 40, 3)))
+    groups = [lambda: sweep_abmilp(device, dtype, *((1024, 197, 768) if cuda else (2, 9, 16))),
+              lambda: sweep_abmilp_multi(device, dtype, *((1024, 197, 768, 16) if cuda else (2, 9, 40, 3)))]
     if not quick:
-        rows += sweep_attention(device, dtype, *((256, 12, 197, 64) if cuda else (1, 1, 40, 16)))
-    for kernel in dict.fromkeys(r["kernel"] for r in rows):
-        mine = sorted((r for r in rows if r["kernel"] == kernel), key=lambda r: (r["ms"] != r["ms"], r["ms"]))
-        print_table(mine[:12], ["config", "ms", "max_err", "note"], title=f"Sweep: {kernel} (fastest first)")
-    for r in rows:
-        r.update(env)
-    write_csv(csv_path, rows)
+        groups.append(lambda: sweep_attention(device, dtype, *((256, 12, 197, 64) if cuda else (1, 1, 40, 16))))
+    rows = []
+    for group in groups:  # each group's tables and the CSV as soon as it is measured (a run cut short keeps them)
+        measured = group()
+        for kernel in dict.fromkeys(r["kernel"] for r in measured):
+            mine = sorted((r for r in measured if r["kernel"] == kernel),
+                          key=lambda r: (r["ms"] != r["ms"], r["ms"]))
+            print_table(mine[:12], ["config", "ms", "max_err", "note"], title=f"Sweep: {kernel} (fastest first)")
+        rows += [dict(r, **env) for r in measured]
+        write_csv(csv_path, rows)
     return rows

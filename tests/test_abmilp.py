@@ -133,6 +133,23 @@ def test_strided_tokens_read_in_place(K, variant, poisoned, force_variant):
 
 
 @requires_kernels
+@pytest.mark.parametrize("K", [1, 3])
+def test_no_grad_calls_skip_autograd_and_agree_with_grad_calls(K, poisoned):
+    x, w, b = make_inputs(3, 33, 64, K, torch.bfloat16)
+    w.requires_grad_(True)
+    with torch.no_grad():  # takes the launcher directly, without the autograd Function
+        pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=1, return_weights=True)
+    assert pooled.grad_fn is None and not pooled.requires_grad
+    pooled_g, weights_g = abmilp_pool(x, w, b, num_prefix_tokens=1, return_weights=True)
+    assert pooled_g.requires_grad
+    # the same kernel either way (the grad call also stores float32 copies): at most a bf16 rounding apart
+    assert torch.allclose(pooled.float(), pooled_g.detach().float(), rtol=8e-3, atol=1e-6)
+    assert rel_err(weights, weights_g) < 1e-6
+    exp, exp_weights = reference64(x, w.detach(), b, 1)
+    assert rel_err(pooled, exp) < TOL[torch.bfloat16] and rel_err(weights, exp_weights) < 2 * TOL[torch.bfloat16]
+
+
+@requires_kernels
 def test_non_unit_last_stride_is_copied_and_correct():
     x = torch.randn(2, 9, 32, device=DEVICE).transpose(1, 2)  # [2, 32, 9], last stride 32
     _, w, b = make_inputs(2, 32, 9, 1, torch.float32)

@@ -348,7 +348,10 @@ def abmilp_pool(
         x = x.contiguous()
     w2 = weight.reshape(K, D).contiguous()
     b1 = None if bias is None else bias.reshape(K).contiguous()
-    out, lse, scores = AbmilpPoolFunction.apply(x, w2, b1, num_prefix_tokens, return_weights)
+    if torch.is_grad_enabled() and (x.requires_grad or w2.requires_grad or (b1 is not None and b1.requires_grad)):
+        out, lse, scores = AbmilpPoolFunction.apply(x, w2, b1, num_prefix_tokens, return_weights)
+    else:  # nothing to differentiate: skip the autograd Function's bookkeeping (~10 us of host time)
+        out, _, lse, scores = abmilp_fwd(x, w2, b1, num_prefix_tokens, False, return_weights)
     if single:
         out = out[:, 0]
     if not return_weights:

@@ -1,0 +1,74 @@
+"""The launcher's autotuning path, with stand-ins for Triton's kernel and autotuner (runs anywhere)."""
+import types
+
+import torch
+
+from selagg_fast.ops import _dispatch
+
+
+class _Config:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def all_kwargs(self):
+        return dict(self.kwargs)
+
+
+class _FakeKernel:
+    """Records launches: kernel[grid](**kwargs) as ("kernel", kwargs)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda **kwargs: self.log.append(("kernel", kwargs))
+
+
+class _FakeAutotuner:
+    """Tunes on first sight of a key (names + tensor dtypes), as Triton's autotuner does."""
+
+    def __init__(self, kernel, log, key):
+        self.kernel, self.log, self.key = kernel, log, key
+        self.best_config = None
+
+    def __getitem__(self, grid):
+        def run(**kwargs):
+            BT = 8 if kwargs["x"].dtype == torch.float32 else 16
+            self.best_config = _Config(BT=BT, num_warps=4)
+            self.log.append(("autotuner", kwargs))
+        return run
+
+
+def _launcher(monkeypatch, log):
+    import triton
+
+    kernel = _FakeKernel(log)
+    monkeypatch.setattr(triton, "autotune", lambda configs, key: lambda fn: _FakeAutotuner(fn, log, key))
+    return _dispatch.launcher(kernel, [dict(BT=8, num_warps=4), dict(BT=16, num_warps=4)], key=["D"])
+
+
+def test_tuned_launches_skip_the_autotuner_once_a_key_is_tuned(monkeypatch):
+    monkeypatch.setenv("SELAGG_AUTOTUNE", "1")
+    log = []
+    launch = _launcher(monkeypatch, log)
+    cuda = types.SimpleNamespace(type="cuda")  # the tuned path runs only for CUDA devices
+    x32, x16 = torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)
+    launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=768)
+    launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=768)
+    launch((1,), cuda, dict(BT=8, num_warps=4), x=x16, D=768)  # another dtype: tuned again
+    launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=1024)  # another D: tuned again
+    launch((1,), cuda, dict(BT=8, num_warps=4), x=x16, D=768)
+    assert [who for who, _ in log] == ["autotuner", "kernel", "autotuner", "autotuner", "kernel"]
+    # the direct launches carry the config the autotuner picked for their key
+    assert log[1][1]["BT"] == 8 and log[1][1]["num_warps"] == 4 and log[1][1]["D"] == 768
+    assert log[4][1]["BT"] == 16 and log[4][1]["x"] is x16
+
+
+def test_untuned_launches_use_the_default_config(monkeypatch):
+    log = []
+    launch = _launcher(monkeypatch, log)
+    launch((1,), torch.device("cpu"), dict(BT=4, num_warps=2), x=torch.zeros(2), D=768)
+    monkeypatch.setenv("SELAGG_AUTOTUNE", "0")
+    launch((1,), types.SimpleNamespace(type="cuda"), dict(BT=4, num_warps=2), x=torch.zeros(2), D=768)
+    assert [who for who, _ in log] == ["kernel", "kernel"]
+    assert all(kw["BT"] == 4 and kw["num_warps"] == 2 for _, kw in log)

@@ -43,7 +43,7 @@ bench() {
   local name=$1 title=$2 limit=$3; shift 3
   wanted "$name" || return 0
   full "$name" && limit=$((limit * 2))  # every shape and peer: give it twice the time
-  limit=$(budget "${BENCH_TIMEOUT:-$limit}" 60)  # keep a minute for the tests' start and the table
+  limit=$(budget "${BENCH_TIMEOUT:-$limit}" "${RESERVE:-60}")  # keep a minute for the tests and the table
   timeout "$limit" selagg-fast bench "$name" --out "$WORK" "$@" >"$WORK/bench_$name.log" 2>&1
   echo "$name bench exit $? after ${SECONDS}s (limit ${limit}s)"
   sed -n "/^$title/,\$p" "$WORK/bench_$name.log" | grep -vE "^(wrote|WARNING|INFO) " >>"$SUMMARY"
@@ -75,7 +75,7 @@ if wanted tests; then
   grep -E "passed|failed" "$WORK/tests.log" | tail -n 1 >>"$SUMMARY"
   pack
 fi
-bench sweep "Sweep" 300  # only when asked (ONLY=...,sweep): last, it takes what time is left
+RESERVE=10 bench sweep "Sweep" 300  # only when asked (ONLY=...,sweep): last, it takes what time is left
 # the issues' targets against what was just measured, printed last
 python3 -m selagg_fast.bench.targets "$WORK" >"$WORK/targets.txt" 2>&1
 pack

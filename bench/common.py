@@ -12,14 +12,18 @@ import torch
 
 def environment() -> dict:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
+    # SELAGG_COMMIT first: gpu_check.sh sets it from the checkout, and an installed copy of the
+    # package is no git checkout (or sits in an unrelated one)
+    commit = os.environ.get("SELAGG_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            commit = ""
     import triton
     return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "commit": commit or os.environ.get("SELAGG_COMMIT", "?")}
+            "date": datetime.date.today().isoformat(), "commit": commit or "?"}
 
 
 def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> tuple:

@@ -20,7 +20,11 @@ mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK"
 pack() { tar -czf "$OUT/raw.tgz" -C "$WORK" . 2>/dev/null; }
 # seconds a step may take: its own limit, or what is left before the deadline (less a reserve)
 budget() { local left=$((DEADLINE - SECONDS - ${2:-15})); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"; }
-export PYTHONUNBUFFERED=1 SELAGG_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
+# the commit the figures are labelled with: pass SELAGG_COMMIT=<hash> when the copy's git metadata
+# may be stale (the device tool sends the working tree, whose .git can be an older snapshot);
+# otherwise HEAD, marked +modified when the files differ from it
+export PYTHONUNBUFFERED=1 SELAGG_COMMIT=${SELAGG_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")$(
+  git diff --quiet HEAD 2>/dev/null || echo +modified)}
 unset TRITON_INTERPRET
 cd "$(dirname "$0")/.."
 SUMMARY="$OUT/summary.txt"

@@ -87,6 +87,9 @@ def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
     configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=ns)
                 for bc, bt, nw, ns in itertools.product((64, 128, 256, 512, 1024), (16, 32), (4, 8), (2, 3))
                 if bc <= BD and (bc >= 128 or BD < 128)]  # 2+ stages: async token copies
+    if BD * max(16, abmilp_ops.next_pow2(K)) <= 16384:  # one program an image, each tile read once
+        configs += [dict(variant="split", BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
+                    for bt, ns in itertools.product((16, 32), (2, 3))]
 
     @contextlib.contextmanager
     def patch(cfg):

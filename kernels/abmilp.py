@@ -289,10 +289,14 @@ def abmilp_fwd_split_kernel(
     stride_xb, stride_xt, P, N, D, K,
     HAS_BIAS: tl.constexpr, STORE_F32: tl.constexpr, STORE_SCORES: tl.constexpr,
     LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, WHOLE: tl.constexpr = False,
 ):
     # Program pid = image * NSPLIT + chunk: the chunk programs of one image are neighbours in
     # launch order, so they stream the image's tokens at the same time (L2 reuse).
+    # WHOLE (the launcher sets it only with BC >= D: one program an image): the weights are
+    # loaded once, before the token loop, and each token tile is read once and feeds both dots
+    # (scores x.w, and the weighted sum through its transpose), instead of re-reading the
+    # weights every tile and the tile again for the sum.
     NSPLIT = tl.cdiv(D, BC)
     pid = tl.program_id(0)
     i_c = pid % NSPLIT
@@ -307,19 +311,29 @@ def abmilp_fwd_split_kernel(
     m_i = tl.full([BK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BK], dtype=tl.float32)
     b_acc = tl.zeros([BC, BK], dtype=tl.float32)  # this chunk of the K weighted sums, transposed
+    if WHOLE:
+        b_w = tl.load(w_ptr + o_k[None, :] * D + o_own[:, None], mask=m_own[:, None] & m_k[None, :], other=0.0)
     for t0 in range(0, N, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < N
-        b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
+        if WHOLE:
+            b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_own[None, :], mask=m_t[:, None] & m_own[None, :],
+                          other=0.0)  # [BT, BC]: every feature of the tile
+            b_s = _dot(b_x, b_w, LOWP, F32_PRECISION)
+        else:
+            b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
         b_s = tl.where(m_t[:, None], b_s + b_bias[None, :], float("-inf"))  # [BT, BK]
         if STORE_SCORES:
             if i_c == 0:
                 tl.store(s_ptr + i_b * K * N + o_k[None, :] * N + o_t[:, None], b_s,
                          mask=m_t[:, None] & m_k[None, :])
         m_new, alpha, b_p, l_i = _softmax_step(b_s, m_i, l_i)  # b_p [BT, BK]
-        # this program's features of the tile, [BC, BT]: just read by the score loop (L1)
-        b_xo = tl.load(p_x + o_t[None, :] * stride_xt + o_own[:, None], mask=m_t[None, :] & m_own[:, None],
-                       other=0.0)
+        if WHOLE:
+            b_xo = tl.trans(b_x)
+        else:
+            # this program's features of the tile, [BC, BT]: just read by the score loop (L1)
+            b_xo = tl.load(p_x + o_t[None, :] * stride_xt + o_own[:, None], mask=m_t[None, :] & m_own[:, None],
+                           other=0.0)
         if not LOWP:
             b_xo = b_xo.to(tl.float32)
         b_acc = b_acc * alpha[None, :] + _dot(b_xo, b_p.to(b_xo.dtype), LOWP, F32_PRECISION)  # [BC, BK]

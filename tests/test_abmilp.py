@@ -325,6 +325,39 @@ def test_prefetching_single_branch_forward(shape, dtype, monkeypatch, poisoned):
 
 
 @requires_kernels
+@pytest.mark.parametrize("shape,dtype", [((5, 17, 100, 3, 5), torch.float32), ((3, 33, 64, 4, 0), torch.float16),
+                                         ((1, 3, 16, 2, 1), torch.float32), ((2, 197, 768, 16, 1), torch.bfloat16)],
+                         ids=lambda v: _ids(v) if isinstance(v, tuple) else str(v))
+def test_whole_image_split_forward(shape, dtype, monkeypatch, poisoned):
+    # WHOLE (one split program an image, weights on chip, each token tile read once) is one of
+    # the forward's GPU autotune configs; the backward runs the usual kernels on its outputs
+    base = abmilp_ops._launch_config
+
+    def whole(D, K, variant="split", fp32=False):
+        cfg = base(D, K, variant, fp32)
+        return dict(cfg, BC=max(16, abmilp_ops.next_pow2(D)), num_warps=8, WHOLE=True) if variant == "split" else cfg
+
+    monkeypatch.setattr(abmilp_ops, "_launch_config", whole)
+    monkeypatch.setenv("SELAGG_AUTOTUNE", "0")
+    monkeypatch.setenv("SELAGG_ABMILP_MULTI", "split")
+    B, T, D, K, P = shape
+    x, w, b = make_inputs(B, T, D, K, dtype)
+    x.requires_grad_(True), w.requires_grad_(True)
+    pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=P, return_weights=True)
+    ref_pooled, ref_weights = reference64(x, w, b, P)
+    assert rel_err(pooled, ref_pooled) < TOL[dtype]
+    assert rel_err(weights, ref_weights) < max(TOL[dtype], 1e-5) * 2
+    # the backward reads the forward's log-sum-exp and float32 output (the bias gradient is zero
+    # analytically and is checked in test_gradients)
+    grad_out = torch.randn_like(pooled, dtype=torch.float32)
+    got = torch.autograd.grad(pooled.float(), (x, w), grad_out)
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+    ref = abmilp_pool_reference(x64, w64, b.double(), num_prefix_tokens=P, compute_dtype=torch.float64)
+    for g, e in zip(got, torch.autograd.grad(ref, (x64, w64), grad_out.double())):
+        assert rel_err(g, e) < GRAD_TOL[dtype]
+
+
+@requires_kernels
 def test_a_multi_branch_family_that_fails_on_the_gpu_is_skipped(monkeypatch, caplog):
     import triton.testing
     launch = abmilp_ops._launch_multi

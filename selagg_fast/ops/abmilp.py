@@ -60,10 +60,11 @@ def _launch_config(D: int, K: int, variant: str = "split", fp32: bool = False) -
     return dict(BK=BK, BC=max(16, min(BD, 64 if fp32 else 256, 4096 // BK)), BT=16, num_warps=4)
 
 
-def _split_configs(D: int, K: int, fp32: bool = False) -> list:
+def _split_configs(D: int, K: int, fp32: bool = False, whole: bool = False) -> list:
     """Autotune list of the split kernels: chunk width x tokens per step x warps (sm_90 compiles
     at ViT-B, bf16 and float32, Triton 3.6 and 3.8: spills of at most a few dozen bytes, in the
-    1024-wide and float32 backward; bench/compile_report.py)."""
+    1024-wide and float32 backward; bench/compile_report.py). ``whole``: also the forward's
+    one-program-an-image configs (WHOLE: weights on chip, each token tile read once)."""
     default = _launch_config(D, K, fp32=fp32)
     BD, BK = max(16, next_pow2(D)), default["BK"]
     # 512- and 1024-wide chunks read each token from L2 fewer times (2x, 1x at ViT-B). H200 sweep,
@@ -75,6 +76,11 @@ def _split_configs(D: int, K: int, fp32: bool = False) -> list:
         cfg = dict(BK=BK, BC=min(bc, BD), BT=bt, num_warps=w)
         if cfg["BC"] * BK <= 16384 and cfg not in configs:
             configs.append(cfg)
+    if whole and not fp32 and BD * BK <= 16384:  # the [BD, BK] accumulator over 8 warps
+        # sm_90, Triton 3.6: 207-211 registers, no spills, wgmma, async copies (one program per SM,
+        # so a third stage of copies in flight is worth a try)
+        configs += [dict(BK=BK, BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
+                    for bt, ns in ((16, 2), (32, 2), (16, 3))]
     return configs
 
 
@@ -98,7 +104,8 @@ def _batched_launcher(kernel):
 
 @functools.lru_cache(maxsize=None)
 def _split_launcher(kernel, D: int, K: int, fp32: bool):
-    configs = [{k: v for k, v in c.items() if k != "BK"} for c in _split_configs(D, K, fp32)]
+    whole = kernel is abmilp_fwd_split_kernel  # WHOLE is a forward option
+    configs = [{k: v for k, v in c.items() if k != "BK"} for c in _split_configs(D, K, fp32, whole)]
     return launcher(kernel, configs, key=["D", "K"])
 
 
@@ -166,9 +173,10 @@ def _launch_multi(variant: str, split_kernel, batched_kernel, programs: int, x: 
     D, fp32 = x.shape[-1], x.dtype == torch.float32
     cfg = _launch_config(D, K, variant, fp32)
     if variant == "split":
+        tuned = ("BC", "BT", "num_warps") + (("WHOLE",) if split_kernel is abmilp_fwd_split_kernel else ())
         _split_launcher(split_kernel, D, K, fp32)(
             lambda meta: (programs * triton.cdiv(D, meta["BC"]),), x.device,
-            _default(cfg, ("BC", "BT", "num_warps")), **kwargs, BK=cfg["BK"])
+            _default(cfg, tuned), **kwargs, BK=cfg["BK"])
     else:
         _batched_launcher(batched_kernel)(
             (programs,), x.device, _default(cfg), **kwargs, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])

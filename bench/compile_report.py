@@ -92,25 +92,25 @@ def _abmilp_cases():
     # four selective lrs), plus the default at other shapes and float32 tokens
     from ..ops.abmilp import _split_configs
     f32 = dict(x_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", dout_ptr="*fp32", dx_ptr="*fp32")
-    for D, K, dt in [(768, 16, "bf16"), (1280, 4, "bf16"), (768, 4, "fp32")]:
+    for D, K, dt in [(768, 16, "bf16"), (768, 4, "bf16"), (1280, 4, "bf16"), (768, 4, "fp32")]:
         configs = _split_configs(D, K, dt == "fp32", whole=True)
-        for cfg in configs if (D, K, dt) == (768, 16, "bf16") else configs[:1]:
+        for cfg in configs if (D, dt) == (768, "bf16") else configs[:1]:
             def sig(base):
                 over = f32 if dt == "fp32" else {}
                 return {n: over.get(n, t) for n, t in dict(base, K="i32", **multi).items()}
             ce = dict(BT=cfg["BT"], BC=cfg["BC"], BK=cfg["BK"],
                       **(dict(LOWP=False, F32_PRECISION="tf32x3") if dt == "fp32" else dot))
-            tag = f"K={K} D={D} {dt} split BC={cfg['BC']} BT={cfg['BT']}" + (" WHOLE" if cfg.get("WHOLE") else "")
+            tag = f"K={K} D={D} {dt} split BC={cfg['BC']} BT={cfg['BT']}" + (" WHOLE" if cfg.get("WHOLE") else "") + (
+                f" s{cfg['num_stages']}" if "num_stages" in cfg else "")
             stages = cfg.get("num_stages", 2)  # the autotuner's default (ops/_dispatch.launcher)
             yield (f"fwd {tag}", k.abmilp_fwd_split_kernel, sig(fwd),
                    dict(HAS_BIAS=True, STORE_F32=dt != "fp32", STORE_SCORES=False, WHOLE=cfg.get("WHOLE", False),
                         **ce), cfg["num_warps"], stages)
-            if cfg.get("WHOLE"):
-                continue  # a forward-only option
+            whole = dict(WHOLE=cfg.get("WHOLE", False))
             yield (f"bwd {tag}", k.abmilp_bwd_split_kernel, sig(bwd),
-                   dict(HAS_BIAS=True, HAS_DX=False, **ce), cfg["num_warps"], stages)
+                   dict(HAS_BIAS=True, HAS_DX=False, **whole, **ce), cfg["num_warps"], stages)
             yield (f"bwd+dx {tag}", k.abmilp_bwd_split_kernel, sig(bwd),
-                   dict(HAS_BIAS=True, HAS_DX=True, **ce), cfg["num_warps"], stages)
+                   dict(HAS_BIAS=True, HAS_DX=True, **whole, **ce), cfg["num_warps"], stages)
 
 
 def main() -> None:

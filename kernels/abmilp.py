@@ -355,10 +355,12 @@ def abmilp_bwd_split_kernel(
     stride_xb, stride_xt, stride_dxb, stride_dxt, B, P, N, D, K,
     HAS_BIAS: tl.constexpr, HAS_DX: tl.constexpr,
     LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, WHOLE: tl.constexpr = False,
 ):
     # Program pid = i_p * NSPLIT + chunk walks images i_p, i_p + G, ... and keeps the dw
     # partial of its chunk in registers; every chunk program recomputes the full scores.
+    # WHOLE (only with BC >= D, as in the forward): each token tile is read once and feeds the
+    # scores, <x, dout> and dw through the on-chip weights, output gradient and its transpose.
     NSPLIT = tl.cdiv(D, BC)
     pid = tl.program_id(0)
     i_c = pid % NSPLIT
@@ -396,12 +398,21 @@ def abmilp_bwd_split_kernel(
             o_t = t0 + tl.arange(0, BT)
             m_t = o_t < N
             # scores and <x_t, dout_k> over all of D, [BT, BK] each
-            b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
-            b_gz = _split_scores(p_x, o_t, m_t, stride_xt, p_g, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
+            if WHOLE:
+                b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_own[None, :], mask=m_t[:, None] & m_own[None, :],
+                              other=0.0)  # [BT, BC]: every feature of the tile
+                b_s = _dot(b_x, tl.trans(b_w), LOWP, F32_PRECISION)
+                b_gz = _dot(b_x, tl.trans(b_go), LOWP, F32_PRECISION)
+            else:
+                b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
+                b_gz = _split_scores(p_x, o_t, m_t, stride_xt, p_g, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
             b_a = tl.where(m_t[:, None] & m_k[None, :], tl.exp(b_s + b_bias[None, :] - b_lse[None, :]), 0.0)
             b_ds = b_a * (b_gz - b_c[None, :])  # d loss / d score
-            b_xo = tl.load(p_x + o_t[None, :] * stride_xt + o_own[:, None], mask=m_t[None, :] & m_own[:, None],
-                           other=0.0)  # [BC, BT]
+            if WHOLE:
+                b_xo = tl.trans(b_x)
+            else:
+                b_xo = tl.load(p_x + o_t[None, :] * stride_xt + o_own[:, None], mask=m_t[None, :] & m_own[:, None],
+                               other=0.0)  # [BC, BT]
             if not LOWP:
                 b_xo = b_xo.to(tl.float32)
             b_dw += _dot(b_xo, b_ds.to(b_xo.dtype), LOWP, F32_PRECISION)  # [BC, BK]

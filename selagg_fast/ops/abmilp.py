@@ -63,7 +63,7 @@ def _launch_config(D: int, K: int, variant: str = "split", fp32: bool = False) -
 def _split_configs(D: int, K: int, fp32: bool = False, whole: bool = False) -> list:
     """Autotune list of the split kernels: chunk width x tokens per step x warps (sm_90 compiles
     at ViT-B, bf16 and float32, Triton 3.6 and 3.8: spills of at most a few dozen bytes, in the
-    1024-wide and float32 backward; bench/compile_report.py). ``whole``: also the forward's
+    1024-wide and float32 backward; bench/compile_report.py). ``whole``: also the
     one-program-an-image configs (WHOLE: weights on chip, each token tile read once)."""
     default = _launch_config(D, K, fp32=fp32)
     BD, BK = max(16, next_pow2(D)), default["BK"]
@@ -104,8 +104,7 @@ def _batched_launcher(kernel):
 
 @functools.lru_cache(maxsize=None)
 def _split_launcher(kernel, D: int, K: int, fp32: bool):
-    whole = kernel is abmilp_fwd_split_kernel  # WHOLE is a forward option
-    configs = [{k: v for k, v in c.items() if k != "BK"} for c in _split_configs(D, K, fp32, whole)]
+    configs = [{k: v for k, v in c.items() if k != "BK"} for c in _split_configs(D, K, fp32, whole=True)]
     return launcher(kernel, configs, key=["D", "K"])
 
 
@@ -173,10 +172,9 @@ def _launch_multi(variant: str, split_kernel, batched_kernel, programs: int, x: 
     D, fp32 = x.shape[-1], x.dtype == torch.float32
     cfg = _launch_config(D, K, variant, fp32)
     if variant == "split":
-        tuned = ("BC", "BT", "num_warps") + (("WHOLE",) if split_kernel is abmilp_fwd_split_kernel else ())
         _split_launcher(split_kernel, D, K, fp32)(
             lambda meta: (programs * triton.cdiv(D, meta["BC"]),), x.device,
-            _default(cfg, tuned), **kwargs, BK=cfg["BK"])
+            _default(cfg, ("BC", "BT", "num_warps", "WHOLE")), **kwargs, BK=cfg["BK"])
     else:
         _batched_launcher(batched_kernel)(
             (programs,), x.device, _default(cfg), **kwargs, BK=cfg["BK"], NC=cfg["NC"], BC=cfg["BC"])

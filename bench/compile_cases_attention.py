@@ -3,12 +3,12 @@
 
 def attention_cases():
     from ..kernels.attention import attention_stats_fwd_kernel
-    from ..ops.attention import _launch_config
+    from ..ops.attention import _launch_config, _tail_rows_config
     for dt in ("bf16", "fp32"):
         sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", out_ptr=f"*{dt}", self_ptr="*fp32",
                    prefix_ptr="*fp32", ent_ptr="*fp32", cls_ptr="*fp32",
                    **{f"stride_{t}{a}": "i32" for t in "qkvo" for a in "bht"},
-                   H="i32", T="i32", P="i32", d="i32", qk_scale="fp32")
+                   H="i32", T="i32", P="i32", d="i32", qk_scale="fp32", q_start="i32")
         for d in (32, 64, 80, 128):
             cfg = _launch_config(d, dt == "fp32")
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -19,3 +19,9 @@ def attention_cases():
             for name, extra in variants:
                 yield (f"attn {dt} d={d}{name}", attention_stats_fwd_kernel, sig,
                        dict(UPCAST=dt == "fp32", F32_PRECISION="tf32x3", **cfg, **extra), warps, stages)
+            if dt == "bf16":  # the second launch for the last <= 32 query rows (16 rows: ViT-B/H/L)
+                for rows in (5, 32):
+                    tail = _tail_rows_config(rows, cfg["BD"])
+                    tw, ts = tail.pop("num_warps"), tail.pop("num_stages")
+                    yield (f"attn {dt} d={d} tail BM={tail['BM']}", attention_stats_fwd_kernel, sig,
+                           dict(UPCAST=False, F32_PRECISION="tf32x3", BD=cfg["BD"], MASK_D=mask_d, **tail), tw, ts)

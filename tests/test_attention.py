@@ -82,6 +82,33 @@ def test_peeled_tail_matches_reference(T, d, BN, monkeypatch, poisoned):
 
 
 @requires_kernels
+@pytest.mark.parametrize("T", [1, 5, 17, 63, 64, 65, 96, 97, 129, 197])
+def test_query_tail_rows_in_a_second_launch(T, monkeypatch, poisoned):
+    # 16-bit inputs: when the last 64-row block would be at most half full, full blocks and the
+    # remaining rows go to two launches (q_start); every row and statistic must still be written
+    from selagg_fast.ops import attention as attention_ops
+    tail_launches = []
+    launch_tail = attention_ops._launch_tail_rows
+
+    def spy(grid, device, cfg, **kwargs):
+        tail_launches.append((cfg["BM"], kwargs["q_start"]))
+        launch_tail(grid, device, cfg, **kwargs)
+
+    monkeypatch.setattr(attention_ops, "_launch_tail_rows", spy)
+    q, k, v = make_qkv(2, 3, T, 64, torch.bfloat16)
+    out, stats = attention_with_stats(q, k, v, num_prefix_tokens=1)
+    ref_out, ref = attention_with_stats_reference(q.double(), k.double(), v.double(), num_prefix_tokens=1,
+                                                  compute_dtype=torch.float64)
+    rows = T % 64
+    expected = [(max(16, 1 << (rows - 1).bit_length()), T - rows)] if 0 < rows <= 32 else []
+    assert tail_launches == expected
+    assert rel_err(out, ref_out) < OUT_TOL[torch.bfloat16]
+    for name in ("self_attn", "prefix_attn", "cls_attn"):
+        assert max_abs(getattr(stats, name), getattr(ref, name)) < PROB_TOL[torch.bfloat16], name
+    assert max_abs(stats.patch_entropy, ref.patch_entropy) < ENT_TOL[torch.bfloat16]
+
+
+@requires_kernels
 def test_matches_sdpa_and_entropy_bounds():
     q, k, v = make_qkv(2, 4, 50, 64, torch.float32, spread=0.1)
     out, stats = attention_with_stats(q, k, v, num_prefix_tokens=1)

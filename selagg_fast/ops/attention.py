@@ -25,6 +25,13 @@ _CONFIGS = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s, PEEL_TAIL=peel)
             for bm, bn, w, s in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2))
             for peel in (False, True)]
 _launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST", "T"])
+# Query tail: T = 197 in 64-row blocks is 3 full blocks and one of 5 rows that costs as much as a
+# full one (a quarter of the work for 2.5% of the rows). When the last block would be at most half
+# full, full 64-row blocks run in one launch and the remaining rows in a second, narrower one.
+SPLIT_BM = 64
+_launch_full_blocks = launcher(attention_stats_fwd_kernel, [c for c in _CONFIGS if c["BM"] == SPLIT_BM],
+                               key=["BD", "UPCAST", "T"])
+_launch_tail_rows = launcher(attention_stats_fwd_kernel, [{}], key=["BD"])  # one config: launched as given
 # fp32 inputs use 3xTF32 dots (float32-accurate), whose operands need more shared memory
 _F32_CONFIG = dict(BM=32, BN=32, num_warps=4, num_stages=1)
 _launch_f32 = launcher(attention_stats_fwd_kernel, [_F32_CONFIG], key=["BD"])
@@ -35,6 +42,11 @@ def _launch_config(d: int, fp32: bool = False) -> dict:
     if fp32:
         return dict(_F32_CONFIG, BD=BD)
     return dict(BM=64, BN=32 if BD > 64 else 64, BD=BD, num_warps=4, num_stages=3 if BD <= 64 else 2)
+
+
+def _tail_rows_config(rows: int, BD: int) -> dict:
+    """The second launch's config for the last ``rows`` (<= half a block) query rows of each head."""
+    return dict(BM=max(16, next_pow2(rows)), BN=32 if BD > 64 else 64, num_warps=4, num_stages=2, PEEL_TAIL=False)
 
 
 def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float) -> Optional[str]:
@@ -57,8 +69,7 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
     fp32 = q.dtype == torch.float32
     cfg = _launch_config(d, fp32)
     BD = cfg.pop("BD")
-    (_launch_f32 if fp32 else _launch)(
-        lambda meta: (triton.cdiv(T, meta["BM"]), B * H), q.device, cfg,
+    args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out,
         self_ptr=stats[0], prefix_ptr=stats[1], ent_ptr=stats[2], cls_ptr=stats[3],
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
@@ -71,6 +82,17 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
         UPCAST=interpreter_active() or q.dtype == torch.float32,
         F32_PRECISION="ieee" if interpreter_active() else "tf32x3",
     )
+    # the untuned block height (64: SPLIT_BM, the tuned list's); a patched one (the sweep's) splits alike
+    block = cfg["BM"]
+    full_rows, tail_rows = divmod(T, block)
+    full_rows *= block
+    if fp32 or not 0 < tail_rows <= block // 2:  # one launch (fp32 tiles are 32 rows already)
+        (_launch_f32 if fp32 else _launch)(
+            lambda meta: (triton.cdiv(T, meta["BM"]), B * H), q.device, cfg, q_start=0, **args)
+    else:
+        if full_rows:
+            _launch_full_blocks(lambda meta: (full_rows // meta["BM"], B * H), q.device, cfg, q_start=0, **args)
+        _launch_tail_rows((1, B * H), q.device, _tail_rows_config(tail_rows, BD), q_start=full_rows, **args)
     return out, AttentionStats(*stats)
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -162,3 +163,26 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
         log.warning("!!! %s is RANDOMLY INITIALISED (no --checkpoint): its accuracies say nothing "
                     "about any pretrained model !!!", name)
     return Backbone(model, name, return_block=return_block, final_norm=final_norm)
+
+
+@dataclass
+class BackboneSettings:
+    """Which frozen ViT to build and from which weights: the fields that `probe`, `analyze` and
+    `maps` share (their configs extend this class; a probe run's saved config rebuilds it)."""
+    model: str = "vit_base_patch16_224"
+    checkpoint: str | None = None
+    random_init: bool = False
+    allow_key_mismatch: bool = False
+    return_block: int | None = None
+    final_norm: bool = False
+    model_kwargs: dict = field(default_factory=dict)
+
+    def create_backbone(self) -> Backbone:
+        return create_backbone(self.model, self.checkpoint, random_init=self.random_init,
+                               allow_key_mismatch=self.allow_key_mismatch, return_block=self.return_block,
+                               final_norm=self.final_norm, **self.model_kwargs)
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "BackboneSettings":
+        """The backbone fields of a saved run config (a dict of a config that extends this class)."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})

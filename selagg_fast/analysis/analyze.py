@@ -14,14 +14,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..backbone import create_backbone
+from ..backbone import BackboneSettings
 from ..data import analysis_images, collate_skipping
 from ..distributed import barrier, init_distributed
 from ..modules import record_attention_stats
@@ -31,13 +31,7 @@ log = logging.getLogger("selagg_fast")
 
 
 @dataclass
-class AnalyzeConfig:
-    model: str = "vit_base_patch16_224"
-    checkpoint: str | None = None
-    random_init: bool = False
-    allow_key_mismatch: bool = False
-    model_kwargs: dict = field(default_factory=dict)
-    return_block: int | None = None
+class AnalyzeConfig(BackboneSettings):
     data: str | None = None
     limit: int | None = None
     batch_size: int = 512
@@ -106,9 +100,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     device = dist_info.device
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.model, cfg.checkpoint, random_init=cfg.random_init,
-                               allow_key_mismatch=cfg.allow_key_mismatch, return_block=cfg.return_block,
-                               **cfg.model_kwargs).to(device)
+    backbone = cfg.create_backbone().to(device)
     info = backbone.info
     dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
     out = cfg.output_dir

@@ -6,7 +6,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..backbone import create_backbone
+from ..backbone import BackboneSettings
 from ..probe.heads import ProbeHeads, parse_heads
 
 
@@ -27,10 +27,7 @@ class ProbeMaps:
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         torch.manual_seed(cfg["seed"])  # a --random-init probe's backbone is re-created from its seed
-        self.backbone = create_backbone(cfg["model"], cfg["checkpoint"], random_init=cfg["random_init"],
-                                        allow_key_mismatch=cfg["allow_key_mismatch"],
-                                        return_block=cfg["return_block"], final_norm=cfg["final_norm"],
-                                        **cfg["model_kwargs"]).to(self.device)
+        self.backbone = BackboneSettings.from_config(cfg).create_backbone().to(self.device)
         self.info = self.backbone.info
         specs = parse_heads(cfg["heads"], has_cls=self.info.has_cls)
         if not any(s.selective for s in specs):

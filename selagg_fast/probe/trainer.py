@@ -13,14 +13,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from ..backbone import create_backbone
+from ..backbone import BackboneSettings
 from ..distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard_indices
 from ..profiling import nvtx_range
 from .cache import extract, file_stamp, open_store
@@ -34,15 +34,8 @@ log = logging.getLogger("selagg_fast")
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(BackboneSettings):
     """Every setting of a probing run; defaults are the paper's protocol (App. B.2)."""
-    model: str = "vit_base_patch16_224"
-    checkpoint: str | None = None
-    random_init: bool = False
-    allow_key_mismatch: bool = False
-    return_block: int | None = None
-    final_norm: bool = False
-    model_kwargs: dict = field(default_factory=dict)
     compile_backbone: bool = False
     data: str | None = None
     train_list: str | None = None
@@ -111,9 +104,7 @@ class _Run:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         torch.manual_seed(cfg.seed)
 
-        self.backbone = create_backbone(
-            cfg.model, cfg.checkpoint, random_init=cfg.random_init, allow_key_mismatch=cfg.allow_key_mismatch,
-            return_block=cfg.return_block, final_norm=cfg.final_norm, **cfg.model_kwargs).to(self.device)
+        self.backbone = cfg.create_backbone().to(self.device)
         self.info = self.backbone.info
         # torch.compile of the frozen forward: compiled on the first batch (and again for the
         # last, smaller one), the same tokens up to float rounding afterwards

@@ -1,7 +1,8 @@
 """`selagg-fast bench sweep`: time the kernels over a wide grid of launch configs (GPU only).
 
 The library launches a short autotune list; this sweep shows what the current kernels can reach
-at the issue shapes (AbMILP K=1 and K=16 forward at ViT-B, attention+stats at ViT-B) and which tile /
+at the issue shapes (AbMILP K=1 and K=16 forward, attention+stats, and the probe step's K=1 and
+K=4 backward, all at ViT-B) and which tile /
 warp / stage choice gets there, so a GPU session spends its minutes on the right change. Each
 config's output is checked against the first one's before it is timed.
 """
@@ -106,6 +107,41 @@ def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
     return _run_grid(f"abmilp K={K} fwd {B}x{T}x{D}", configs, patch, _pool_call(x, w, b), _max_abs_diff)
 
 
+def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
+    """Backward without dx (the probe step: frozen tokens): K=1, or K>1 in both families."""
+    x = torch.randn(B, T, D, device=device, dtype=dtype)
+    w = torch.randn(K, D, device=device) * D ** -0.5
+    b = torch.zeros(K, device=device)
+    out, out32, lse, scores = abmilp_ops.abmilp_fwd(x, w, b, 1, True, K == 1)
+    dout = torch.randn_like(out)
+    BD = max(16, abmilp_ops.next_pow2(D))
+    if K == 1:
+        configs = [dict(variant="", BT=bt, num_warps=nw) for bt, nw in itertools.product((4, 8, 16), (2, 4, 8))
+                   if bt * BD <= 16384]
+    else:
+        configs = [dict(variant="batched", num_stages=ns) for ns in (1, 2)]
+        configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=2)
+                    for bc, bt, nw in itertools.product((256, 1024), (16, 32), (4, 8)) if bc <= BD]
+        if BD * max(16, abmilp_ops.next_pow2(K)) <= 16384:
+            configs += [dict(variant="split", BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
+                        for bt, ns in itertools.product((16, 32), (2, 3))]
+
+    @contextlib.contextmanager
+    def patch(cfg):
+        cfg = dict(cfg)
+        variant = cfg.pop("variant")
+        base = abmilp_ops._launch_config
+        env = {"SELAGG_ABMILP_MULTI": variant} if variant else {}
+        with mock.patch.dict(os.environ, env), _patched(
+                abmilp_ops, _launch_config=lambda D_, K_, *a, **kw: dict(base(D_, K_, *a, **kw), **cfg)):
+            yield
+
+    def call():  # the weight gradient
+        return abmilp_ops.abmilp_bwd(x, w, b, 1, lse, out32, dout, False, scores)[1]
+
+    return _run_grid(f"abmilp K={K} bwd (no dx) {B}x{T}x{D}", configs, patch, call, _max_abs_diff)
+
+
 def sweep_attention(device, dtype, B, H, T, d) -> list:
     q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype) for _ in range(3))
     BD = max(16, attention_ops.next_pow2(d))
@@ -141,6 +177,9 @@ def run(quick: bool = False, csv_path: str = "bench/out/sweep.csv") -> list:
               lambda: sweep_abmilp_multi(device, dtype, *((1024, 197, 768, 16) if cuda else (2, 9, 40, 3)))]
     if not quick:
         groups.append(lambda: sweep_attention(device, dtype, *((256, 12, 197, 64) if cuda else (1, 1, 40, 16))))
+        # the probe step's backward: one branch, and the trainer's four selective lrs
+        groups += [lambda K=K: sweep_abmilp_backward(device, dtype, *((1024, 197, 768) if cuda else (2, 9, 40)), K)
+                   for K in (1, 4)]
     rows = []
     for group in groups:  # each group's tables and the CSV as soon as it is measured (a run cut short keeps them)
         measured = group()

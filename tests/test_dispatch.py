@@ -1,9 +1,13 @@
-"""The launcher's autotuning path, with stand-ins for Triton's kernel and autotuner (runs anywhere)."""
+"""The launcher: its autotuning path with stand-ins for Triton's kernel and autotuner (runs anywhere),
+and tuned-then-cached launches of the real ops against the reference (CUDA; the default path elsewhere)."""
 import types
 
 import torch
 
+from conftest import DEVICE, rel_err, requires_kernels
+from selagg_fast import abmilp_pool, attention_with_stats
 from selagg_fast.ops import _dispatch
+from selagg_fast.reference import abmilp_pool_reference, attention_with_stats_reference
 
 
 class _Config:
@@ -72,3 +76,21 @@ def test_untuned_launches_use_the_default_config(monkeypatch):
     launch((1,), types.SimpleNamespace(type="cuda"), dict(BT=4, num_warps=2), x=torch.zeros(2), D=768)
     assert [who for who, _ in log] == ["kernel", "kernel"]
     assert all(kw["BT"] == 4 and kw["num_warps"] == 2 for _, kw in log)
+
+
+@requires_kernels
+def test_tuned_then_cached_launches_give_the_reference(monkeypatch):
+    # On CUDA the first call autotunes and later calls reuse the pick without the autotuner; on
+    # the CPU both run the default config. Either way every call must give the reference values.
+    monkeypatch.setenv("SELAGG_AUTOTUNE", "1")
+    x = torch.randn(3, 197, 96, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(96, device=DEVICE) * 0.2
+    q, k, v = (torch.randn(2, 2, 197, 64, device=DEVICE).to(torch.bfloat16) for _ in range(3))
+    ref_pool = abmilp_pool_reference(x.double(), w.double(), num_prefix_tokens=1, compute_dtype=torch.float64)
+    ref_out, ref_stats = attention_with_stats_reference(q.double(), k.double(), v.double(),
+                                                        compute_dtype=torch.float64)
+    for _ in range(2):
+        assert rel_err(abmilp_pool(x, w, num_prefix_tokens=1), ref_pool) < 1.5e-2
+        out, stats = attention_with_stats(q, k, v)
+        assert rel_err(out, ref_out) < 1.5e-2
+        assert (stats.self_attn.double().cpu() - ref_stats.self_attn.cpu()).abs().max() < 5e-3

@@ -63,6 +63,26 @@ def _max_abs_diff(got, ref) -> float:
     return (got.float() - ref.float()).abs().max().item()
 
 
+def _whole_configs(BD: int, K: int) -> list:
+    """The split kernels' one-program-an-image (WHOLE) configs, where the accumulator fits."""
+    if BD * max(16, abmilp_ops.next_pow2(K)) > 16384:
+        return []
+    return [dict(variant="split", BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
+            for bt, ns in itertools.product((16, 32), (2, 3))]
+
+
+@contextlib.contextmanager
+def _pooling_config(cfg):
+    """Launch every pooling kernel with ``cfg`` (its "variant" names the K>1 family, "" for K=1)."""
+    cfg = dict(cfg)
+    variant = cfg.pop("variant", "")
+    base = abmilp_ops._launch_config
+    env = {"SELAGG_ABMILP_MULTI": variant} if variant else {}
+    with mock.patch.dict(os.environ, env), _patched(
+            abmilp_ops, _launch_config=lambda D_, K_, *a, **kw: dict(base(D_, K_, *a, **kw), **cfg)):
+        yield
+
+
 def sweep_abmilp(device, dtype, B, T, D) -> list:
     x = torch.randn(B, T, D, device=device, dtype=dtype)
     w = torch.randn(D, device=device) * D ** -0.5
@@ -70,16 +90,12 @@ def sweep_abmilp(device, dtype, B, T, D) -> list:
     configs = [dict(BT=bt, num_warps=nw, num_stages=ns, PREFETCH=pf)
                for pf, bt, nw, ns in itertools.product((False, True), (4, 8, 16), (2, 4, 8), (1, 3))
                if bt * abmilp_ops.next_pow2(D) <= 16384]
-
-    def patch(cfg):
-        base = abmilp_ops._launch_config
-        return _patched(abmilp_ops, _launch_config=lambda D_, K_, *a: dict(base(D_, K_, *a), **cfg))
-
-    return _run_grid(f"abmilp K=1 fwd {B}x{T}x{D}", configs, patch, _pool_call(x, w, b), _max_abs_diff)
+    return _run_grid(f"abmilp K=1 fwd {B}x{T}x{D}", configs, _pooling_config, _pool_call(x, w, b), _max_abs_diff)
 
 
 def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
-    """K>1 forward: both kernel families; the split kernels over chunk width x tokens x warps x stages."""
+    """K>1 forward: both kernel families; the split kernels over chunk width x tokens x warps x stages,
+    and whole-image programs."""
     x = torch.randn(B, T, D, device=device, dtype=dtype)
     w = torch.randn(K, D, device=device) * D ** -0.5
     b = torch.zeros(K, device=device)
@@ -88,23 +104,8 @@ def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
     configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=ns)
                 for bc, bt, nw, ns in itertools.product((64, 128, 256, 512, 1024), (16, 32), (4, 8), (2, 3))
                 if bc <= BD and (bc >= 128 or BD < 128)]  # 2+ stages: async token copies
-    if BD * max(16, abmilp_ops.next_pow2(K)) <= 16384:  # one program an image, each tile read once
-        configs += [dict(variant="split", BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
-                    for bt, ns in itertools.product((16, 32), (2, 3))]
-
-    @contextlib.contextmanager
-    def patch(cfg):
-        cfg = dict(cfg)
-        variant = cfg.pop("variant")
-        base = abmilp_ops._launch_config
-
-        def config(D_, K_, v="split", fp32=False):
-            return dict(base(D_, K_, v, fp32), **cfg)
-
-        with mock.patch.dict(os.environ, SELAGG_ABMILP_MULTI=variant), _patched(abmilp_ops, _launch_config=config):
-            yield
-
-    return _run_grid(f"abmilp K={K} fwd {B}x{T}x{D}", configs, patch, _pool_call(x, w, b), _max_abs_diff)
+    configs += _whole_configs(BD, K)  # one program an image, each tile read once
+    return _run_grid(f"abmilp K={K} fwd {B}x{T}x{D}", configs, _pooling_config, _pool_call(x, w, b), _max_abs_diff)
 
 
 def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
@@ -122,24 +123,12 @@ def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
         configs = [dict(variant="batched", num_stages=ns) for ns in (1, 2)]
         configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=2)
                     for bc, bt, nw in itertools.product((256, 1024), (16, 32), (4, 8)) if bc <= BD]
-        if BD * max(16, abmilp_ops.next_pow2(K)) <= 16384:
-            configs += [dict(variant="split", BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
-                        for bt, ns in itertools.product((16, 32), (2, 3))]
-
-    @contextlib.contextmanager
-    def patch(cfg):
-        cfg = dict(cfg)
-        variant = cfg.pop("variant")
-        base = abmilp_ops._launch_config
-        env = {"SELAGG_ABMILP_MULTI": variant} if variant else {}
-        with mock.patch.dict(os.environ, env), _patched(
-                abmilp_ops, _launch_config=lambda D_, K_, *a, **kw: dict(base(D_, K_, *a, **kw), **cfg)):
-            yield
+        configs += _whole_configs(BD, K)
 
     def call():  # the weight gradient
         return abmilp_ops.abmilp_bwd(x, w, b, 1, lse, out32, dout, False, scores)[1]
 
-    return _run_grid(f"abmilp K={K} bwd (no dx) {B}x{T}x{D}", configs, patch, call, _max_abs_diff)
+    return _run_grid(f"abmilp K={K} bwd (no dx) {B}x{T}x{D}", configs, _pooling_config, call, _max_abs_diff)
 
 
 def sweep_attention(device, dtype, B, H, T, d) -> list:

@@ -33,6 +33,9 @@ def host_us(fn, calls: int = 300) -> float:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        print("host_overhead: needs a CUDA device (it compares host time with GPU time); nothing to do.")
+        return
     B, T, D = 1024, 197, 768
     x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
     w1 = torch.randn(D, device="cuda") * D ** -0.5

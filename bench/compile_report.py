@@ -120,6 +120,13 @@ def main() -> None:
         cases += list(attention_cases())
     except ImportError:
         pass
+    from ..kernels.norms import token_norm_ratio_kernel
+    for D in (768, 1280):  # the analysis' magnitude ratio: bf16 attention branch over a float32 residual
+        BD = 1 << (D - 1).bit_length()
+        cases.append((f"norm ratio D={D}", token_norm_ratio_kernel,
+                      dict(num_ptr="*bf16", den_ptr="*fp32", out_ptr="*fp32", stride_nb="i32", stride_nt="i32",
+                           stride_db="i32", stride_dt="i32", T="i32", D="i32"),
+                      dict(BT=max(1, 8192 // BD), BD=BD), 4 if BD <= 1024 else 8))
     print(f"{'kernel':<44} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem':>7} {'mma':>8} {'async':>5}")
     for name, fn, sig, ce, warps, *stages in cases:  # an optional 6th item: num_stages of the launch
         try:

@@ -88,7 +88,7 @@ def sweep_abmilp(device, dtype, B, T, D) -> list:
     w = torch.randn(D, device=device) * D ** -0.5
     b = torch.zeros((), device=device)
     configs = [dict(BT=bt, num_warps=nw, num_stages=ns, PREFETCH=pf)
-               for pf, bt, nw, ns in itertools.product((False, True), (4, 8, 16), (2, 4, 8), (1, 3))
+               for pf, bt, nw, ns in itertools.product((False, True), (2, 4, 8, 16), (1, 2, 4, 8), (1,))
                if bt * abmilp_ops.next_pow2(D) <= 16384]
     return _run_grid(f"abmilp K=1 fwd {B}x{T}x{D}", configs, _pooling_config, _pool_call(x, w, b), _max_abs_diff)
 
@@ -117,7 +117,7 @@ def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
     dout = torch.randn_like(out)
     BD = max(16, abmilp_ops.next_pow2(D))
     if K == 1:
-        configs = [dict(variant="", BT=bt, num_warps=nw) for bt, nw in itertools.product((4, 8, 16), (2, 4, 8))
+        configs = [dict(variant="", BT=bt, num_warps=nw) for bt, nw in itertools.product((2, 4, 8, 16), (1, 2, 4, 8))
                    if bt * BD <= 16384]
     else:
         configs = [dict(variant="batched", num_stages=ns) for ns in (1, 2)]

@@ -66,8 +66,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
+    from .distributed import shutdown_distributed
+    finished = False
     try:
         args.func(args)
+        finished = True
     except _user_errors() as e:
         # a bad path, flag or checkpoint: the message says what to change; a traceback would bury it
         if os.environ.get("SELAGG_TRACEBACK", "0") not in ("", "0"):
@@ -75,6 +78,8 @@ def main(argv=None) -> int:
         print(f"selagg-fast {args.command}: error: {e}\n(SELAGG_TRACEBACK=1 shows where it was raised)",
               file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed(synchronize=finished)  # under torchrun: no rank exits with gloo threads alive
     return 0
 
 

@@ -20,8 +20,10 @@ def attention_cases():
                 yield (f"attn {dt} d={d}{name}", attention_stats_fwd_kernel, sig,
                        dict(UPCAST=dt == "fp32", F32_PRECISION="tf32x3", **cfg, **extra), warps, stages)
             if dt == "bf16":  # the second launch for the last <= 32 query rows (16 rows: ViT-B/H/L)
-                for rows in (5, 32):
-                    tail = _tail_rows_config(rows, cfg["BD"])
+                for rows, warps_bn in ((5, (4, None)), (5, (2, 32)), (32, (4, None)), (32, (2, 64))):
+                    tail = _tail_rows_config(rows, cfg["BD"])  # the untuned config, then tuned ones
+                    tail["num_warps"] = warps_bn[0]
+                    tail["BN"] = warps_bn[1] or tail["BN"]
                     tw, ts = tail.pop("num_warps"), tail.pop("num_stages")
-                    yield (f"attn {dt} d={d} tail BM={tail['BM']}", attention_stats_fwd_kernel, sig,
+                    yield (f"attn {dt} d={d} tail BM={tail['BM']} BN={tail['BN']}", attention_stats_fwd_kernel, sig,
                            dict(UPCAST=False, F32_PRECISION="tf32x3", BD=cfg["BD"], MASK_D=mask_d, **tail), tw, ts)

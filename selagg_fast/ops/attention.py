@@ -31,10 +31,19 @@ _launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST", "T
 SPLIT_BM = 64
 _launch_full_blocks = launcher(attention_stats_fwd_kernel, [c for c in _CONFIGS if c["BM"] == SPLIT_BM],
                                key=["BD", "UPCAST", "T"])
-_launch_tail_rows = launcher(attention_stats_fwd_kernel, [{}], key=["BD"])  # one config: launched as given
+# the tail launch tunes its key block and warps per row-block height (16 or 32 rows)
+_TAIL_LAUNCHERS = {bm: launcher(attention_stats_fwd_kernel,
+                                [dict(BM=bm, BN=bn, num_warps=w, num_stages=2, PEEL_TAIL=False)
+                                 for bn in (32, 64) for w in (2, 4)], key=["BD", "UPCAST", "T"])
+                   for bm in (16, 32)}
+
 # fp32 inputs use 3xTF32 dots (float32-accurate), whose operands need more shared memory
 _F32_CONFIG = dict(BM=32, BN=32, num_warps=4, num_stages=1)
 _launch_f32 = launcher(attention_stats_fwd_kernel, [_F32_CONFIG], key=["BD"])
+
+
+def _launch_tail_rows(grid, device, cfg: dict, **kwargs) -> None:
+    _TAIL_LAUNCHERS[cfg["BM"]](grid, device, cfg, **kwargs)
 
 
 def _launch_config(d: int, fp32: bool = False) -> dict:
@@ -45,7 +54,7 @@ def _launch_config(d: int, fp32: bool = False) -> dict:
 
 
 def _tail_rows_config(rows: int, BD: int) -> dict:
-    """The second launch's config for the last ``rows`` (<= half a block) query rows of each head."""
+    """The second launch's untuned config for the last ``rows`` (<= half a block, <= 32) query rows."""
     return dict(BM=max(16, next_pow2(rows)), BN=32 if BD > 64 else 64, num_warps=4, num_stages=2, PEEL_TAIL=False)
 
 
@@ -86,7 +95,7 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
     block = cfg["BM"]
     full_rows, tail_rows = divmod(T, block)
     full_rows *= block
-    if fp32 or not 0 < tail_rows <= block // 2:  # one launch (fp32 tiles are 32 rows already)
+    if fp32 or not 0 < tail_rows <= min(block // 2, 32):  # one launch (fp32 tiles are 32 rows already)
         (_launch_f32 if fp32 else _launch)(
             lambda meta: (triton.cdiv(T, meta["BM"]), B * H), q.device, cfg, q_start=0, **args)
     else:

@@ -124,10 +124,12 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
                     for peer in ("eager", "compile"):
                         if (peer, r["mode"]) in results:
                             r[f"x_vs_{peer}"] = results[(peer, r["mode"])] / fused
-        # each shape's table as soon as it is measured (a run cut short keeps what it has)
-        print_table([r for r in rows if r["shape"] == name], cols,
-                    title=f"AbMILP pooling {name} B={B} T={T} D={D} (tokens frozen; pool_graph = pool fwd+bwd "
-                          "alone, probe = pool+BN+Linear+CE fwd+bwd, *_graph = replayed as a CUDA graph; kernels = "
-                          "the K>1 family picked, forward/backward)")
-        write_csv(csv_path, rows)
+            # each (shape, K) table as soon as it is measured: a run cut short keeps what it has
+            print_table([r for r in rows if r["shape"] == name and r["K"] == K], cols,
+                        title=f"AbMILP pooling {name} B={B} T={T} D={D} K={K}" + (
+                            "" if K > 1 or name != shapes[0][0] else
+                            " (tokens frozen; pool_graph = pool fwd+bwd alone, probe = pool+BN+Linear+CE "
+                            "fwd+bwd, *_graph = replayed as a CUDA graph; kernels = the K>1 family picked, "
+                            "forward/backward)"))
+            write_csv(csv_path, rows)
     return rows

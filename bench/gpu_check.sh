@@ -56,7 +56,7 @@ bench() {
 }
 quick() { full "$1" || echo --quick; }
 # benchmarks first: they carry the targets
-bench abmilp "AbMILP pooling" 150 $(quick abmilp) $(full abmilp || echo --no-compile)
+bench abmilp "AbMILP pooling" 240 $(quick abmilp) $(full abmilp || echo --no-compile)
 bench attention "One attention block" 170 $(quick attention)   # with its torch.compile and FlexAttention peers
 bench probe "Probe training step" 110 $(quick probe)
 bench analyze "Analyze throughput" 90 --quick

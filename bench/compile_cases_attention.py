@@ -20,10 +20,8 @@ def attention_cases():
                 yield (f"attn {dt} d={d}{name}", attention_stats_fwd_kernel, sig,
                        dict(UPCAST=dt == "fp32", F32_PRECISION="tf32x3", **cfg, **extra), warps, stages)
             if dt == "bf16":  # the second launch for the last <= 32 query rows (16 rows: ViT-B/H/L)
-                for rows, warps_bn in ((5, (4, None)), (5, (2, 32)), (32, (4, None)), (32, (2, 64))):
-                    tail = _tail_rows_config(rows, cfg["BD"])  # the untuned config, then tuned ones
-                    tail["num_warps"] = warps_bn[0]
-                    tail["BN"] = warps_bn[1] or tail["BN"]
+                for rows, tuned in ((5, {}), (5, dict(num_warps=2, BN=32)), (32, {}), (32, dict(num_warps=2, BN=64))):
+                    tail = dict(_tail_rows_config(rows, cfg["BD"]), **tuned)  # the untuned config, then tuned ones
                     tw, ts = tail.pop("num_warps"), tail.pop("num_stages")
                     yield (f"attn {dt} d={d} tail BM={tail['BM']} BN={tail['BN']}", attention_stats_fwd_kernel, sig,
                            dict(UPCAST=False, F32_PRECISION="tf32x3", BD=cfg["BD"], MASK_D=mask_d, **tail), tw, ts)

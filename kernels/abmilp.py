@@ -283,6 +283,12 @@ def _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC: tl.constexpr
     return b_s
 
 
+@triton.jit
+def _token_tile(p_x, o_t, m_t, stride_xt, o_d, m_d):
+    # tokens o_t x features o_d of one image, [BT, BC] (WHOLE: every feature of the tile)
+    return tl.load(p_x + o_t[:, None] * stride_xt + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["P", "N"])
 def abmilp_fwd_split_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr,
@@ -317,8 +323,7 @@ def abmilp_fwd_split_kernel(
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < N
         if WHOLE:
-            b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_own[None, :], mask=m_t[:, None] & m_own[None, :],
-                          other=0.0)  # [BT, BC]: every feature of the tile
+            b_x = _token_tile(p_x, o_t, m_t, stride_xt, o_own, m_own)
             b_s = _dot(b_x, b_w, LOWP, F32_PRECISION)
         else:
             b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
@@ -399,8 +404,7 @@ def abmilp_bwd_split_kernel(
             m_t = o_t < N
             # scores and <x_t, dout_k> over all of D, [BT, BK] each
             if WHOLE:
-                b_x = tl.load(p_x + o_t[:, None] * stride_xt + o_own[None, :], mask=m_t[:, None] & m_own[None, :],
-                              other=0.0)  # [BT, BC]: every feature of the tile
+                b_x = _token_tile(p_x, o_t, m_t, stride_xt, o_own, m_own)
                 b_s = _dot(b_x, tl.trans(b_w), LOWP, F32_PRECISION)
                 b_gz = _dot(b_x, tl.trans(b_go), LOWP, F32_PRECISION)
             else:

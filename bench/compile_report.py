@@ -64,7 +64,7 @@ def _abmilp_cases():
                stride_xb="i64", stride_xt="i64", P="i32", N="i32", D="i32")
     bwd = dict(base, lse_ptr="*fp32", out32_ptr="*fp32", dout_ptr="*bf16", dx_ptr="*bf16", dw_ptr="*fp32",
                db_ptr="*fp32", stride_xb="i64", stride_xt="i64", stride_dxb="i64", stride_dxt="i64",
-               B="i32", P="i32", N="i32", D="i32")
+               stride_part="i32", B="i32", P="i32", N="i32", D="i32")
     # the K=1 backward reads the saved scores instead of the bias
     bwd1 = dict(x_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32",
                 **{k: v for k, v in bwd.items() if k not in ("x_ptr", "w_ptr", "bias_ptr")})

@@ -167,11 +167,12 @@ def abmilp_fwd_kernel(
 @triton.jit(do_not_specialize=["B", "P", "N"])
 def abmilp_bwd_single_kernel(
     x_ptr, w_ptr, s_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
-    stride_xb, stride_xt, stride_dxb, stride_dxt, B, P, N, D,
+    stride_xb, stride_xt, stride_dxb, stride_dxt, stride_part, B, P, N, D,
     HAS_DX: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    # Each program walks images i_p, i_p + G, ... and keeps its dw / db partials in registers.
-    # The forward's scores s [B, N] are read back, so a token costs one reduction over D
+    # Each program walks images i_p, i_p + G, ... and keeps its dw / db partials in registers,
+    # stored as row i_p of one [G, stride_part] buffer (dw, then db), so that the launcher
+    # reduces both with one sum. The forward's scores s [B, N] are read back, so a token costs one reduction over D
     # (<x, dout>), not two.
     i_p = tl.program_id(0)
     G = tl.num_programs(0)
@@ -204,14 +205,14 @@ def abmilp_bwd_single_kernel(
                 b_dx = b_a[:, None] * b_g[None, :] + b_ds[:, None] * b_w[None, :]  # [BT, BD]
                 p_dx = dx_ptr + i_b * stride_dxb + (P + o_t[:, None]) * stride_dxt + o_d[None, :]
                 tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
-    tl.store(dw_ptr + i_p * D + o_d, b_dw, mask=m_d)
-    tl.store(db_ptr + i_p, tl.sum(b_db, axis=0))
+    tl.store(dw_ptr + i_p * stride_part + o_d, b_dw, mask=m_d)
+    tl.store(db_ptr + i_p * stride_part, tl.sum(b_db, axis=0))
 
 
 @triton.jit(do_not_specialize=["B", "P", "N"])
 def abmilp_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
-    stride_xb, stride_xt, stride_dxb, stride_dxt, B, P, N, D, K,
+    stride_xb, stride_xt, stride_dxb, stride_dxt, stride_part, B, P, N, D, K,
     HAS_BIAS: tl.constexpr, HAS_DX: tl.constexpr,
     LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr,
@@ -264,8 +265,8 @@ def abmilp_bwd_kernel(
                     + _dot(b_ds3, tl.permute(b_wt, (0, 2, 1)), LOWP, F32_PRECISION)  # [NC, BT, BC]
                 p_dx = dx_ptr + i_b * stride_dxb + (P + o_t[None, :, None]) * stride_dxt + o_dx
                 tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
-    tl.store(dw_ptr + i_p * K * D + o_kd, b_dw, mask=m_kd)
-    tl.store(db_ptr + i_p * K + o_k, b_db, mask=m_k)
+    tl.store(dw_ptr + i_p * stride_part + o_kd, b_dw, mask=m_kd)
+    tl.store(db_ptr + i_p * stride_part + o_k, b_db, mask=m_k)
 
 
 @triton.jit
@@ -357,7 +358,7 @@ def abmilp_fwd_split_kernel(
 @triton.jit(do_not_specialize=["B", "P", "N"])
 def abmilp_bwd_split_kernel(
     x_ptr, w_ptr, bias_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
-    stride_xb, stride_xt, stride_dxb, stride_dxt, B, P, N, D, K,
+    stride_xb, stride_xt, stride_dxb, stride_dxt, stride_part, B, P, N, D, K,
     HAS_BIAS: tl.constexpr, HAS_DX: tl.constexpr,
     LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, WHOLE: tl.constexpr = False,
@@ -426,6 +427,6 @@ def abmilp_bwd_split_kernel(
                     + _dot(b_ds.to(b_w.dtype), b_w, LOWP, F32_PRECISION)  # [BT, BC]
                 p_dx = dx_ptr + i_b * stride_dxb + (P + o_t[:, None]) * stride_dxt + o_own[None, :]
                 tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_t[:, None] & m_own[None, :])
-    tl.store(dw_ptr + i_p * K * D + o_k[None, :] * D + o_own[:, None], b_dw, mask=m_k[None, :] & m_own[:, None])
+    tl.store(dw_ptr + i_p * stride_part + o_k[None, :] * D + o_own[:, None], b_dw, mask=m_k[None, :] & m_own[:, None])
     if i_c == 0:
-        tl.store(db_ptr + i_p * K + o_k, b_db, mask=m_k)
+        tl.store(db_ptr + i_p * stride_part + o_k, b_db, mask=m_k)

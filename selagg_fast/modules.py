@@ -47,8 +47,9 @@ class SelectiveAggregation(nn.Module):
         return f"dim={self.dim}, branches={self.branches}, num_prefix_tokens={self.num_prefix_tokens}"
 
     def forward(self, tokens: torch.Tensor, return_weights: bool = False):
-        weight = self.weight[0] if self.branches == 1 else self.weight
-        bias = self.bias[0] if self.branches == 1 else self.bias
+        # K = 1 as views ([D], scalar): their backward is free, indexing's would fill zero tensors
+        weight = self.weight.view(self.dim) if self.branches == 1 else self.weight
+        bias = self.bias.view(()) if self.branches == 1 else self.bias
         return abmilp_pool(tokens, weight, bias, num_prefix_tokens=self.num_prefix_tokens,
                            return_weights=return_weights)
 

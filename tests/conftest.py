@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from selagg_fast.ops import _dispatch
 
@@ -41,3 +42,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 requires_kernels = pytest.mark.skipif(
     not KERNELS_RUN, reason="kernels need CUDA or TRITON_INTERPRET=1 (the README's test command sets it)")
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the name of every aten op dispatched inside the ``with`` block (Triton launches
+    are not aten ops; under the interpreter they show up as copy_/set_/new_empty of arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# ops that mean a zero-filled tensor was made: a kernel launch each on the GPU
+FILLS = {"zeros", "zero_", "fill_", "new_zeros", "zeros_like", "select_backward", "select_scatter"}

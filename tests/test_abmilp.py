@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from conftest import DEVICE, rel_err, requires_kernels
+from conftest import DEVICE, FILLS, AtenOps, rel_err, requires_kernels
 from selagg_fast import SelectiveAggregation, abmilp_pool
 from selagg_fast.ops import abmilp as abmilp_ops
 from selagg_fast.reference import abmilp_pool_reference
@@ -117,6 +117,32 @@ def test_frozen_tokens_get_no_grad_and_weight_grad_is_right(poisoned):
     (gw_ref,) = torch.autograd.grad(ref.pow(2).sum(), (w64,))
     assert rel_err(gw, gw_ref) < GRAD_TOL[torch.bfloat16]
 
+
+
+@requires_kernels
+@pytest.mark.parametrize("K,variant", [(1, ""), (3, "split"), (3, "batched")])
+def test_head_backward_is_one_kernel_and_one_reduction(K, variant, force_variant):
+    # A probe step's pooling backward: the kernel plus one reduction of the programs' dw/db
+    # partials. No zero-filled tensors (autograd materialising gradients for lse/scores, or
+    # indexing the K = 1 output/parameters), which cost a GPU launch each.
+    head = SelectiveAggregation(64, branches=K, num_prefix_tokens=1).to(DEVICE)
+    x = torch.randn(3, 12, 64, device=DEVICE, dtype=torch.bfloat16)
+    force_variant(variant, x, K)
+    grad = torch.randn(3, 64, device=DEVICE) if K == 1 else torch.randn(3, K, 64, device=DEVICE)
+    head(x).backward(grad.bfloat16())  # on a GPU, the first calls tune (and time with do_bench)
+    head.zero_grad(set_to_none=True)
+    out = head(x)
+    with AtenOps() as ops:
+        out.backward(grad.bfloat16())
+    assert not FILLS & set(ops.names), ops.names
+    assert ops.names.count("sum") == 1, ops.names
+    w64, b64 = (p.detach().double().requires_grad_(True) for p in (head.weight, head.bias))
+    ref = abmilp_pool_reference(x.double(), w64 if K > 1 else w64[0], b64 if K > 1 else b64[0],
+                                num_prefix_tokens=1, compute_dtype=torch.float64)
+    ref.backward(grad.bfloat16().double())
+    assert head.weight.grad.shape == head.weight.shape and head.weight.grad.is_contiguous()
+    assert rel_err(head.weight.grad, w64.grad) < GRAD_TOL[torch.bfloat16]
+    assert head.bias.grad.abs().max().item() < 1e-3  # zero analytically
 
 @requires_kernels
 @pytest.mark.parametrize("K,variant", [(1, ""), (3, "split"), (3, "batched")])

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from conftest import DEVICE, rel_err, requires_kernels
+from conftest import DEVICE, FILLS, AtenOps, rel_err, requires_kernels
 from selagg_fast import attention_with_stats, record_attention_stats
 from selagg_fast.reference import attention_with_stats_reference
 
@@ -162,6 +162,17 @@ def test_gradients_of_out(T, d, P, dtype):
         assert got.dtype == dtype
         assert rel_err(got, exp) < tol
 
+
+
+@requires_kernels
+def test_backward_fills_no_gradients_for_the_statistics():
+    # the statistics are non-differentiable: autograd must not zero-fill [B, H, T] gradients for them
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 2, 17, 32, torch.float32, spread=1.0))
+    out, _ = attention_with_stats(q, k, v)
+    with AtenOps() as ops:
+        out.sum().backward()
+    assert not FILLS & set(ops.names), ops.names
+    assert q.grad is not None and k.grad is not None and v.grad is not None
 
 @pytest.mark.parametrize(
     "make, exc, match",

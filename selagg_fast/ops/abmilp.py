@@ -232,15 +232,16 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx, scores=None):
     K = weight.shape[0]
     N = T - P
     G = persistent_programs(x.device, B)
-    dw = _dispatch.empty((G, K, D), x.device, torch.float32)
-    db = _dispatch.empty((G, K), x.device, torch.float32)
+    # every program's dw [K, D] and db [K] partials side by side in one row: one reduction for both
+    partials = _dispatch.empty((G, K * D + K), x.device, torch.float32)
     dx = None
     if need_dx:
         dx = _dispatch.empty(x.shape, x.device, x.dtype)
         dx[:, :P].zero_()
     common = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, lse_ptr=lse,
-        out32_ptr=out32, dout_ptr=dout, dx_ptr=dx if dx is not None else x, dw_ptr=dw, db_ptr=db,
+        out32_ptr=out32, dout_ptr=dout, dx_ptr=dx if dx is not None else x,
+        dw_ptr=partials, db_ptr=partials[:, K * D:], stride_part=partials.stride(0),
         stride_xb=x.stride(0), stride_xt=x.stride(1),
         stride_dxb=dx.stride(0) if dx is not None else 0, stride_dxt=dx.stride(1) if dx is not None else 0,
         B=B, P=P, N=N, D=D, HAS_BIAS=bias is not None, HAS_DX=need_dx,
@@ -250,7 +251,7 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx, scores=None):
         single = {k: v for k, v in common.items() if k not in ("bias_ptr", "HAS_BIAS")}  # scores carry the bias
         _single_launcher(abmilp_bwd_single_kernel, cfg["BD"])(
             (G,), x.device, _default(cfg), **single, s_ptr=scores, BD=cfg["BD"])
-        return dx, dw.sum(0), db.sum(0)
+        return (dx, *_reduce_partials(partials, K, D))
 
     multi = dict(common, **_dot_operands(weight, x.dtype), K=K)
 
@@ -258,7 +259,13 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx, scores=None):
         _launch_multi(variant, abmilp_bwd_split_kernel, abmilp_bwd_kernel, G, x, K, multi)
 
     run(_pick_variant(("bwd", D, K, x.dtype, need_dx), multi_variants(x, K), x.device, run))
-    return dx, dw.sum(0), db.sum(0)
+    return (dx, *_reduce_partials(partials, K, D))
+
+
+def _reduce_partials(partials: torch.Tensor, K: int, D: int) -> tuple:
+    """dweight [K, D] and dbias [K] (both contiguous) from the programs' [G, K * D + K] partials."""
+    total = partials.sum(0)
+    return total[:K * D].view(K, D), total[K * D:]
 
 
 class AbmilpPoolFunction(torch.autograd.Function):
@@ -274,6 +281,9 @@ class AbmilpPoolFunction(torch.autograd.Function):
                                              store_scores or keep_scores)
         ctx.save_for_backward(x, weight, bias, lse, out32, scores if keep_scores else None)
         ctx.num_prefix_tokens = num_prefix_tokens
+        # lse / scores get no gradient: without this, autograd would fill zero tensors for them
+        # every backward (a launch each, for nothing)
+        ctx.set_materialize_grads(False)
         if scores is None:
             scores = lse.new_empty(0)
         ctx.mark_non_differentiable(lse, scores)
@@ -281,6 +291,8 @@ class AbmilpPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse, _dscores):
+        if dout is None:  # the pooled output did not reach the loss
+            return None, None, None, None, None
         x, weight, bias, lse, out32, scores = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         dx, dw, db = abmilp_bwd(x, weight, bias, ctx.num_prefix_tokens, lse, out32,
@@ -363,8 +375,8 @@ def abmilp_pool(
     else:  # nothing to differentiate: skip the autograd Function's bookkeeping (~10 us of host time)
         out, _, lse, scores = abmilp_fwd(x, w2, b1, num_prefix_tokens, False, return_weights)
     if single:
-        out = out[:, 0]
+        out = out.view(B, D)  # a view, not out[:, 0]: its backward is free (select's fills a zero tensor)
     if not return_weights:
         return out
     weights = torch.exp(scores - lse.unsqueeze(-1))
-    return out, weights[:, 0] if single else weights
+    return out, weights.view(B, N) if single else weights

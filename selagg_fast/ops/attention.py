@@ -114,10 +114,13 @@ class AttentionWithStatsFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
         ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)  # no zero-filled [B, H, T] gradients for the statistics
         return (out, *stats)
 
     @staticmethod
     def backward(ctx, dout, *_dstats):
+        if dout is None:  # the output did not reach the loss
+            return None, None, None, None, None
         q, k, v = ctx.saved_tensors
         with torch.enable_grad():
             qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))

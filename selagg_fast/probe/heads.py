@@ -153,10 +153,13 @@ class ProbeHeads(nn.Module):
                 groups.setdefault(self.aggregators[self._key(spec, lr)].num_prefix_tokens, []).append((spec, lr))
         for prefix, members in groups.items():
             aggs = [self.aggregators[self._key(s, lr)] for s, lr in members]
-            weight = torch.cat([a.weight for a in aggs])
-            bias = torch.cat([a.bias for a in aggs])
-            if weight.shape[0] == 1:
-                weight, bias = weight[0], bias[0]
+            if len(aggs) == 1:  # the parameters themselves: no concatenated copy to backpropagate through
+                weight, bias = aggs[0].weight, aggs[0].bias
+            else:
+                weight = torch.cat([a.weight for a in aggs])
+                bias = torch.cat([a.bias for a in aggs])
+            if weight.shape[0] == 1:  # views, whose backward is free (indexing's fills zeros)
+                weight, bias = weight.view(self.dim), bias.view(())
             pooled = abmilp_pool(tokens, weight, bias, num_prefix_tokens=prefix, backend=self.backend)
             pooled = pooled.reshape(tokens.shape[0], -1, self.dim)
             start = 0

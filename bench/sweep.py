@@ -117,8 +117,9 @@ def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
     dout = torch.randn_like(out)
     BD = max(16, abmilp_ops.next_pow2(D))
     if K == 1:
-        configs = [dict(variant="", BT=bt, num_warps=nw) for bt, nw in itertools.product((2, 4, 8, 16), (1, 2, 4, 8))
-                   if bt * BD <= 16384]
+        # also the grid: image walkers per SM (4: ~2 images a program at ViT-B; 8: one, as the forward)
+        configs = [dict(variant="", BT=bt, num_warps=nw, PROGRAMS_PER_SM=n)
+                   for bt, nw, n in itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8)) if bt * BD <= 16384]
     else:
         configs = [dict(variant="batched", num_stages=ns) for ns in (1, 2)]
         configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=2)

@@ -169,6 +169,7 @@ def abmilp_bwd_single_kernel(
     x_ptr, w_ptr, s_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
     stride_xb, stride_xt, stride_dxb, stride_dxt, stride_part, B, P, N, D,
     HAS_DX: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr = 4,  # read by the launcher's grid only: the kernel uses num_programs
 ):
     # Each program walks images i_p, i_p + G, ... and keeps its dw / db partials in registers,
     # stored as row i_p of one [G, stride_part] buffer (dw, then db), so that the launcher

@@ -145,6 +145,23 @@ def test_head_backward_is_one_kernel_and_one_reduction(K, variant, force_variant
     assert head.bias.grad.abs().max().item() < 1e-3  # zero analytically
 
 @requires_kernels
+@pytest.mark.parametrize("programs_per_sm", abmilp_ops.SINGLE_BWD_PROGRAMS_PER_SM)
+def test_single_branch_backward_reduces_only_the_programs_that_ran(programs_per_sm, poisoned, monkeypatch):
+    # The K = 1 backward's grid is a tuned choice: partials are allocated for the largest grid
+    # (NaN-poisoned here), and whichever grid ran, only its rows may enter the sum.
+    base = abmilp_ops._launch_config
+    monkeypatch.setattr(abmilp_ops, "_launch_config",
+                        lambda D, K, *a, **kw: dict(base(D, K, *a, **kw), PROGRAMS_PER_SM=programs_per_sm))
+    x, w, b = make_inputs(11, 20, 48, 1, torch.float32)
+    w.requires_grad_(True), b.requires_grad_(True)
+    gw, gb = torch.autograd.grad(abmilp_pool(x, w, b, num_prefix_tokens=1).pow(2).sum(), (w, b))
+    w64, b64 = (t.detach().double().requires_grad_(True) for t in (w, b))
+    ref = abmilp_pool_reference(x.double(), w64, b64, num_prefix_tokens=1, compute_dtype=torch.float64)
+    ref_gw, ref_gb = torch.autograd.grad(ref.pow(2).sum(), (w64, b64))
+    assert rel_err(gw, ref_gw) < GRAD_TOL[torch.float32]
+    assert abs(gb.item() - ref_gb.item()) < 1e-4
+
+@requires_kernels
 @pytest.mark.parametrize("K,variant", [(1, ""), (3, "split"), (3, "batched")])
 def test_strided_tokens_read_in_place(K, variant, poisoned, force_variant):
     base = torch.randn(4, 40, 2, 96, device=DEVICE)

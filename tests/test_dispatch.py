@@ -57,11 +57,13 @@ def test_tuned_launches_skip_the_autotuner_once_a_key_is_tuned(monkeypatch):
     launch = _launcher(monkeypatch, log)
     cuda = types.SimpleNamespace(type="cuda")  # the tuned path runs only for CUDA devices
     x32, x16 = torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)
-    launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=768)
-    launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=768)
-    launch((1,), cuda, dict(BT=8, num_warps=4), x=x16, D=768)  # another dtype: tuned again
-    launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=1024)  # another D: tuned again
-    launch((1,), cuda, dict(BT=8, num_warps=4), x=x16, D=768)
+    ran = [launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=768),
+           launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=768),
+           launch((1,), cuda, dict(BT=8, num_warps=4), x=x16, D=768),  # another dtype: tuned again
+           launch((1,), cuda, dict(BT=8, num_warps=4), x=x32, D=1024),  # another D: tuned again
+           launch((1,), cuda, dict(BT=8, num_warps=4), x=x16, D=768)]
+    # every launch reports the config it ran: the tuner's pick for its key
+    assert [r["BT"] for r in ran] == [8, 8, 16, 8, 16]
     assert [who for who, _ in log] == ["autotuner", "kernel", "autotuner", "autotuner", "kernel"]
     # the direct launches carry the config the autotuner picked for their key
     assert log[1][1]["BT"] == 8 and log[1][1]["num_warps"] == 4 and log[1][1]["D"] == 768
@@ -71,9 +73,10 @@ def test_tuned_launches_skip_the_autotuner_once_a_key_is_tuned(monkeypatch):
 def test_untuned_launches_use_the_default_config(monkeypatch):
     log = []
     launch = _launcher(monkeypatch, log)
-    launch((1,), torch.device("cpu"), dict(BT=4, num_warps=2), x=torch.zeros(2), D=768)
+    ran = launch((1,), torch.device("cpu"), dict(BT=4, num_warps=2), x=torch.zeros(2), D=768)
     monkeypatch.setenv("SELAGG_AUTOTUNE", "0")
     launch((1,), types.SimpleNamespace(type="cuda"), dict(BT=4, num_warps=2), x=torch.zeros(2), D=768)
+    assert ran == dict(BT=4, num_warps=2)
     assert [who for who, _ in log] == ["kernel", "kernel"]
     assert all(kw["BT"] == 4 and kw["num_warps"] == 2 for _, kw in log)
 
@@ -89,8 +92,16 @@ def test_tuned_then_cached_launches_give_the_reference(monkeypatch):
     ref_pool = abmilp_pool_reference(x.double(), w.double(), num_prefix_tokens=1, compute_dtype=torch.float64)
     ref_out, ref_stats = attention_with_stats_reference(q.double(), k.double(), v.double(),
                                                         compute_dtype=torch.float64)
+    # the K = 1 backward's grid is tuned too (programs per SM): past 4 programs an SM (B > 528 on an
+    # H200) the candidates differ, and only the rows of the programs that ran may be reduced
+    xb = torch.randn(600 if DEVICE == "cuda" else 9, 33, 96, device=DEVICE).to(torch.bfloat16)
+    wb = w.detach().clone().requires_grad_(True)
+    wb64 = w.detach().double().requires_grad_(True)
+    abmilp_pool_reference(xb.double(), wb64, num_prefix_tokens=1, compute_dtype=torch.float64).sum().backward()
     for _ in range(2):
         assert rel_err(abmilp_pool(x, w, num_prefix_tokens=1), ref_pool) < 1.5e-2
+        (grad,) = torch.autograd.grad(abmilp_pool(xb, wb, num_prefix_tokens=1).float().sum(), (wb,))
+        assert rel_err(grad, wb64.grad) < 3e-2
         out, stats = attention_with_stats(q, k, v)
         assert rel_err(out, ref_out) < 1.5e-2
         assert (stats.self_attn.double().cpu() - ref_stats.self_attn.cpu()).abs().max() < 5e-3

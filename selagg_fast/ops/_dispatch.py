@@ -101,7 +101,8 @@ def launcher(kernel, configs: list, key: list):
     """Pick the kernel to launch: autotuned over ``configs`` on a GPU, fixed on the interpreter.
 
     Returns ``launch(grid, device, default, **kwargs)``; ``default`` is the config (a dict
-    of tile constexprs plus num_warps / num_stages) used where nothing is tuned.
+    of tile constexprs plus num_warps / num_stages) used where nothing is tuned. ``launch``
+    returns the config it ran (a launcher whose grid depends on the config needs it).
     """
     import triton
 
@@ -125,11 +126,12 @@ def launcher(kernel, configs: list, key: list):
             config = picked.get(tuning_key)
             if config is None:
                 tuned[grid](**kwargs)
-                picked[tuning_key] = tuned.best_config.all_kwargs()
+                config = picked[tuning_key] = tuned.best_config.all_kwargs()
             else:
                 kernel[grid](**kwargs, **config)
-        else:
-            kernel[grid(default) if callable(grid) else grid](**kwargs, **default)
+            return config
+        kernel[grid(default) if callable(grid) else grid](**kwargs, **default)
+        return default
 
     return launch
 
@@ -144,7 +146,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def persistent_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
-    """Number of programs for kernels that loop over images and reduce partials."""
+    """Number of programs for kernels that loop over images and reduce partials (on the CPU,
+    where the interpreter runs programs one after another, ``per_sm`` programs in all)."""
     if device.type == "cuda":
         return max(1, min(work_items, _sm_count(device) * per_sm))
-    return max(1, min(work_items, 4))
+    return max(1, min(work_items, per_sm))

@@ -38,6 +38,10 @@ MAX_BATCHED_ACC = 16384
 # The "split" K>1 kernels keep [BC, BK]; past 64 branches the tile would be too thin to pay.
 MAX_SPLIT_K = 64
 MULTI_VARIANTS = ("split", "batched")
+# K = 1 backward: image walkers per SM, tuned (the first is the untuned default). 4 a SM gives each
+# ViT-B program ~2 images; 8 gives the forward's one image a program (more loads in flight, as
+# many partial rows to reduce as images: 3 MB at ViT-B, B = 1024).
+SINGLE_BWD_PROGRAMS_PER_SM = (4, 8)
 # (pass, D, K, dtype, dx) -> the K>1 kernel family timed fastest on this GPU
 _chosen_variant: dict = {}
 
@@ -47,7 +51,8 @@ def _launch_config(D: int, K: int, variant: str = "split", fp32: bool = False) -
     if K == 1:
         # ~8K tile elements per step: 8 tokens at ViT-B, fewer for very wide tokens. (Tiling D
         # as a power of two plus a masked remainder, to skip padded lanes, ran 3x slower on an H200.)
-        return dict(BD=BD, BT=max(1, min(16, 8192 // BD)), num_warps=4 if BD <= 1024 else 8, PREFETCH=False)
+        return dict(BD=BD, BT=max(1, min(16, 8192 // BD)), num_warps=4 if BD <= 1024 else 8, PREFETCH=False,
+                    PROGRAMS_PER_SM=SINGLE_BWD_PROGRAMS_PER_SM[0])
     BK = max(16, next_pow2(K))
     if variant == "batched":
         # The feature dim is processed as NC chunks of BC (see the kernel); 8 warps, 16 tokens a
@@ -85,7 +90,7 @@ def _split_configs(D: int, K: int, fp32: bool = False, whole: bool = False) -> l
 
 
 @functools.lru_cache(maxsize=None)
-def _single_launcher(kernel, BD: int, prefetch: bool = False):
+def _single_launcher(kernel, BD: int, prefetch: bool = False, programs_per_sm: tuple = ()):
     # K = 1 is pure bandwidth: tune tokens per step and warps (anchors: 8 tokens, 4 warps ~70%), and
     # for the forward whether the next tile is loaded before this one's math (PREFETCH: two tiles
     # in flight per program; no async copies are generated for these loads on sm_90).
@@ -96,6 +101,9 @@ def _single_launcher(kernel, BD: int, prefetch: bool = False):
     if prefetch:  # two tiles of <= 8K elements in registers: small tiles, 2-4 warps
         configs = [dict(c, PREFETCH=False) for c in configs] + [
             dict(BT=bt, num_warps=w, PREFETCH=True) for bt in (4, 8) for w in (2, 4) if bt * BD <= 8192]
+    if programs_per_sm:  # the backward's grid: more, smaller programs are tried with <= 4 warps
+        configs = [dict(c, PROGRAMS_PER_SM=n) for c in configs for n in programs_per_sm
+                   if n == programs_per_sm[0] or c["num_warps"] <= 4]
     return launcher(kernel, configs, key=["D"])
 
 
@@ -231,9 +239,6 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx, scores=None):
     B, T, D = x.shape
     K = weight.shape[0]
     N = T - P
-    G = persistent_programs(x.device, B)
-    # every program's dw [K, D] and db [K] partials side by side in one row: one reduction for both
-    partials = _dispatch.empty((G, K * D + K), x.device, torch.float32)
     dx = None
     if need_dx:
         dx = _dispatch.empty(x.shape, x.device, x.dtype)
@@ -241,25 +246,41 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, need_dx, scores=None):
     common = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, lse_ptr=lse,
         out32_ptr=out32, dout_ptr=dout, dx_ptr=dx if dx is not None else x,
-        dw_ptr=partials, db_ptr=partials[:, K * D:], stride_part=partials.stride(0),
         stride_xb=x.stride(0), stride_xt=x.stride(1),
         stride_dxb=dx.stride(0) if dx is not None else 0, stride_dxt=dx.stride(1) if dx is not None else 0,
         B=B, P=P, N=N, D=D, HAS_BIAS=bias is not None, HAS_DX=need_dx,
     )
     if K == 1:
         cfg = _launch_config(D, 1)
+        # the tuner also picks the grid (programs per SM): partials are sized for the largest, and
+        # only the rows of the programs that ran are reduced
+        partials = _partials(x.device, persistent_programs(x.device, B, max(SINGLE_BWD_PROGRAMS_PER_SM)), K, D)
         single = {k: v for k, v in common.items() if k not in ("bias_ptr", "HAS_BIAS")}  # scores carry the bias
-        _single_launcher(abmilp_bwd_single_kernel, cfg["BD"])(
-            (G,), x.device, _default(cfg), **single, s_ptr=scores, BD=cfg["BD"])
-        return (dx, *_reduce_partials(partials, K, D))
+        ran = _single_launcher(abmilp_bwd_single_kernel, cfg["BD"], programs_per_sm=SINGLE_BWD_PROGRAMS_PER_SM)(
+            lambda meta: (persistent_programs(x.device, B, meta["PROGRAMS_PER_SM"]),), x.device,
+            _default(cfg, ("BT", "num_warps", "PROGRAMS_PER_SM")), **single, **_partial_ptrs(partials, K, D),
+            s_ptr=scores, BD=cfg["BD"])
+        G = persistent_programs(x.device, B, ran["PROGRAMS_PER_SM"])
+        return (dx, *_reduce_partials(partials[:G], K, D))
 
-    multi = dict(common, **_dot_operands(weight, x.dtype), K=K)
+    G = persistent_programs(x.device, B)
+    partials = _partials(x.device, G, K, D)
+    multi = dict(common, **_partial_ptrs(partials, K, D), **_dot_operands(weight, x.dtype), K=K)
 
     def run(variant):
         _launch_multi(variant, abmilp_bwd_split_kernel, abmilp_bwd_kernel, G, x, K, multi)
 
     run(_pick_variant(("bwd", D, K, x.dtype, need_dx), multi_variants(x, K), x.device, run))
     return (dx, *_reduce_partials(partials, K, D))
+
+
+def _partials(device, G: int, K: int, D: int) -> torch.Tensor:
+    # every program's dw [K, D] and db [K] partials side by side in one row: one reduction for both
+    return _dispatch.empty((G, K * D + K), device, torch.float32)
+
+
+def _partial_ptrs(partials: torch.Tensor, K: int, D: int) -> dict:
+    return dict(dw_ptr=partials, db_ptr=partials[:, K * D:], stride_part=partials.stride(0))
 
 
 def _reduce_partials(partials: torch.Tensor, K: int, D: int) -> tuple:

@@ -182,5 +182,7 @@ def attention_with_stats(
         with torch.autocast(q.device.type, enabled=False):
             return attention_with_stats_reference(q, k, v, scale=scale, num_prefix_tokens=num_prefix_tokens)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, *stats = AttentionWithStatsFunction.apply(q, k, v, scale, num_prefix_tokens)
-    return out, AttentionStats(*stats)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, *stats = AttentionWithStatsFunction.apply(q, k, v, scale, num_prefix_tokens)
+        return out, AttentionStats(*stats)
+    return attention_stats_fwd(q, k, v, scale, num_prefix_tokens)  # analysis: no autograd bookkeeping

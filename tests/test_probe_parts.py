@@ -107,6 +107,47 @@ def test_lars_zero_norms_use_ratio_one():
     assert torch.equal(w.detach(), -torch.ones(3, 3))
 
 
+def _lars_one_tensor_at_a_time(groups, steps):
+    """MAE's LARS loop, parameter by parameter, in float64: the reference for the foreach step."""
+    state = {}
+    for grads in steps:
+        for group, group_grads in zip(groups, grads):
+            for p, g in zip(group["params"], group_grads):
+                if g is None:
+                    continue
+                u = g.double()
+                if p.ndim > 1:
+                    u = u + group["weight_decay"] * p
+                    pn, un = p.norm(), u.norm()
+                    u = u * (group["trust_coefficient"] * pn / un if pn > 0 and un > 0 else 1.0)
+                mu = state.setdefault(id(p), torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(u)
+                p.sub_(group["lr"] * mu)
+
+
+def test_lars_groups_with_their_own_hyper_parameters_match_the_per_tensor_loop():
+    torch.manual_seed(2)
+    shapes = [[(5, 7), (5,), (1, 7), (1,)], [(3, 4, 2), (3,)], [(6, 6), (6,)]]
+    hyper = [dict(lr=0.3, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001),
+             dict(lr=1.5, weight_decay=0.05, momentum=0.5, trust_coefficient=0.02),
+             dict(lr=0.7, weight_decay=0.01, momentum=0.0, trust_coefficient=0.001)]
+    params = [[torch.nn.Parameter(torch.randn(s)) for s in group] for group in shapes]
+    params[2][0].data.zero_()  # a zero matrix: trust ratio 1
+    opt = LARS([dict(params=ps, **h) for ps, h in zip(params, hyper)])
+    steps = [[[torch.randn(s) for s in group] for group in shapes] for _ in range(3)]
+    for grads in steps:
+        grads[1][1] = None  # a parameter without a gradient this step is left alone
+    ref_groups = [dict(params=[p.detach().double().clone() for p in ps], **h) for ps, h in zip(params, hyper)]
+    for grads in steps:
+        for ps, gs in zip(params, grads):
+            for p, g in zip(ps, gs):
+                p.grad = None if g is None else g.clone()
+        opt.step()
+    _lars_one_tensor_at_a_time(ref_groups, steps)
+    for ps, ref in zip(params, ref_groups):
+        for p, r in zip(ps, ref["params"]):
+            assert rel_err(p, r) < 1e-6
+
 def test_cosine_schedule_formula():
     peak, E, W = 0.4, 90, 10
     assert cosine_lr(peak, 0, E, W) == 0

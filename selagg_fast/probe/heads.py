@@ -162,11 +162,11 @@ class ProbeHeads(nn.Module):
                 weight, bias = weight.view(self.dim), bias.view(())
             pooled = abmilp_pool(tokens, weight, bias, num_prefix_tokens=prefix, backend=self.backend)
             pooled = pooled.reshape(tokens.shape[0], -1, self.dim)
-            start = 0
-            for (spec, lr), agg in zip(members, aggs):
-                k = agg.branches
-                features[self._key(spec, lr)] = pooled[:, start:start + k].reshape(tokens.shape[0], k * self.dim)
-                start += k
+            # split, not slicing: the backward concatenates the pairs' gradients in one op, where each
+            # slice's backward would zero-fill a full-size gradient and the pieces would then be added
+            pieces = pooled.split([agg.branches for agg in aggs], dim=1)
+            for (spec, lr), agg, piece in zip(members, aggs, pieces):
+                features[self._key(spec, lr)] = piece.reshape(tokens.shape[0], agg.branches * self.dim)
 
     def forward(self, tokens: torch.Tensor) -> dict:
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:

@@ -23,24 +23,48 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # The rule of the class docstring for every parameter of every group at once, in a few
+        # foreach calls. A probe run steps ~40 small tensors (12 heads); one op per tensor and
+        # formula term made ~270 launches a step, which decided the step time of head-only
+        # training from cached features.
         loss = closure() if closure is not None else None
+        params, updates, mus, momenta, neg_lrs = [], [], [], [], []
+        matrices, matrix_at, decays, trusts = [], [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                update = p.grad
                 if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    p_norm, u_norm = torch.norm(p), torch.norm(update)
-                    ratio = torch.where((p_norm > 0) & (u_norm > 0),
-                                        group["trust_coefficient"] * p_norm / u_norm, torch.ones_like(p_norm))
-                    update = update.mul(ratio)
+                    matrix_at.append(len(params))
+                    matrices.append(p)
+                    decays.append(group["weight_decay"])
+                    trusts.append(group["trust_coefficient"])
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(update)
-                p.add_(mu, alpha=-group["lr"])
+                params.append(p)
+                updates.append(p.grad)
+                mus.append(state["mu"])
+                momenta.append(group["momentum"])
+                neg_lrs.append(-group["lr"])
+        if not params:
+            return loss
+        if matrices:
+            grads = [updates[i] for i in matrix_at]
+            if len(set(decays)) == 1:  # the usual case: one weight decay, one op (as MAE's add(p, alpha=wd))
+                scaled = torch._foreach_add(grads, matrices, alpha=decays[0])
+            else:
+                scaled = torch._foreach_add(grads, torch._foreach_mul(matrices, decays))
+            p_norm = torch.stack(torch._foreach_norm(matrices))
+            u_norm = torch.stack(torch._foreach_norm(scaled))
+            trust = trusts[0] if len(set(trusts)) == 1 else torch.tensor(trusts, device=p_norm.device)
+            ratio = torch.where((p_norm > 0) & (u_norm > 0), trust * p_norm / u_norm, torch.ones_like(p_norm))
+            torch._foreach_mul_(scaled, list(ratio.unbind()))
+            for i, u in zip(matrix_at, scaled):
+                updates[i] = u
+        torch._foreach_mul_(mus, momenta)
+        torch._foreach_add_(mus, updates)
+        torch._foreach_add_(params, torch._foreach_mul(mus, neg_lrs))
         return loss
 
 

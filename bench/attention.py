@@ -70,6 +70,11 @@ def op_rows(env, quick: bool, with_compile: bool) -> list:
                 print(f"error: {name} flex peer: {type(e).__name__}: {str(e)[:300]}")
         if cuda:
             providers["fused"] = lambda: attention_with_stats(q, k, v, num_prefix_tokens=1)
+        # inside a timm block q, k, v are strided views of one [B, T, 3, H, d] qkv output: both ops on those
+        qs, ks, vs = torch.randn(B, T, 3, H, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+        providers["sdpa (no stats), timm's strided q/k/v"] = lambda: F.scaled_dot_product_attention(qs, ks, vs)
+        if cuda:
+            providers["fused, timm's strided q/k/v"] = lambda: attention_with_stats(qs, ks, vs, num_prefix_tokens=1)
         times = {}
         for prov, fn in providers.items():
             try:
@@ -136,6 +141,11 @@ def model_rows(env, batch: int = 256) -> list:
             measure("record_attention_stats (all blocks)", forward)
         with record_attention_stats(model, magnitudes=False):
             measure("record_attention_stats (no magnitudes)", forward)
+        # attribution: the streaming kernel in every block with the recorder's per-block reductions
+        # skipped (statistics discarded): plain -> this row is the kernel, this -> the row above the recorder
+        with record_attention_stats(model, magnitudes=False) as recorder:
+            recorder.record = lambda block, stats: None
+            measure("streaming kernel only (statistics discarded)", forward)
     except Exception as e:
         print(f"error: record_attention_stats: {type(e).__name__}: {str(e)[:300]}")
     handles = _reference_analysis(model)

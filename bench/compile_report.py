@@ -133,6 +133,14 @@ def main() -> None:
                       dict(num_ptr="*bf16", den_ptr="*fp32", out_ptr="*fp32", stride_nb="i32", stride_nt="i32",
                            stride_db="i32", stride_dt="i32", T="i32", D="i32"),
                       dict(BT=max(1, 8192 // BD), BD=BD), 4 if BD <= 1024 else 8))
+    from ..kernels.columns import attention_columns_kernel
+    from ..ops.columns import TILE
+    for T in (197, 577):  # the analysis' per-block columns
+        BT = 1 << (T - 1).bit_length()
+        cases.append((f"attention columns T={T}", attention_columns_kernel,
+                      dict(rows_ptr="*fp32", prev_ptr="*fp64", part_ptr="*fp64", B="i32", H="i32", T="i32",
+                           P="i32"),
+                      dict(HAS_CLS=True, HAS_PREV=True, BB=max(1, TILE // BT), BT=BT), 4))
     print(f"{'kernel':<44} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem':>7} {'mma':>8} {'async':>5}")
     for name, fn, sig, ce, warps, *stages in cases:  # an optional 6th item: num_stages of the launch
         try:

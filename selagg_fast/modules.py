@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .ops import abmilp_pool
+from .ops.columns import attention_column_sums
 from .ops.norms import token_norm_ratio
 from .reference import CLS_COLUMNS
 
@@ -91,49 +92,35 @@ class AttentionStatsRecorder:
         self.last: dict = {}  # block index -> AttentionStats of the latest forward (per image)
         self.images = 0
         # Running sums as one float64 [C, H] tensor per block (and [M, 1] for the magnitudes), in
-        # the column order below: a block's columns cost about a dozen tensor ops, not a chain per
-        # column (on a GPU each op is a kernel launch; ~30 launches per block was estimated at a
-        # few percent of a ViT-B forward at batch 256, not measured).
+        # the column order below (the order ops/columns.py writes them in): a block's columns cost
+        # one kernel and one sum on a GPU, not a chain of tensor ops per column.
         self.columns = list(PATCH_ROW_COLUMNS[:3]) + (list(PATCH_ROW_COLUMNS[3:]) + list(CLS_ROW_COLUMNS)
                                                       if self.has_cls else [])
         self.magnitude_columns = (["cls_magnitude_ratio"] if self.has_cls else []) + ["pos_magnitude_ratio"]
         self._sums: dict = {}  # block index -> float64 [len(columns), H]
         self._magnitude_sums: dict = {}  # block index -> float64 [len(magnitude_columns), 1]
 
-    @staticmethod
-    def _accumulate(into: dict, block: int, per_image: torch.Tensor) -> None:
-        total = per_image.sum(1)  # [C, B, ...] -> [C, ...]
-        if block in into:
-            into[block] += total
-        else:
-            into[block] = total
-
     def record(self, block: int, stats) -> None:
         """Add one forward's per-image columns (definitions: ``reference.attention_stats_columns``)."""
         self.last[block] = stats
-        P = self.num_prefix_tokens
         rows = _stacked(stats)  # [4, B, H, T] float32: self, prefix, entropy, cls
-        self_attn, prefix, entropy, cls_attn = rows.unbind(0)
-        # per-image means over the patch rows in float32 (the rows are float32 already); the
-        # running sums over images are float64
-        patch_means = rows[..., P:].mean(-1)  # [4, B, H]
-        adj = (self_attn[..., P:] / (1.0 - prefix[..., P:])).mean(-1)
-        cols = [patch_means[0], adj, patch_means[2]]  # PATCH_ROW_COLUMNS order
-        if self.has_cls:
-            cls_den = 1.0 - prefix[..., 0]  # the [cls] row's mass on patch keys
-            cols += [patch_means[3], self_attn[..., 0], self_attn[..., 0] / cls_den,
-                     cls_den / (rows.shape[-1] - P), entropy[..., 0]]  # + CLS_ROW_COLUMNS
-        self._accumulate(self._sums, block, torch.stack(cols).double())  # [C, B, H]
+        # per-image means over the patch rows in float32, running sums over images in float64, in
+        # the order of self.columns; on a GPU one kernel and one sum a block (ops/columns.py)
+        self._sums[block] = attention_column_sums(rows, self.num_prefix_tokens, self.has_cls,
+                                                  self._sums.get(block))
         if block == self.block_indices[0]:
             self.images += stats.self_attn.shape[0]
 
     def record_magnitude(self, block: int, residual: torch.Tensor, branch: torch.Tensor) -> None:
         # ||attention branch|| / ||residual input|| per token; the exact ratio (no 1e-6 term). The
         # two norms cost ~5% of a ViT-B forward as torch reductions (H200); the kernel reads each once
-        ratio = token_norm_ratio(branch, residual).double()  # [B, T]; one read of each on a GPU
+        ratio = token_norm_ratio(branch, residual)  # [B, T] float32; one read of each on a GPU
         patch = ratio[:, self.num_prefix_tokens:].mean(-1, keepdim=True)
+        # per-image values in float32, running sums in float64 (as the attention columns)
         per_image = torch.stack((ratio[:, :1], patch) if self.has_cls else (patch,))  # [M, B, 1]
-        self._accumulate(self._magnitude_sums, block, per_image)
+        total = per_image.sum(1, dtype=torch.float64)
+        previous = self._magnitude_sums.get(block)
+        self._magnitude_sums[block] = total if previous is None else previous + total
 
     def _by_column(self) -> dict:
         out = {}

@@ -1,0 +1,53 @@
+"""The per-block analysis columns (kernel) against the float64 definitions of the paper's columns."""
+import pytest
+import torch
+
+from conftest import DEVICE, requires_kernels
+from selagg_fast.ops.columns import attention_column_sums, attention_column_sums_reference, num_columns
+from selagg_fast.reference import AttentionStats, attention_stats_columns
+
+PATCH_AND_CLS = ("pos_self_attention", "pos_self_attention_adj_for_cls", "pos_pos_entropy", "pos_cls_attention",
+                 "cls_cls_attention", "cls_cls_attention_adj_for_cls", "cls_pos_attention", "cls_pos_entropy")
+
+
+def make_rows(B, H, T, P):
+    """Plausible statistics: probabilities in (0, 1) with the prefix mass below 1, entropies >= 0."""
+    self_attn = torch.rand(B, H, T, device=DEVICE) * 0.5
+    prefix = torch.rand(B, H, T, device=DEVICE) * 0.9 if P > 0 else torch.zeros(B, H, T, device=DEVICE)
+    entropy = torch.rand(B, H, T, device=DEVICE) * 5
+    cls_attn = torch.rand(B, H, T, device=DEVICE) * 0.5
+    return torch.stack([self_attn, prefix, entropy, cls_attn])
+
+
+def expected64(rows, P, has_cls):
+    cols = attention_stats_columns(AttentionStats(*rows.double().unbind(0)), P)
+    names = PATCH_AND_CLS[:num_columns(has_cls)]
+    return torch.stack([cols[n].sum(0) for n in names])  # [C, H]: summed over images
+
+
+@requires_kernels
+@pytest.mark.parametrize("B,H,T,P,has_cls", [
+    (1, 1, 2, 1, True), (5, 3, 17, 1, True), (33, 12, 197, 1, True), (9, 2, 261, 5, True),
+    (4, 3, 261, 4, False), (6, 2, 17, 0, False), (3, 2, 577, 1, True), (2, 1, 1025, 1, True)])
+def test_column_sums_match_the_float64_definitions(B, H, T, P, has_cls, poisoned):
+    rows = make_rows(B, H, T, P)
+    got = attention_column_sums(rows, P, has_cls)
+    assert got.dtype == torch.float64 and got.shape == (num_columns(has_cls), H)
+    torch.testing.assert_close(got.cpu(), expected64(rows, P, has_cls).cpu(), rtol=1e-5, atol=1e-6 * B)
+    # the running sums: chunk 0 adds the previous totals
+    previous = torch.randn(num_columns(has_cls), H, device=DEVICE, dtype=torch.float64)
+    again = attention_column_sums(rows, P, has_cls, previous)
+    torch.testing.assert_close(again.cpu(), (previous + got).cpu(), rtol=1e-12, atol=1e-9)
+
+
+@requires_kernels
+def test_kernel_and_reference_paths_agree_and_bad_rows_are_refused():
+    rows = make_rows(20, 4, 197, 1)
+    torch.testing.assert_close(attention_column_sums(rows, 1, True, backend="triton").cpu(),
+                               attention_column_sums(rows, 1, True, backend="reference").cpu(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(attention_column_sums_reference(rows, 1, True).cpu(),
+                               expected64(rows, 1, True).cpu(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        attention_column_sums(rows.double(), 1, True)
+    with pytest.raises(ValueError, match="previous"):
+        attention_column_sums(rows, 1, True, torch.zeros(3, 4, dtype=torch.float64, device=DEVICE))

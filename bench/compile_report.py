@@ -77,14 +77,17 @@ def _abmilp_cases():
             yield (f"fwd K=1 D={D}" + (" prefetch" if prefetch else ""), k.abmilp_fwd_single_kernel, fwd,
                    dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=prefetch, **tiles),
                    cfg["num_warps"])
-        yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd1, dict(HAS_DX=False, **tiles), cfg["num_warps"])
-        yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd1, dict(HAS_DX=True, **tiles), cfg["num_warps"])
+        grid = dict(PROGRAMS_PER_SM=cfg["PROGRAMS_PER_SM"])  # the launcher's grid only; every constexpr is named here
+        yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd1, dict(HAS_DX=False, **tiles, **grid),
+               cfg["num_warps"])
+        yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd1, dict(HAS_DX=True, **tiles, **grid),
+               cfg["num_warps"])
     for bt, warps in ((2, 1), (4, 2)):  # the smallest programs of the K=1 autotune list, at ViT-B
         tiles = dict(BT=bt, BD=1024)
         yield (f"fwd K=1 D=768 BT={bt} {warps} warp(s)", k.abmilp_fwd_single_kernel, fwd,
                dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=False, **tiles), warps)
         yield (f"bwd K=1 D=768 BT={bt} {warps} warp(s)", k.abmilp_bwd_single_kernel, bwd1,
-               dict(HAS_DX=False, **tiles), warps)
+               dict(HAS_DX=False, PROGRAMS_PER_SM=8, **tiles), warps)
     for D, K in ((768, 4), (768, 16), (1024, 16)):
         cfg = _launch_config(D, K, "batched")
         tiles = dict(BT=cfg["BT"], BC=cfg["BC"], NC=cfg["NC"], BK=cfg["BK"], **dot)

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from conftest import DEVICE, requires_kernels
+from conftest import DEVICE, AtenOps, requires_kernels
+from selagg_fast import attention_with_stats
+from selagg_fast.modules import AttentionStatsRecorder
 from selagg_fast.ops.columns import attention_column_sums, attention_column_sums_reference, num_columns
 from selagg_fast.reference import AttentionStats, attention_stats_columns
 
@@ -51,3 +53,18 @@ def test_kernel_and_reference_paths_agree_and_bad_rows_are_refused():
         attention_column_sums(rows.double(), 1, True)
     with pytest.raises(ValueError, match="previous"):
         attention_column_sums(rows, 1, True, torch.zeros(3, 4, dtype=torch.float64, device=DEVICE))
+
+
+@requires_kernels
+def test_a_recorded_block_is_one_kernel_and_one_sum():
+    # ops that launch nothing on a GPU (views; under the interpreter also its argument copies)
+    free = {"select", "slice", "view", "detach", "alias", "unbind", "empty", "new_empty", "set_", "copy_"}
+    q, k, v = (torch.randn(2, 3, 17, 32, device=DEVICE) for _ in range(3))
+    _, stats = attention_with_stats(q, k, v)
+    recorder = AttentionStatsRecorder([0], num_prefix_tokens=1, magnitudes=False)
+    recorder.record(0, stats)  # the first batch sets the running sums
+    with AtenOps() as ops:
+        recorder.record(0, stats)
+    assert [n for n in ops.names if n not in free] == ["sum"], ops.names
+    torch.testing.assert_close(recorder.summary()["pos_pos_entropy"][0],
+                               stats.patch_entropy[..., 1:].double().mean(-1).mean(0).cpu(), rtol=1e-5, atol=1e-6)

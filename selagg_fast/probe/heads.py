@@ -174,7 +174,7 @@ class ProbeHeads(nn.Module):
         features: dict = {}
         shared = {}
         if any(s.kind == "cls" for s in self.specs):
-            shared["cls"] = tokens[:, 0]
+            shared["cls"] = tokens[:, 0].float()  # cast once for the pairs that share it (LinearProbe's is then free)
         if any(s.kind == "avg" for s in self.specs):
             shared["avg"] = tokens[:, self.num_prefix_tokens:].mean(1, dtype=torch.float32)  # no fp32 copy of the tokens
         for spec, lr in self.pairs:

@@ -14,9 +14,11 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from selagg_fast.analysis.analyze import AnalyzeConfig, forward_batch, run_analyze
 from selagg_fast.backbone import create_backbone
+from selagg_fast.data import analysis_images, collate_skipping
 from selagg_fast.modules import record_attention_stats
 
 from .common import environment, peak_extra_mib, print_banner, print_table, write_csv
@@ -80,17 +82,24 @@ def run(quick: bool = False, csv_path: str = "bench/out/analyze.csv") -> list:
         _write_jpegs(tmp, n_jpegs)
         workers = min(16, os.cpu_count() or 1)
 
+        # 64-image batches for the JPEG rows: with 256 a few thousand images are fewer batches than
+        # workers (each worker decodes whole batches), and the timing would be one worker's batch
+        jpeg_batch = 64
+
         def analyze(limit, out):
             return run_analyze(AnalyzeConfig(model=name, random_init=True, model_kwargs=kwargs, data=tmp, limit=limit,
-                                             batch_size=batch, workers=workers, output_dir=os.path.join(tmp, out),
-                                             progress=False))
-        # a one-batch run first: the kernels' first-call compiling and autotuning (seconds) would
-        # otherwise sit inside the timed run, which is only a few seconds long
-        analyze(batch, "warm-up")
+                                             batch_size=jpeg_batch, workers=workers,
+                                             output_dir=os.path.join(tmp, out), progress=False))
+        analyze(jpeg_batch, "warm-up")  # first calls at this batch (compiling, tuning) outside the timing
         stats = analyze(None, "out")
-        rows.append(dict(model=name, batch=batch, pipeline=f"analyze command, {n_jpegs} JPEGs 500x375, "
+        rows.append(dict(model=name, batch=jpeg_batch, pipeline=f"analyze command, {n_jpegs} JPEGs 500x375, "
                          f"{workers} workers", img_s=stats["images_per_s"],
                          ratio_to_plain=stats["images_per_s"] / rows[0]["img_s"]))
+        loader = DataLoader(analysis_images(tmp, 224), batch_size=jpeg_batch, num_workers=workers,
+                            collate_fn=collate_skipping)
+        rate = n_jpegs / _timed(lambda: sum(len(b[0]) for b in loader), 1)  # workers started per pass, as in analyze
+        rows.append(dict(model=name, batch=jpeg_batch, pipeline=f"DataLoader alone (decode + transforms), "
+                         f"{workers} workers", img_s=rate, ratio_to_plain=rate / rows[0]["img_s"]))
     print_table(rows[2:], cols, title="Analyze throughput, I/O-bound (the analyze command over JPEGs)")
     rows = [dict(r, **env) for r in rows]
     write_csv(csv_path, rows)

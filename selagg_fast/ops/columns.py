@@ -62,6 +62,7 @@ def attention_column_sums(rows: torch.Tensor, num_prefix_tokens: int, has_cls: b
     chunks = triton.cdiv(B, BB)
     part = _dispatch.empty((chunks, C, H), rows.device, torch.float64)
     attention_columns_kernel[(H, chunks)](
-        rows, previous if previous is not None else part, part, B, H, T, num_prefix_tokens,
+        rows_ptr=rows, prev_ptr=previous if previous is not None else part, part_ptr=part,
+        B=B, H=H, T=T, P=num_prefix_tokens,
         HAS_CLS=has_cls, HAS_PREV=previous is not None, BB=BB, BT=BT, num_warps=4)
     return part.sum(0)

@@ -40,6 +40,7 @@ def token_norm_ratio(numerator: torch.Tensor, denominator: torch.Tensor, *, back
     BD = max(16, next_pow2(D))
     BT = max(1, 8192 // BD)  # ~8K elements of each tensor per program, as the pooling kernels
     token_norm_ratio_kernel[(triton.cdiv(T, BT), B)](
-        num, den, out, num.stride(0), num.stride(1), den.stride(0), den.stride(1), T, D,
+        num_ptr=num, den_ptr=den, out_ptr=out, stride_nb=num.stride(0), stride_nt=num.stride(1),
+        stride_db=den.stride(0), stride_dt=den.stride(1), T=T, D=D,
         BT=BT, BD=BD, num_warps=4 if BD <= 1024 else 8)
     return out

@@ -53,6 +53,8 @@ def test_kernel_and_reference_paths_agree_and_bad_rows_are_refused():
         attention_column_sums(rows.double(), 1, True)
     with pytest.raises(ValueError, match="previous"):
         attention_column_sums(rows, 1, True, torch.zeros(3, 4, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="previous"):  # running sums on another device
+        attention_column_sums(rows, 1, True, torch.zeros(8, 4, dtype=torch.float64, device="meta"))
 
 
 @requires_kernels

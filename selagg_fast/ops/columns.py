@@ -49,9 +49,10 @@ def attention_column_sums(rows: torch.Tensor, num_prefix_tokens: int, has_cls: b
         raise ValueError(f"{OP}: rows must be float32 [4, B, H, T], got {rows.dtype} {tuple(rows.shape)}")
     _, B, H, T = rows.shape
     C = num_columns(has_cls)
-    if previous is not None and (previous.shape != (C, H) or previous.dtype != torch.float64):
-        raise ValueError(f"{OP}: previous sums must be float64 [{C}, {H}], got {previous.dtype} "
-                         f"{tuple(previous.shape)}")
+    if previous is not None and (previous.shape != (C, H) or previous.dtype != torch.float64
+                                 or previous.device != rows.device):
+        raise ValueError(f"{OP}: previous sums must be float64 [{C}, {H}] on {rows.device}, got {previous.dtype} "
+                         f"{tuple(previous.shape)} on {previous.device}")
     unsupported = f"T={T} exceeds {MAX_T}" if next_pow2(T) > MAX_T else None
     if choose_backend(OP, backend, rows.device, unsupported) == "reference" or B * H == 0:
         total = attention_column_sums_reference(rows, num_prefix_tokens, has_cls)

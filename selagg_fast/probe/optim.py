@@ -25,8 +25,7 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):
         # The rule of the class docstring for every parameter of every group at once, in a few
         # foreach calls. A probe run steps ~40 small tensors (12 heads); one op per tensor and
-        # formula term made ~270 launches a step, which decided the step time of head-only
-        # training from cached features.
+        # formula term made ~270 launches a step (over a millisecond of host time on a GPU).
         loss = closure() if closure is not None else None
         params, updates, mus, momenta, neg_lrs = [], [], [], [], []
         matrices, matrix_at, decays, trusts = [], [], [], []

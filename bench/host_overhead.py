@@ -33,15 +33,16 @@ def host_us(fn, calls: int = 300) -> float:
 
 
 def _probe_train_step(tokens):
-    """One step of the probe trainer's heads (cls, avg, selective x 4 lrs) on given tokens."""
+    """One step of the probe trainer's heads (cls, avg, selective x 4 lrs) on given tokens: cached-feature training."""
     from selagg_fast.probe.heads import ProbeHeads, parse_heads, probe_loss
     from selagg_fast.probe.optim import build_optimizer, set_lr
 
-    heads = ProbeHeads(parse_heads("cls,avg,selective"), [0.1, 0.3, 1.0, 3.0], tokens.shape[-1], 1000,
-                       1).to(tokens.device)
+    from .probe import HEADS, LRS, NUM_CLASSES  # the heads `bench probe` times behind a backbone
+
+    heads = ProbeHeads(parse_heads(HEADS), LRS, tokens.shape[-1], NUM_CLASSES, 1).to(tokens.device)
     optimizer = build_optimizer(heads, "lars", tokens.shape[0])
     set_lr(optimizer, 5.0, 90, 10)
-    labels = torch.randint(0, 1000, (tokens.shape[0],), device=tokens.device)
+    labels = torch.randint(0, NUM_CLASSES, (tokens.shape[0],), device=tokens.device)
 
     def step():
         with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=tokens.is_cuda):

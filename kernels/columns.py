@@ -6,7 +6,7 @@ import triton.language as tl
 
 @triton.jit
 def _patch_mean(b_v, m_patch, n_patch):
-    # [BB, BT] -> [BB]: mean over the patch rows (t >= P) of each image, float32 as the reference
+    # [BB, BT] -> [BB]: mean over the patch rows (t >= P) of each image, in float32
     return tl.sum(tl.where(m_patch, b_v, 0.0), axis=1) / n_patch
 
 

@@ -7,15 +7,8 @@ import torch
 from torch import nn
 
 from .ops import abmilp_pool
-from .ops.columns import attention_column_sums
+from .ops.columns import attention_column_sums, column_names
 from .ops.norms import token_norm_ratio
-from .reference import CLS_COLUMNS
-
-# The recorder's per-image columns, in its storage order: averages over the patch rows (the last one
-# reads A_i0, so it needs [cls]), then the [cls] row's own (all of CLS_COLUMNS with the former).
-PATCH_ROW_COLUMNS = ("pos_self_attention", "pos_self_attention_adj_for_cls", "pos_pos_entropy", "pos_cls_attention")
-CLS_ROW_COLUMNS = ("cls_cls_attention", "cls_cls_attention_adj_for_cls", "cls_pos_attention", "cls_pos_entropy")
-assert set(PATCH_ROW_COLUMNS[3:] + CLS_ROW_COLUMNS) == set(CLS_COLUMNS)
 
 
 class SelectiveAggregation(nn.Module):
@@ -92,10 +85,9 @@ class AttentionStatsRecorder:
         self.last: dict = {}  # block index -> AttentionStats of the latest forward (per image)
         self.images = 0
         # Running sums as one float64 [C, H] tensor per block (and [M, 1] for the magnitudes), in
-        # the column order below (the order ops/columns.py writes them in): a block's columns cost
+        # the order of ops/columns.py's column_names (the kernel's): a block's columns cost
         # one kernel and one sum on a GPU, not a chain of tensor ops per column.
-        self.columns = list(PATCH_ROW_COLUMNS[:3]) + (list(PATCH_ROW_COLUMNS[3:]) + list(CLS_ROW_COLUMNS)
-                                                      if self.has_cls else [])
+        self.columns = list(column_names(self.has_cls))
         self.magnitude_columns = (["cls_magnitude_ratio"] if self.has_cls else []) + ["pos_magnitude_ratio"]
         self._sums: dict = {}  # block index -> float64 [len(columns), H]
         self._magnitude_sums: dict = {}  # block index -> float64 [len(magnitude_columns), 1]

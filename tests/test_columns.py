@@ -5,12 +5,8 @@ import torch
 from conftest import DEVICE, AtenOps, requires_kernels
 from selagg_fast import attention_with_stats
 from selagg_fast.modules import AttentionStatsRecorder
-from selagg_fast.ops.columns import attention_column_sums, attention_column_sums_reference, num_columns
+from selagg_fast.ops.columns import attention_column_sums, attention_column_sums_reference, column_names, num_columns
 from selagg_fast.reference import AttentionStats, attention_stats_columns
-
-PATCH_AND_CLS = ("pos_self_attention", "pos_self_attention_adj_for_cls", "pos_pos_entropy", "pos_cls_attention",
-                 "cls_cls_attention", "cls_cls_attention_adj_for_cls", "cls_pos_attention", "cls_pos_entropy")
-
 
 def make_rows(B, H, T, P):
     """Plausible statistics: probabilities in (0, 1) with the prefix mass below 1, entropies >= 0."""
@@ -23,8 +19,7 @@ def make_rows(B, H, T, P):
 
 def expected64(rows, P, has_cls):
     cols = attention_stats_columns(AttentionStats(*rows.double().unbind(0)), P)
-    names = PATCH_AND_CLS[:num_columns(has_cls)]
-    return torch.stack([cols[n].sum(0) for n in names])  # [C, H]: summed over images
+    return torch.stack([cols[n].sum(0) for n in column_names(has_cls)])  # [C, H]: summed over images
 
 
 @requires_kernels

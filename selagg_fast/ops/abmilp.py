@@ -312,8 +312,6 @@ class AbmilpPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse, _dscores):
-        if dout is None:  # the pooled output did not reach the loss
-            return None, None, None, None, None
         x, weight, bias, lse, out32, scores = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         dx, dw, db = abmilp_bwd(x, weight, bias, ctx.num_prefix_tokens, lse, out32,

@@ -8,6 +8,7 @@ import torch
 import triton
 
 from ..kernels.columns import attention_columns_kernel
+from ..reference import CLS_COLUMNS, AttentionStats, attention_stats_columns
 from . import _dispatch
 from ._dispatch import choose_backend, next_pow2
 
@@ -16,22 +17,26 @@ MAX_T = 16384
 TILE = 2048  # statistics of one kind per program: BB images x BT (>= T) query rows
 
 
+# The recorder's column order, the order the kernel writes: three over the patch rows, then (with a
+# [cls] token) the patch rows' mean [cls] attention and the [cls] row's own four.
+COLUMNS = ("pos_self_attention", "pos_self_attention_adj_for_cls", "pos_pos_entropy", "pos_cls_attention",
+           "cls_cls_attention", "cls_cls_attention_adj_for_cls", "cls_pos_attention", "cls_pos_entropy")
+assert set(COLUMNS[3:]) == set(CLS_COLUMNS)
+
+
+def column_names(has_cls: bool) -> tuple:
+    return COLUMNS if has_cls else COLUMNS[:3]
+
+
 def num_columns(has_cls: bool) -> int:
-    return 8 if has_cls else 3
+    return len(column_names(has_cls))
 
 
 def attention_column_sums_reference(rows: torch.Tensor, num_prefix_tokens: int, has_cls: bool) -> torch.Tensor:
-    """Per-image columns in float32 (as the kernel), summed over the images in float64: ``[C, H]``."""
-    P = num_prefix_tokens
-    self_attn, prefix, entropy, _ = rows.unbind(0)
-    patch_means = rows[..., P:].mean(-1)  # [4, B, H]
-    adj = (self_attn[..., P:] / (1.0 - prefix[..., P:])).mean(-1)
-    cols = [patch_means[0], adj, patch_means[2]]
-    if has_cls:
-        cls_den = 1.0 - prefix[..., 0]  # the [cls] row's mass on patch keys
-        cols += [patch_means[3], self_attn[..., 0], self_attn[..., 0] / cls_den,
-                 cls_den / (rows.shape[-1] - P), entropy[..., 0]]
-    return torch.stack(cols).sum(1, dtype=torch.float64)
+    """The paper's per-image columns (``reference.attention_stats_columns``, float64), summed over
+    the images: ``[C, H]`` in ``column_names(has_cls)`` order."""
+    per_image = attention_stats_columns(AttentionStats(*rows.unbind(0)), num_prefix_tokens)
+    return torch.stack([per_image[name].sum(0) for name in column_names(has_cls)])
 
 
 def attention_column_sums(rows: torch.Tensor, num_prefix_tokens: int, has_cls: bool,
@@ -42,7 +47,7 @@ def attention_column_sums(rows: torch.Tensor, num_prefix_tokens: int, has_cls: b
     as ``attention_with_stats`` writes them). Columns, in order: the patch rows' mean self
     attention, the same adjusted for the prefix mass, the patch rows' mean entropy; with a [cls]
     token also the patch rows' mean [cls] attention and the [cls] row's self attention, adjusted
-    self attention, patch mass per patch and entropy (``modules.AttentionStatsRecorder.columns``).
+    self attention, patch mass per patch and entropy (``column_names``).
     On a GPU: one kernel (per-image values, per-chunk float64 sums) and one sum over the chunks.
     """
     if rows.dim() != 4 or rows.shape[0] != 4 or rows.dtype != torch.float32:

@@ -20,6 +20,8 @@ def abmilp_pool_reference(
     num_prefix_tokens: int = 0,
     return_weights: bool = False,
     compute_dtype: Optional[torch.dtype] = torch.float32,
+    standardize: bool = False,
+    eps: float = 1e-6,
 ):
     """Selective Aggregation (AbMILP) the eager way.
 
@@ -27,7 +29,9 @@ def abmilp_pool_reference(
     Returns pooled [B, D] / [B, K, D] in ``x.dtype`` (and the softmax weights
     [B, N] / [B, K, N] in float32 when ``return_weights``), N = T - num_prefix_tokens.
     ``compute_dtype`` is the accumulation dtype (float32, or float64 for tests);
-    ``None`` computes in the inputs' own dtypes.
+    ``None`` computes in the inputs' own dtypes. ``standardize``: every pooled token is
+    replaced by ``(x_t - mean_D(x_t)) / sqrt(var_D(x_t) + eps)`` (biased variance, as
+    ``nn.LayerNorm`` without affine) in both the scores and the weighted sum.
     """
     single = weight.dim() == 1
     w = weight.reshape(-1, weight.shape[-1])  # [K, D]
@@ -35,6 +39,8 @@ def abmilp_pool_reference(
     if compute_dtype is not None:
         z = z.to(compute_dtype)
         w = w.to(compute_dtype)
+    if standardize:
+        z = torch.nn.functional.layer_norm(z, z.shape[-1:], eps=eps)
     scores = torch.einsum("btd,kd->bkt", z, w)  # [B, K, N]
     if bias is not None:
         scores = scores + bias.reshape(-1, 1).to(scores.dtype)
@@ -139,3 +145,62 @@ def attention_stats_columns(stats: AttentionStats, num_prefix_tokens: int) -> di
             pos_cls_attention=stats.cls_attn.double()[..., P:].mean(-1),
         )
     return cols
+
+
+def softmax_pool_reference(
+    scores: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    num_prefix_tokens: int = 0,
+    return_weights: bool = False,
+    compute_dtype: Optional[torch.dtype] = torch.float32,
+):
+    """Softmax over given scores, then the weighted sum of the pooled tokens.
+
+    scores: [B, N] or [B, K, N] (any float dtype; -inf masks a token); x: [B, T, D] with
+    N = T - num_prefix_tokens. Returns pooled [B, D] / [B, K, D] in ``x.dtype`` (and the
+    weights, float32, when ``return_weights``). A row whose scores are all -inf gives NaN
+    (as ``torch.softmax`` does). ``compute_dtype`` as in ``abmilp_pool_reference``.
+    """
+    single = scores.dim() == 2
+    s = scores.unsqueeze(1) if single else scores  # [B, K, N]
+    z = x[:, num_prefix_tokens:, :]
+    if compute_dtype is not None:
+        z, s = z.to(compute_dtype), s.to(compute_dtype)
+    attn = torch.softmax(s, dim=-1)
+    pooled = torch.einsum("bkt,btd->bkd", attn.to(z.dtype), z).to(x.dtype)
+    if single:
+        pooled, attn = pooled[:, 0], attn[:, 0]
+    if return_weights:
+        return pooled, attn.float() if attn.dtype != torch.float64 else attn
+    return pooled
+
+
+def mlp_scores_reference(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor] = None,
+    *,
+    activation: str = "tanh",
+    num_prefix_tokens: int = 0,
+    compute_dtype: Optional[torch.dtype] = torch.float32,
+) -> torch.Tensor:
+    """The reference head's depth-2 scorer: s_t = w2 · act(W1 z_t + b1) + b2 for the pooled tokens.
+
+    x: [B, T, D]; w1: [Dh, D]; b1: None or [Dh]; w2: [Dh] or [K, Dh]; b2: None, scalar or [K].
+    Returns float32 scores [B, N] (w2 one-dimensional) or [B, K, N], N = T - num_prefix_tokens
+    (float64 when computing in float64). ``compute_dtype`` as in ``abmilp_pool_reference``.
+    """
+    act = {"tanh": torch.tanh, "relu": torch.relu}[activation]
+    z = x[:, num_prefix_tokens:, :]
+    w2k = w2.reshape(-1, w2.shape[-1])  # [K, Dh]
+    if compute_dtype is not None:
+        z, w1, w2k = z.to(compute_dtype), w1.to(compute_dtype), w2k.to(compute_dtype)
+    h = torch.nn.functional.linear(z, w1, None if b1 is None else b1.to(w1.dtype))  # [B, N, Dh]
+    s = torch.nn.functional.linear(act(h), w2k, None if b2 is None else b2.reshape(-1).to(w2k.dtype))  # [B, N, K]
+    s = s.transpose(1, 2)
+    if w2.dim() == 1:
+        s = s[:, 0]
+    return s if s.dtype == torch.float64 else s.float()

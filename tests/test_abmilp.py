@@ -420,3 +420,37 @@ def test_a_multi_branch_family_that_fails_on_the_gpu_is_skipped(monkeypatch, cap
     assert rel_err(pooled, reference64(x, w, b, 1)[0]) < TOL[torch.bfloat16]
     assert any("split kernels failed" in r.getMessage() for r in caplog.records)
     assert abmilp_ops._chosen_variant == {("fwd", 40, 3, torch.bfloat16): "batched"}
+
+
+# ---- standardize: every pooled token standardised over D (LayerNorm without affine) -----------
+
+def _standardized64(x, w, b, P, eps=1e-6):
+    """float64 standardize-then-pool, written out here (not the package reference)."""
+    z = x[:, P:].double()
+    zh = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + eps)
+    w2 = w.double().reshape(-1, w.shape[-1])
+    s = torch.einsum("btd,kd->bkt", zh, w2) + (0 if b is None else b.double().reshape(-1, 1))
+    a = torch.softmax(s, -1)
+    out = torch.einsum("bkt,btd->bkd", a, zh)
+    return (out[:, 0], a[:, 0]) if w.dim() == 1 else (out, a)
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape", [(2, 9, 48, 1, 0), (3, 17, 100, 3, 1), (2, 23, 40, 4, 5), (1, 2, 16, 2, 1)],
+                         ids=_ids)
+def test_standardize_matches_float64(shape, poisoned):
+    B, T, D, K, P = shape
+    x, w, b = make_inputs(B, T, D, K, torch.float32)
+    x = x * 3 + 5  # a mean and scale per token worth removing
+    x, w, b = (t.requires_grad_(True) for t in (x, w, b))
+    pooled, weights = abmilp_pool(x, w, b, num_prefix_tokens=P, return_weights=True, standardize=True, eps=1e-6)
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    ref_pooled, ref_weights = _standardized64(x64, w64, b64, P)
+    assert rel_err(pooled, ref_pooled) < 1e-5 and rel_err(weights, ref_weights) < 1e-5
+    g = torch.randn_like(pooled)
+    grads = torch.autograd.grad(pooled, (x, w, b), g)
+    ref_grads = torch.autograd.grad(ref_pooled, (x64, w64, b64), g.double())
+    for name, got, exp in zip(("x", "weight"), grads, ref_grads):
+        assert rel_err(got, exp) < GRAD_TOL[torch.float32], name
+    assert grads[0][:, :P].abs().max().item() == 0 if P else True
+    assert grads[2].abs().max().item() < 1e-5  # zero analytically

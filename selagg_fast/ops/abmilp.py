@@ -344,6 +344,13 @@ def _check_inputs(x, weight, bias, num_prefix_tokens):
     return K
 
 
+def _check_standardize(standardize, eps):
+    if not isinstance(standardize, bool):
+        raise TypeError(f"{OP}: standardize must be a bool, got {type(standardize).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{OP}: eps must be a non-negative float, got {eps!r}")
+
+
 def abmilp_pool(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -352,6 +359,8 @@ def abmilp_pool(
     num_prefix_tokens: int = 0,
     return_weights: bool = False,
     backend: str = "auto",
+    standardize: bool = False,
+    eps: float = 1e-6,
 ):
     """Selective Aggregation: softmax over tokens of a linear score, then the weighted token sum.
 
@@ -365,12 +374,17 @@ def abmilp_pool(
             with ``N = T - num_prefix_tokens``.
         backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else the reference),
             "triton" or "reference".
+        standardize: replace every pooled token ``x_t`` by its standardisation
+            ``(x_t - mean_D(x_t)) / sqrt(var_D(x_t) + eps)`` (biased variance: ``nn.LayerNorm``
+            without affine) in the scores and in the weighted sum; gradients flow through it.
+        eps: the variance floor of ``standardize``.
 
     Returns:
         pooled ``[B, D]`` / ``[B, K, D]`` in ``x.dtype`` (accumulated in float32), and the
         weights when ``return_weights``. Gradients flow to ``x``, ``weight`` and ``bias``.
     """
     K = _check_inputs(x, weight, bias, num_prefix_tokens)
+    _check_standardize(standardize, eps)
     single = weight.dim() == 1
     B, T, D = x.shape
     N = T - num_prefix_tokens
@@ -380,10 +394,10 @@ def abmilp_pool(
         return (pooled, weights) if return_weights else pooled
 
     path = choose_backend(OP, backend, x.device, _unsupported_reason(x, K))
-    if path == "reference":
+    if path == "reference" or standardize:
         with torch.autocast(x.device.type, enabled=False):
             return abmilp_pool_reference(x, weight, bias, num_prefix_tokens=num_prefix_tokens,
-                                         return_weights=return_weights)
+                                         return_weights=return_weights, standardize=standardize, eps=eps)
 
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -1,6 +1,7 @@
 """selagg_fast: fused Selective Aggregation and streaming attention statistics for ViTs."""
 from .modules import AttentionStatsRecorder, SelectiveAggregation, record_attention_stats
 from .ops import AbmilpPoolFunction, AttentionWithStatsFunction, abmilp_pool, attention_with_stats
+from .ops import mlp_scores, softmax_pool
 from .reference import AttentionStats
 
 __version__ = "0.1.0"
@@ -8,4 +9,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AbmilpPoolFunction", "AttentionStats", "AttentionStatsRecorder", "AttentionWithStatsFunction",
     "SelectiveAggregation", "abmilp_pool", "attention_with_stats", "record_attention_stats", "__version__",
+    "mlp_scores", "softmax_pool",
 ]

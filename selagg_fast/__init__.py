@@ -1,4 +1,5 @@
 """selagg_fast: fused Selective Aggregation and streaming attention statistics for ViTs."""
+from .attentive import AttentivePooling
 from .modules import AttentionStatsRecorder, SelectiveAggregation, record_attention_stats
 from .ops import AbmilpPoolFunction, AttentionWithStatsFunction, abmilp_pool, attention_with_stats
 from .ops import mlp_scores, softmax_pool
@@ -7,7 +8,7 @@ from .reference import AttentionStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "AbmilpPoolFunction", "AttentionStats", "AttentionStatsRecorder", "AttentionWithStatsFunction",
+    "AbmilpPoolFunction", "AttentionStats", "AttentivePooling", "AttentionStatsRecorder", "AttentionWithStatsFunction",
     "SelectiveAggregation", "abmilp_pool", "attention_with_stats", "record_attention_stats", "__version__",
     "mlp_scores", "softmax_pool",
 ]

@@ -11,7 +11,6 @@ See ``shared/reference-semantics.md`` ("Attentive probing", "The fold").
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Optional
 
@@ -23,8 +22,6 @@ from .ops import abmilp_pool
 
 NAME = "AttentivePooling"
 TOKEN_NORM_EPS = 1e-6
-# until abmilp_pool standardises tokens itself, token_norm standardises them eagerly here
-_POOL_STANDARDIZES = "standardize" in inspect.signature(abmilp_pool).parameters
 
 
 class _Mlp(nn.Module):
@@ -145,17 +142,9 @@ class AttentivePooling(nn.Module):
             raise TypeError(f"{NAME}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
             raise ValueError(f"{NAME}: tokens must be [B, T, D={self.dim}], got shape {tuple(tokens.shape)}")
-        u = self.folded_queries()
-        P = self.num_prefix_tokens
-        if self.token_norm is None:
-            res = abmilp_pool(tokens, u, None, num_prefix_tokens=P, return_weights=return_weights, backend=backend)
-        elif _POOL_STANDARDIZES:
-            res = abmilp_pool(tokens, u, None, num_prefix_tokens=P, standardize=True, eps=self.token_norm.eps,
-                              return_weights=return_weights, backend=backend)
-        else:  # pool without on-the-fly standardisation: an eager standardised copy
-            with torch.autocast(tokens.device.type, enabled=False):
-                x_hat = F.layer_norm(tokens[:, P:], (self.dim,), eps=self.token_norm.eps)
-            res = abmilp_pool(x_hat, u, None, num_prefix_tokens=0, return_weights=return_weights, backend=backend)
+        res = abmilp_pool(tokens, self.folded_queries(), None, num_prefix_tokens=self.num_prefix_tokens,
+                          standardize=self.standardize, eps=self.eps if self.standardize else TOKEN_NORM_EPS,
+                          return_weights=return_weights, backend=backend)
         pooled, weights = res if return_weights else (res, None)
         out = self.finish(pooled)
         return (out, weights) if return_weights else out

@@ -13,6 +13,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .files import CheckpointError, load_torch_file
+
 log = logging.getLogger("selagg_fast")
 
 # Keys a checkpoint may nest its weights under, most specific first (MAE: model,
@@ -24,24 +26,22 @@ _STRIPPED_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 _UNUSED_PREFIXES = ("decoder", "mask_token", "head.", "fc_norm.", "head_drop")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the requested model."""
+def read_state_dict(path: str, trust: bool = False) -> dict:
+    """Tensor dict from a ``.safetensors`` / ``.pth`` file, un-nested and prefix-stripped.
 
-
-def read_state_dict(path: str) -> dict:
-    """Tensor dict from a ``.safetensors`` / ``.pth`` file, un-nested and prefix-stripped."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
+    ``.pth`` files load without running code from the file (:func:`~selagg_fast.files.load_torch_file`);
+    ``trust=True`` (``--trust-checkpoint``) allows full unpickling."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint {path}: no such file (checkpoint not found)")
+    if path.endswith(".safetensors") and os.path.isfile(path):
         from safetensors.torch import load_file
-        state = load_file(path, device="cpu")
-    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # e.g. MAE/SimMIM checkpoints that pickle their argparse Namespace
-            log.warning("%s holds non-tensor objects (%s); loading it with weights_only=False: "
-                        "only load checkpoints you trust", path, type(err).__name__)
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_file(path, device="cpu")
+        except Exception as err:  # safetensors' own error type: a header that does not parse
+            raise CheckpointError(f"--checkpoint {path}: not a readable .safetensors file "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    else:
+        state = load_torch_file(path, trust=trust)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     for key in _NESTING_KEYS:
@@ -57,11 +57,11 @@ def read_state_dict(path: str) -> dict:
     return tensors
 
 
-def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False) -> None:
+def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, trust: bool = False) -> None:
     """Load local weights into a timm ViT; mismatched keys are listed and refused unless allowed."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = read_state_dict(path)
+    state = read_state_dict(path, trust=trust)
     state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_PREFIXES)}
     try:  # timm's converter: resamples pos_embed to the model's grid, maps other ViT layouts
         state = checkpoint_filter_fn(state, model)
@@ -142,7 +142,7 @@ class Backbone(nn.Module):
 
 def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bool = False,
                     allow_key_mismatch: bool = False, return_block: int | None = None,
-                    final_norm: bool = False, **model_kwargs) -> Backbone:
+                    final_norm: bool = False, trust_checkpoint: bool = False, **model_kwargs) -> Backbone:
     """A frozen :class:`Backbone` for a timm ViT name with weights from a local file.
 
     Nothing is downloaded. Without ``checkpoint`` the model is random unless ``random_init``
@@ -150,19 +150,38 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     """
     import timm
 
-    if name not in timm.list_models():
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    if checkpoint is None and not random_init:
-        raise ValueError(f"{name}: no weights given. Pass --checkpoint FILE (a local .pth/.safetensors; "
-                         "nothing is downloaded), or --random-init for a randomly initialised model")
-    model = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+    check_backbone_settings(name, checkpoint, random_init, return_block, model_kwargs)
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+    except TypeError as err:  # an argument the model does not take
+        raise ValueError(f"--model-kwargs {model_kwargs}: {name} does not take them ({err})") from None
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch)
+        load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint)
     else:
         log.warning("!!! %s is RANDOMLY INITIALISED (no --checkpoint): its accuracies say nothing "
                     "about any pretrained model !!!", name)
     return Backbone(model, name, return_block=return_block, final_norm=final_norm)
+
+
+def check_backbone_settings(name: str, checkpoint: str | None, random_init: bool, return_block: int | None,
+                            model_kwargs) -> None:
+    """The backbone flags' values, checked before anything is built or read."""
+    import timm
+
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"--model: unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    if checkpoint is None and not random_init:
+        raise ValueError(f"{name}: no weights given. Pass --checkpoint FILE (a local .pth/.safetensors; "
+                         "nothing is downloaded), or --random-init for a randomly initialised model")
+    if checkpoint is not None and not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file (checkpoint not found)")
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        raise CheckpointError(f"--checkpoint {checkpoint}: is a folder, not a checkpoint file")
+    if return_block is not None and return_block < 1:
+        raise ValueError(f"--return-block {return_block}: must be >= 1 (blocks are numbered from 1)")
+    if not isinstance(model_kwargs, dict):
+        raise ValueError(f"--model-kwargs {model_kwargs!r}: expected a JSON object such as {{\"img_size\": 448}}")
 
 
 @dataclass
@@ -176,13 +195,20 @@ class BackboneSettings:
     return_block: int | None = None
     final_norm: bool = False
     model_kwargs: dict = field(default_factory=dict)
+    trust_checkpoint: bool = False  # full unpickling of --checkpoint: runs any code the file holds
+
+    def check_backbone(self) -> None:
+        check_backbone_settings(self.model, self.checkpoint, self.random_init, self.return_block, self.model_kwargs)
 
     def create_backbone(self) -> Backbone:
         return create_backbone(self.model, self.checkpoint, random_init=self.random_init,
                                allow_key_mismatch=self.allow_key_mismatch, return_block=self.return_block,
-                               final_norm=self.final_norm, **self.model_kwargs)
+                               final_norm=self.final_norm, trust_checkpoint=self.trust_checkpoint,
+                               **self.model_kwargs)
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "BackboneSettings":
-        """The backbone fields of a saved run config (a dict of a config that extends this class)."""
-        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+    def from_config(cls, config: Mapping, **overrides) -> "BackboneSettings":
+        """The backbone fields of a saved run config (a dict of a config that extends this class).
+        ``trust_checkpoint`` is never inherited from a saved config: pass it in ``overrides``."""
+        values = {f.name: config[f.name] for f in fields(cls) if f.name in config and f.name != "trust_checkpoint"}
+        return cls(**{**values, **overrides})

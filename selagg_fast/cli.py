@@ -9,6 +9,8 @@ import sys
 
 def _bench(args) -> None:
     # bench/ installs as selagg_fast.bench; only the CLI reaches into it, at command time.
+    from .files import check_writable
+    check_writable(args.out, flag="--out")
     if args.what in ("abmilp", "all"):
         from .bench import abmilp
         abmilp.run(quick=args.quick, with_compile=not args.no_compile, csv_path=f"{args.out}/abmilp.csv")
@@ -28,6 +30,8 @@ def _bench(args) -> None:
 
 def _demo(args) -> None:
     from .demo import run_demo
+    from .files import check_writable
+    check_writable(args.out, flag="--out")
     run_demo(args)
 
 
@@ -41,9 +45,13 @@ def _probe(args) -> None:
         print(f"top-1 / top-5 of every pair: {args.output_dir}/results.json; per epoch: metrics.jsonl, curves.png")
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="selagg-fast", description=__doc__)
+_EPILOG = ("Errors (a bad flag value or path, an unwritable output folder, a full disk, an unsafe checkpoint) "
+           "are one line on stderr and exit status 2; SELAGG_TRACEBACK=1 shows where one was raised.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every subcommand's --help shows every default."""
+    parser = argparse.ArgumentParser(prog="selagg-fast", description=__doc__, epilog=_EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="built-in demo: cls / avg / selective probes on synthetic data (~1 min on a CPU)")
@@ -59,24 +67,38 @@ def main(argv=None) -> int:
     add_analysis_commands(sub)
 
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
-    p.add_argument("what", choices=["abmilp", "attention", "probe", "analyze", "sweep", "all"])
+    p.add_argument("what", choices=["abmilp", "attention", "probe", "analyze", "sweep", "all"],
+                   help="which benchmark (sweep: the launch-configuration sweep, not part of all)")
     p.add_argument("--quick", action="store_true", help="ViT-B shape only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile)")
     p.add_argument("--out", default="bench/out", help="folder for CSV results")
     p.set_defaults(func=_bench)
 
-    args = parser.parse_args(argv)
+    for command in sub.choices.values():
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        command.epilog = command.epilog or _EPILOG
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a value argparse refused (2, its message printed)
+        return exit_.code if isinstance(exit_.code, int) else 2
     from .distributed import shutdown_distributed
     finished = False
     try:
         args.func(args)
         finished = True
     except _user_errors() as e:
-        # a bad path, flag or checkpoint: the message says what to change; a traceback would bury it
+        # a bad path, flag, checkpoint or an unwritable output: the message says what to change; a
+        # traceback would bury it
         if os.environ.get("SELAGG_TRACEBACK", "0") not in ("", "0"):
             raise
-        print(f"selagg-fast {args.command}: error: {e}\n(SELAGG_TRACEBACK=1 shows where it was raised)",
-              file=sys.stderr)
+        message = " ".join(str(e).split("\n")) or type(e).__name__
+        print(f"selagg-fast {args.command}: error: {message}", file=sys.stderr)
+        logging.getLogger("selagg_fast").debug("SELAGG_TRACEBACK=1 shows where the error was raised")
         return 2
     finally:
         shutdown_distributed(synchronize=finished)  # under torchrun: no rank exits with gloo threads alive
@@ -84,9 +106,9 @@ def main(argv=None) -> int:
 
 
 def _user_errors() -> tuple:
-    from .probe.cache import DiskSpaceError
-    # CheckpointError is a ValueError
-    return (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, DiskSpaceError)
+    # ValueError: a bad flag value (CheckpointError is one); OSError: a missing path, a file in the
+    # way, an unreadable input, an output that cannot be written (OutputError, DiskSpaceError)
+    return (ValueError, OSError)
 
 
 if __name__ == "__main__":

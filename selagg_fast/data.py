@@ -2,9 +2,10 @@
 listed subset), flat image folders, and generated images.
 
 Every sample is ``(image tensor or None, label, index)``; ``None`` marks an unreadable image,
-which :func:`collate_skipping` drops and counts. Random augmentation is seeded per
-(seed, epoch, index), so a run is reproducible whatever the worker count, the number of
-processes, or where it was resumed.
+which :func:`collate_skipping` drops and counts. Every random stream (augmentation per
+(seed, epoch, index), the training order per (seed, epoch), generated images, the analysis
+subset) is seeded by :func:`seed_for`, so a run is reproducible whatever the worker count, the
+number of processes, or where it was resumed.
 """
 from __future__ import annotations
 
@@ -20,6 +21,45 @@ log = logging.getLogger("selagg_fast")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Purpose tags of seed_for: one independent random stream per use of the run's --seed.
+AUGMENT, TRAIN_ORDER, SUBSET, SYNTHETIC_TRAIN, SYNTHETIC_VAL = range(1, 6)
+
+
+def seed_for(seed: int, purpose: int, *keys: int) -> int:
+    """The one seeding scheme of the package: a 63-bit seed from numpy's ``SeedSequence`` of
+    (``seed``, ``purpose`` tag, ``keys`` such as epoch and sample index). Streams of different
+    purposes or keys are independent; ``seed`` must be >= 0."""
+    state = np.random.SeedSequence([int(seed), int(purpose), *map(int, keys)]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def rng_for(seed: int, purpose: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng(seed_for(seed, purpose, *keys))
+
+
+def epoch_shard(indices, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """This process's share of the epoch's shuffled ``indices``: the seeded order, padded by
+    repeating its start to a multiple of ``world``, then every ``world``-th from ``rank``
+    (DistributedSampler's split: W processes at batch B see the global batches of one at W*B)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    order = indices[rng_for(seed, TRAIN_ORDER, epoch).permutation(len(indices))]
+    per_rank = -(-len(order) // world)
+    return np.resize(order, per_rank * world)[rank::world]
+
+
+def split_batches(items, batch_size: int, drop_last: bool) -> list:
+    """Consecutive batches of ``items``; ``drop_last`` drops a final partial batch."""
+    end = len(items) - len(items) % batch_size if drop_last else len(items)
+    return [items[i:i + batch_size] for i in range(0, end, batch_size)]
+
+
+def walk_files(root: str, extensions) -> list:
+    """Every file under ``root`` (recursively, following links) whose name ends with one of
+    ``extensions`` (case-insensitive), sorted: the package's one directory walk."""
+    extensions = tuple(e.lower() for e in extensions)
+    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root, followlinks=True)
+                  for f in fs if f.lower().endswith(extensions))
 
 
 def train_transform(img_size: int):
@@ -53,7 +93,7 @@ class SeededTransform(Dataset):
         if image is None:
             return None, label, index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            torch.manual_seed(seed_for(self.seed, AUGMENT, self.epoch, index))
             return self.transform(image), label, index
 
 
@@ -92,20 +132,22 @@ class ImageFiles(Dataset):
 
 
 def _image_folder(root: str, split: str):
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--data {root}: no '{split}/' folder (expected ImageFolder {root}/train/<class>/... "
                                 f"and {root}/val/<class>/...)")
-    classes, class_to_idx = find_classes(folder)
-    samples, empty = [], []
-    for cls in classes:
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(folder, cls), followlinks=True)
-                       for f in fs if f.lower().endswith(IMG_EXTENSIONS))
-        if not files:
-            empty.append(cls)
-        samples += [(f, class_to_idx[cls]) for f in files]
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"--data {root}: no class folders in {folder}")
+    by_class = {c: [] for c in classes}
+    for f in walk_files(folder, IMG_EXTENSIONS):
+        top = os.path.relpath(f, folder).split(os.sep)[0]
+        if top in by_class:  # files directly in train/ or val/ belong to no class
+            by_class[top].append(f)
+    samples = [(f, label) for label, c in enumerate(classes) for f in by_class[c]]
+    empty = [c for c in classes if not by_class[c]]
     if empty:
         raise ValueError(f"{folder}: {len(empty)} class folder(s) hold no images: {', '.join(empty[:10])}")
     return samples, classes
@@ -113,6 +155,8 @@ def _image_folder(root: str, split: str):
 
 def _apply_train_list(samples, list_file: str, train_dir: str):
     """Keep the listed images: lines are paths relative to train/ or bare file names (ImageNet-1% split)."""
+    if os.path.isdir(list_file):
+        raise ValueError(f"--train-list {list_file}: is a folder, not a list file")
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"--train-list {list_file}: no such file")
     with open(list_file) as f:
@@ -129,16 +173,24 @@ def _apply_train_list(samples, list_file: str, train_dir: str):
     return chosen
 
 
+def check_data_folder(data: str, flag: str = "--data") -> None:
+    if os.path.isfile(data):
+        raise NotADirectoryError(f"{flag} {data}: is a file, not a folder")
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"{flag} {data}: no such directory")
+
+
 def image_folder_datasets(root: str, img_size: int, train_list: str | None = None, augment: bool = True,
                           seed: int = 0):
     """Train and val datasets of an ImageFolder root; the protocol's transforms."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"--data {root}: no such directory")
+    check_data_folder(root)
     train_samples, classes = _image_folder(root, "train")
     val_samples, val_classes = _image_folder(root, "val")
     if val_classes != classes:
-        raise ValueError(f"--data {root}: train/ has {len(classes)} classes and val/ has {len(val_classes)}; "
-                         "they must be the same folders")
+        only_train = sorted(set(classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(classes))
+        raise ValueError(f"--data {root}: train/ and val/ must hold the same class folders; only in train/: "
+                         f"{', '.join(only_train[:10]) or 'none'}; only in val/: {', '.join(only_val[:10]) or 'none'}")
     if train_list:
         train_samples = _apply_train_list(train_samples, train_list, os.path.join(root, "train"))
     train = SeededTransform(ImageFiles(train_samples, classes),
@@ -159,7 +211,7 @@ class SyntheticObjects(Dataset):
         if num_classes < 2 or num_classes > 16:
             raise ValueError("synthetic data: num_classes must be in [2, 16]")
         self.size, self.num_classes, self.img_size = size, num_classes, img_size
-        self.seed = seed * 2 + (0 if split == "train" else 1)
+        self.seed, self.purpose = seed, SYNTHETIC_TRAIN if split == "train" else SYNTHETIC_VAL
         self.classes = [f"object_{c}" for c in range(num_classes)]
         hues = np.linspace(0, 1, num_classes, endpoint=False)
         self.palette = np.stack([_hsv_to_rgb(h, 0.9, 1.0) for h in hues])  # [C, 3] in [0, 1]
@@ -173,11 +225,11 @@ class SyntheticObjects(Dataset):
 
     def labels(self) -> list:
         # the label is the first draw of an image's generator: no need to render the image
-        return [int(np.random.default_rng([self.seed, i]).integers(self.num_classes)) for i in range(self.size)]
+        return [int(rng_for(self.seed, self.purpose, i).integers(self.num_classes)) for i in range(self.size)]
 
     def render(self, index):
         """``(PIL image, label, object box (x0, y0, x1, y1) in pixels, outline included)``."""
-        rng = np.random.default_rng([self.seed, index])
+        rng = rng_for(self.seed, self.purpose, index)
         n = self.img_size
         label = int(rng.integers(self.num_classes))
         img = rng.uniform(0.0, 0.15, size=(n, n, 3))
@@ -229,8 +281,7 @@ def synthetic_datasets(img_size: int, train_size: int, val_size: int, num_classe
 def image_files(root: str) -> list:
     """Every image file under ``root`` (recursively), sorted."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
-    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root, followlinks=True)
-                  for f in fs if f.lower().endswith(IMG_EXTENSIONS))
+    return walk_files(root, IMG_EXTENSIONS)
 
 
 def analysis_images(data: str, img_size: int, limit: int | None = None, seed: int = 0):
@@ -239,13 +290,12 @@ def analysis_images(data: str, img_size: int, limit: int | None = None, seed: in
     seeded random subset (the first N files of ImageNet val would be a few classes only)."""
     if data == "synthetic":
         return synthetic_datasets(img_size, 1, limit or 1000, 10, seed=seed, augment=False)[1]
-    if not os.path.isdir(data):
-        raise FileNotFoundError(f"--data {data}: no such directory")
+    check_data_folder(data)
     root = os.path.join(data, "val") if os.path.isdir(os.path.join(data, "val")) else data
     files = image_files(root)
     if not files:
         raise ValueError(f"--data {data}: no image files under {root}")
     if limit is not None and limit < len(files):
-        keep = np.random.default_rng(seed).permutation(len(files))[:limit]
+        keep = rng_for(seed, SUBSET).permutation(len(files))[:limit]
         files = [files[i] for i in sorted(keep)]
     return SeededTransform(ImageFiles([(f, 0) for f in files], ["image"]), val_transform(img_size), seed)

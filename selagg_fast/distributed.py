@@ -24,8 +24,24 @@ class DistInfo:
         return self.world_size > 1
 
 
+def check_device(device: str, flag: str = "--device") -> None:
+    """``auto``, ``cpu``, or ``cuda`` where a CUDA device is present; checked before any work."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{flag} {device!r}: choose auto, cuda or cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} cuda: no CUDA device is available here (use --device cpu or auto)")
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    check_device(device)
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Read torchrun's environment; NCCL on GPUs, gloo on CPUs. A plain ``python`` run is rank 0 of 1."""
+    check_device(device)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -22,8 +21,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..backbone import BackboneSettings
-from ..data import analysis_images, collate_skipping
-from ..distributed import barrier, init_distributed
+from ..data import analysis_images, check_data_folder, collate_skipping
+from ..distributed import barrier, check_device, init_distributed
+from ..files import atomic_json, atomic_save, atomic_write, check_number, check_writable, load_torch_file
 from ..modules import record_attention_stats
 from ..reference import CLS_COLUMNS
 
@@ -72,30 +72,63 @@ def _gathered_state(recorder, unreadable: int) -> dict:
 
 
 def write_outputs(out: str, run_name: str, meta: dict, summary: dict) -> dict:
-    """``stats.json`` (metric -> [L][H]) and ``stats.csv`` (run, block, head, metric, value)."""
+    """``stats.json`` (metric -> [L][H]; strict JSON: a non-finite value is ``null``) and
+    ``stats.csv`` (run, block, head, metric, value), each written atomically."""
     stats = dict(meta, metrics={k: v.tolist() for k, v in summary.items()})
-    tmp = os.path.join(out, "stats.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(tmp, os.path.join(out, "stats.json"))
-    tmp = os.path.join(out, "stats.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "block", "head", "metric", "value"])
-        for metric, table in summary.items():
-            for li, block in enumerate(meta["blocks"]):
-                for h in range(table.shape[1]):
-                    # magnitude ratios are per block (one value): head "all"
-                    w.writerow([run_name, block, h if table.shape[1] > 1 else "all", metric, repr(float(table[li, h]))])
-    os.replace(tmp, os.path.join(out, "stats.csv"))
+    atomic_json(os.path.join(out, "stats.json"), stats)
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "block", "head", "metric", "value"])
+            for metric, table in summary.items():
+                for li, block in enumerate(meta["blocks"]):
+                    for h in range(table.shape[1]):
+                        # magnitude ratios are per block (one value): head "all"
+                        w.writerow([run_name, block, h if table.shape[1] > 1 else "all", metric,
+                                    repr(float(table[li, h]))])
+    atomic_write(os.path.join(out, "stats.csv"), write_csv)
     return stats
 
 
-def run_analyze(cfg: AnalyzeConfig) -> dict:
+def validate_analyze(cfg: "AnalyzeConfig") -> None:
+    """Every flag's value checked before a model is built or an image read."""
     if cfg.data is None:
         raise ValueError("--data is required: a folder of images (ImageNet val layout or flat), or 'synthetic'")
-    if cfg.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
+    if cfg.data != "synthetic":
+        check_data_folder(cfg.data)
+    check_number("--batch-size", cfg.batch_size, minimum=1, integer=True)
+    check_number("--limit", cfg.limit, minimum=1, integer=True, optional=True)
+    check_number("--workers", cfg.workers, minimum=0, integer=True)
+    check_number("--save-every", cfg.save_every, minimum=1, integer=True)
+    check_number("--seed", cfg.seed, minimum=0, integer=True)
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision {cfg.precision!r}: choose auto, bf16 or fp32")
+    check_device(cfg.device)
+    cfg.check_backbone()
+
+
+def check_fresh_output(out: str, resume: bool, flag: str = "--output-dir") -> None:
+    """The output folder is writable (checked before any work) and holds no finished run unless resuming."""
+    check_writable(out, flag=flag)
+    if os.path.exists(os.path.join(out, "stats.json")) and not resume:
+        raise FileExistsError(f"{flag} {out} already holds stats.json: pass --resume or choose another {flag}")
+
+
+def load_partial(path: str, settings: dict) -> dict:
+    """A process's saved running sums, refused when the run's settings changed."""
+    state = load_torch_file(path, flag="--resume")  # written by this tool: plain types only
+    if state.get("settings") != settings:
+        raise ValueError(f"--resume: {os.path.dirname(path)} was started with other settings: "
+                         f"{state.get('settings')} vs {settings}")
+    return state
+
+
+def run_analyze(cfg: AnalyzeConfig) -> dict:
+    validate_analyze(cfg)
+    out = cfg.output_dir
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_fresh_output(out, cfg.resume)
     dist_info = init_distributed(cfg.device)
     device = dist_info.device
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -103,7 +136,6 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     backbone = cfg.create_backbone().to(device)
     info = backbone.info
     dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
-    out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     run_name = cfg.name or os.path.basename(os.path.normpath(out))
 
@@ -114,24 +146,18 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
                     return_block=cfg.return_block, data=cfg.data, limit=cfg.limit, images=len(dataset),
                     batch_size=cfg.batch_size, world_size=dist_info.world_size, magnitudes=cfg.magnitudes,
                     precision="bf16" if use_bf16 else "fp32")
-    if os.path.exists(os.path.join(out, "stats.json")) and not cfg.resume:
-        raise FileExistsError(f"{out} already holds stats.json: pass --resume or choose another --output-dir")
 
     ctx = record_attention_stats(backbone.model, magnitudes=cfg.magnitudes)
     done, unreadable = set(), 0
     if cfg.resume and os.path.exists(partial_path):
-        state = torch.load(partial_path, map_location="cpu", weights_only=False)
-        if state["settings"] != settings:
-            raise ValueError(f"--resume: {out} was started with other settings: {state['settings']} vs {settings}")
+        state = load_partial(partial_path, settings)
         ctx.recorder.load_state_dict(state["recorder"], device=device)
         done, unreadable = set(state["done"]), state["unreadable"]
         log.info("resuming %s: %d of this process's %d batches already summed", out, len(done), len(mine))
 
-    def save_partial():
-        tmp = partial_path + ".tmp"
-        torch.save(dict(settings=settings, recorder=ctx.recorder.state_dict(), done=sorted(done),
-                        unreadable=unreadable), tmp)
-        os.replace(tmp, partial_path)
+    def save_partial():  # atomic: a failed write keeps the previous running sums
+        atomic_save(partial_path, dict(settings=settings, recorder=ctx.recorder.state_dict(), done=sorted(done),
+                                       unreadable=unreadable))
 
     todo = [b for b in mine if b not in done]
     bs = cfg.batch_size

@@ -1,59 +1,62 @@
 """Arguments of `selagg-fast analyze | plot | maps | localize`."""
 from __future__ import annotations
 
-import json
 import os
 
 
 def add_analysis_commands(sub) -> None:
+    from ..probe.cli import add_backbone_arguments
+
     p = sub.add_parser("analyze", help="per-block, per-head attention statistics over an image folder")
-    p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name")
-    p.add_argument("--checkpoint", help="local weights (same layouts as probe)")
-    p.add_argument("--random-init", action="store_true", help="no weights: random init (only for testing)")
-    p.add_argument("--allow-key-mismatch", action="store_true")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON passed to timm.create_model")
-    p.add_argument("--return-block", type=int, help="analyse blocks 1..N only")
+    add_backbone_arguments(p)
+    p.add_argument("--return-block", type=int, help="analyse blocks 1..N only; default: all blocks")
     p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat) or 'synthetic'")
-    p.add_argument("--limit", type=int, help="analyse a seeded random subset of N images")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--limit", type=int, help="analyse a seeded random subset of N images; default: all")
+    p.add_argument("--batch-size", type=int, default=512, help="images per batch and process")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
     p.add_argument("--no-magnitudes", dest="magnitudes", action="store_false",
                    help="skip the ||attention branch|| / ||residual|| ratios")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--output-dir", default="analyze_out")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on GPUs, fp32 on CPUs")
+    p.add_argument("--output-dir", default="analyze_out", help="folder for stats.json, stats.csv and running sums")
     p.add_argument("--name", help="run name in stats.csv and plot legends (default: the output folder's name)")
     p.add_argument("--resume", action="store_true", help="continue from the partial sums in --output-dir")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint the running sums every N batches")
     p.add_argument("--seed", type=int, default=0, help="seed of a --random-init model (same as probe --seed)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when present")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser("plot", help="Figures 3-6 layout from analyze runs")
     p.add_argument("runs", nargs="+", help="analyze output folders (or their stats.json)")
-    p.add_argument("--output", default="attention_stats.png")
+    p.add_argument("--output", default="attention_stats.png",
+                   help="figure file, written exactly there (.png, .pdf, .svg, ...; no suffix: PNG)")
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("maps", help="Selective Aggregation weights vs [cls] attention, overlaid on images")
     p.add_argument("--probe", required=True, help="a selagg-fast probe output folder")
-    p.add_argument("--images", nargs="+", required=True)
-    p.add_argument("--head", help="selective pair to show, e.g. selective@0.1 (default: the best one)")
-    p.add_argument("--output-dir", default="maps")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--images", nargs="+", required=True, help="image files to show")
+    p.add_argument("--head", help="selective pair to show, e.g. selective@0.1; default: the best one")
+    p.add_argument("--output-dir", default="maps", help="folder for the PNGs")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load the probe's backbone checkpoint with full unpickling (runs any code it holds)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when present")
     p.set_defaults(func=_maps)
 
     p = sub.add_parser("localize", help="MaxBoxAccV2 of Selective Aggregation weights and [cls] attention")
     p.add_argument("--probe", required=True, help="a selagg-fast probe output folder")
     p.add_argument("--data", required=True, help="image folder (DIR/val when present)")
     p.add_argument("--boxes", required=True, help="CSV image,x0,y0,x1,y1, or ImageNet XML file / folder")
-    p.add_argument("--head", help="selective pair to evaluate (default: the best one)")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--head", help="selective pair to evaluate; default: the best one")
+    p.add_argument("--limit", type=int, help="evaluate the first N images that have boxes; default: all")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="DataLoader workers and processes for the threshold sweep")
-    p.add_argument("--output", help="JSON file (default: PROBE/localization.json)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--output", help="JSON file (beside it: the same name with .png); default: PROBE/localization.json")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load the probe's backbone checkpoint with full unpickling (runs any code it holds)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when present")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_localize)
 
 
@@ -73,15 +76,20 @@ def _plot(args) -> None:
 
 def _maps(args) -> None:
     from .maps import write_maps
-    for path in write_maps(args.probe, args.images, args.output_dir, head=args.head, device=args.device):
+    for path in write_maps(args.probe, args.images, args.output_dir, head=args.head, device=args.device,
+                           trust_checkpoint=args.trust_checkpoint):
         print(f"wrote {path}")
 
 
 def _localize(args) -> None:
-    from .localize import format_localization, localize, plot_localization, write_localization
-    result = localize(args.probe, args.data, args.boxes, head=args.head, limit=args.limit,
-                      batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress)
+    from ..files import check_output_file
+    from .localize import check_localize_arguments, format_localization, localize, plot_localization, write_localization
     out = args.output or os.path.join(args.probe, "localization.json")
+    check_localize_arguments(args.probe, args.data, args.limit, args.batch_size, args.workers, args.device)
+    check_output_file(out, flag="--output")  # before any map is computed
+    result = localize(args.probe, args.data, args.boxes, head=args.head, limit=args.limit,
+                      batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress,
+                      trust_checkpoint=args.trust_checkpoint)
     write_localization(result, out)
     figure = plot_localization(result, os.path.splitext(out)[0] + ".png")
     print(format_localization(result))

@@ -9,7 +9,7 @@ MaxBoxAcc(delta) takes the best tau per delta, and MaxBoxAccV2 averages delta in
 from __future__ import annotations
 
 import csv
-import json
+import logging
 import os
 import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
@@ -19,8 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data import ImageFiles, image_files, val_transform
+from ..data import ImageFiles, check_data_folder, image_files, val_transform, walk_files
+from ..distributed import check_device
+from ..files import atomic_json, atomic_write, check_number
 from .probe_maps import ProbeMaps, upsample
+
+log = logging.getLogger("selagg_fast")
 
 THRESHOLDS = np.arange(0.0, 1.0, 0.01)
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=int)
@@ -83,25 +87,38 @@ def read_boxes(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--boxes {path}: no such file or folder")
     boxes: dict = {}
-    if path.lower().endswith(".csv"):
-        with open(path, newline="") as f:
-            for row in csv.reader(f):
-                if not row or row[0].strip().lower() in ("image", "file", "filename"):
-                    continue
-                if len(row) < 5:
-                    raise ValueError(f"--boxes {path}: expected image,x0,y0,x1,y1 rows, got {row}")
-                key = os.path.splitext(os.path.basename(row[0].strip()))[0]
-                boxes.setdefault(key, []).append(tuple(float(v) for v in row[1:5]))
+    if os.path.isfile(path) and path.lower().endswith(".csv"):
+        try:
+            with open(path, newline="") as f:
+                for line, row in enumerate(csv.reader(f), 1):
+                    if not row or row[0].strip().lower() in ("image", "file", "filename"):
+                        continue
+                    if len(row) < 5:
+                        raise ValueError(f"--boxes {path} line {line}: expected image,x0,y0,x1,y1, got {row}")
+                    key = os.path.splitext(os.path.basename(row[0].strip()))[0]
+                    try:
+                        boxes.setdefault(key, []).append(tuple(float(v) for v in row[1:5]))
+                    except ValueError:
+                        raise ValueError(f"--boxes {path} line {line}: box coordinates are not numbers: {row[1:5]}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--boxes {path}: not a text CSV file") from None
+    elif os.path.isfile(path) and not path.lower().endswith(".xml"):
+        raise ValueError(f"--boxes {path}: neither a .csv (image,x0,y0,x1,y1) nor an ImageNet .xml file, "
+                         "nor a folder of .xml files")
     else:
-        files = [path] if os.path.isfile(path) else sorted(
-            os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs if f.lower().endswith(".xml"))
+        files = [path] if os.path.isfile(path) else walk_files(path, (".xml",))
         for xml in files:
-            root = ET.parse(xml).getroot()
-            name = root.findtext("filename") or os.path.basename(xml)
-            key = os.path.splitext(os.path.basename(name))[0]
-            for obj in root.iter("object"):
-                bb = obj.find("bndbox")
-                boxes.setdefault(key, []).append(tuple(float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")))
+            try:
+                root = ET.parse(xml).getroot()
+                name = root.findtext("filename") or os.path.basename(xml)
+                key = os.path.splitext(os.path.basename(name))[0]
+                for obj in root.iter("object"):
+                    bb = obj.find("bndbox")
+                    boxes.setdefault(key, []).append(
+                        tuple(float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")))
+            except (ET.ParseError, AttributeError, TypeError, ValueError) as err:
+                raise ValueError(f"--boxes {xml}: not an ImageNet/PASCAL box annotation "
+                                 f"({type(err).__name__}: {err})") from None
     if not boxes:
         raise ValueError(f"--boxes {path}: no boxes found")
     return boxes
@@ -148,17 +165,33 @@ def _image_ious(item):
     return {kind: best_ious(m, gt) for kind, m in heatmaps.items()}
 
 
+def check_localize_arguments(probe_dir: str, data: str, limit, batch_size, workers, device) -> None:
+    """localize's flags, checked before a model is built or an image read."""
+    if not os.path.isfile(os.path.join(probe_dir, "checkpoint.pt")):
+        raise FileNotFoundError(f"--probe {probe_dir}: no checkpoint.pt (a `selagg-fast probe` output folder?)")
+    check_data_folder(data)
+    check_number("--limit", limit, minimum=1, integer=True, optional=True)
+    check_number("--batch-size", batch_size, minimum=1, integer=True)
+    check_number("--workers", workers, minimum=0, integer=True)
+    check_device(device)
+
+
 def localize(probe_dir: str, data: str, boxes_path: str, head: str | None = None, limit: int | None = None,
-             batch_size: int = 64, workers: int = 4, device: str = "auto", progress: bool = True) -> dict:
+             batch_size: int = 64, workers: int = 4, device: str = "auto", progress: bool = True,
+             trust_checkpoint: bool = False) -> dict:
+    check_localize_arguments(probe_dir, data, limit, batch_size, workers, device)
     boxes = read_boxes(boxes_path)
-    probe = ProbeMaps(probe_dir, head=head, device=device)
-    if not os.path.isdir(data):
-        raise FileNotFoundError(f"--data {data}: no such directory")
     root = os.path.join(data, "val") if os.path.isdir(os.path.join(data, "val")) else data
-    files = [f for f in image_files(root) if os.path.splitext(os.path.basename(f))[0] in boxes]
+    all_files = image_files(root)
+    files = [f for f in all_files if os.path.splitext(os.path.basename(f))[0] in boxes]
     if not files:
         raise ValueError(f"no image under {root} has a box in {boxes_path} (matched by file name without extension)")
+    if len(files) < len(all_files):
+        log.warning("%d of %d images under %s have no box in %s: they are left out", len(all_files) - len(files),
+                    len(all_files), root, boxes_path)
+    without_box = len(all_files) - len(files)
     files = files[:limit] if limit else files
+    probe = ProbeMaps(probe_dir, head=head, device=device, trust_checkpoint=trust_checkpoint)
     size = probe.info.img_size
     loader = DataLoader(_BoxedImages(files, size), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     ious = {"selective": [], "cls": []}
@@ -187,8 +220,16 @@ def localize(probe_dir: str, data: str, boxes_path: str, head: str | None = None
     finally:
         if pool is not None:
             pool.shutdown()
+    if no_box:
+        log.warning("%d of %d images have no box left inside the validation crop: they are left out of the "
+                    "accuracies", no_box, len(files))
+    if unreadable:
+        log.warning("%d of %d images were unreadable and are left out", unreadable, len(files))
+    if not any(ious.values()):
+        raise ValueError(f"no image of {root} could be scored (unreadable, or no box inside the center crop)")
     results = {kind: max_box_acc_v2(np.stack(v)) for kind, v in ious.items() if v}
     return dict(probe=probe_dir, head=probe.head, images=len(files), unreadable_images=unreadable,
+                images_without_box=without_box,
                 images_without_box_in_crop=no_box, maps=results)
 
 
@@ -202,9 +243,7 @@ def format_localization(result: dict) -> str:
 
 
 def write_localization(result: dict, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_json(path, result)
 
 
 def plot_localization(result: dict, path: str, thresholds=THRESHOLDS) -> str:
@@ -230,6 +269,8 @@ def plot_localization(result: dict, path: str, thresholds=THRESHOLDS) -> str:
     v2 = ", ".join(f"{names[k]} {r['max_box_acc_v2']:.1f}" for k, r in result["maps"].items())
     fig.suptitle(f"MaxBoxAccV2 over {result['images']} images: {v2}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -8,10 +8,30 @@ import torch
 from PIL import Image
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD, val_transform
+from ..distributed import check_device
+from ..files import atomic_write, check_writable
 from .probe_maps import ProbeMaps, upsample
 
 
-def write_maps(probe_dir: str, images, output_dir: str, head: str | None = None, device: str = "auto") -> list:
+def read_images(paths, flag: str = "--images") -> list:
+    """Every image decoded (RGB) up front: an unreadable one is one clear error before any work."""
+    images = []
+    for path in paths:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{flag} {path}: is a folder, not an image file")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except Exception as err:  # PIL's errors for a corrupt, truncated or non-image file
+            raise ValueError(f"{flag} {path}: not a readable image ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    return images
+
+
+def write_maps(probe_dir: str, images, output_dir: str, head: str | None = None, device: str = "auto",
+               trust_checkpoint: bool = False) -> list:
     """One PNG per image: the image, the selection weights and the [cls] attention, overlaid."""
     import matplotlib
     matplotlib.use("Agg")
@@ -19,14 +39,15 @@ def write_maps(probe_dir: str, images, output_dir: str, head: str | None = None,
 
     if not images:
         raise ValueError("maps: no --images given")
-    probe = ProbeMaps(probe_dir, head=head, device=device)
+    check_device(device)
+    decoded = read_images(images)
+    check_writable(output_dir)
+    probe = ProbeMaps(probe_dir, head=head, device=device, trust_checkpoint=trust_checkpoint)
     size = probe.info.img_size
     transform = val_transform(size)
-    os.makedirs(output_dir, exist_ok=True)
     written = []
-    for path in images:
-        with Image.open(path) as img:
-            x = transform(img.convert("RGB"))[None]
+    for path, img in zip(images, decoded):
+        x = transform(img)[None]
         selection, cls = probe.maps(x)
         shown = (x[0].permute(1, 2, 0) * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)).clamp(0, 1).numpy()
         panels = [("image", None), (f"Selective Aggregation ({probe.head})", upsample(selection, size)[0])]
@@ -42,7 +63,7 @@ def write_maps(probe_dir: str, images, output_dir: str, head: str | None = None,
         if cls is None:
             fig.text(0.99, 0.01, "model has no [cls] token", ha="right", fontsize=8, color="grey")
         out = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + "_maps.png")
-        fig.savefig(out, dpi=100)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
         written.append(out)
     return written

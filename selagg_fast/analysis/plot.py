@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from ..files import atomic_write, check_output_file
+
 # (metric, title, y label, entropy?) in the order of the paper's Figures 3, 4, 5, 6
 PANELS = [
     ("cls_cls_attention", "[cls] -> [cls] attention (Fig. 3)", "attention", False),
@@ -19,8 +21,27 @@ def load_run(run_dir: str) -> dict:
     path = os.path.join(run_dir, "stats.json") if os.path.isdir(run_dir) else run_dir
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir}: no stats.json (run `selagg-fast analyze` first)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a stats.json of `selagg-fast analyze` ({type(err).__name__}: {err})") from None
+    missing = [k for k in ("metrics", "blocks", "num_patches", "images") if not isinstance(run, dict) or k not in run]
+    if missing:
+        raise ValueError(f"{path}: not a stats.json of `selagg-fast analyze` (no {', '.join(missing)})")
+    return run
+
+
+def figure_format(output: str, flag: str = "--output") -> str:
+    """The figure format of ``output``'s suffix (``png`` when it has none); an unknown one is refused."""
+    import matplotlib.figure
+    suffix = os.path.splitext(output)[1][1:].lower()
+    if not suffix:
+        return "png"
+    supported = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if suffix not in supported:
+        raise ValueError(f"{flag} {output}: unknown figure format .{suffix} (use one of {', '.join(sorted(supported))})")
+    return suffix
 
 
 def plot_runs(run_dirs, output: str) -> str:
@@ -30,6 +51,8 @@ def plot_runs(run_dirs, output: str) -> str:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    fmt = figure_format(output)
+    check_output_file(output, flag="--output")
     runs = [load_run(d) for d in run_dirs]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -62,7 +85,6 @@ def plot_runs(run_dirs, output: str) -> str:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle("attention statistics per block (line: mean over heads; band: min-max over heads)")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=120)
+    atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))  # exactly `output`, suffix or not
     plt.close(fig)
     return output

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import collate_skipping
+from ..files import atomic_json
 
 _DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp32": (torch.float32, np.float32)}
 
@@ -53,8 +54,9 @@ class TokenStore:
             with open(meta_path) as f:
                 old = json.load(f)
             if old != meta:
-                raise ValueError(f"feature cache {path} was extracted with different settings; delete it or "
-                                 f"choose another --cache-features folder.\n  cached: {old}\n  now:    {meta}")
+                changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+                raise ValueError(f"feature cache {path} was extracted with different settings (cached, now): "
+                                 f"{changed}; delete it or choose another --cache-features folder")
         self.num_samples, self.batch_size = num_samples, batch_size
         self.num_batches = -(-num_samples // batch_size)
         if fresh:
@@ -67,9 +69,7 @@ class TokenStore:
         self.labels = labels.astype(np.int64)
         if fresh:
             np.save(os.path.join(path, "labels.npy"), self.labels)
-            with open(meta_path + ".tmp", "w") as f:
-                json.dump(meta, f, indent=1)
-            os.replace(meta_path + ".tmp", meta_path)  # meta last: a store without it is incomplete
+            atomic_json(meta_path, meta)  # meta last: a store without it is incomplete
 
     def pending_batches(self, rank: int = 0, world: int = 1) -> list:
         return [b for b in range(self.num_batches) if b % world == rank and not self.done[b]]

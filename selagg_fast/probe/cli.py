@@ -4,54 +4,89 @@ from __future__ import annotations
 import argparse
 import json
 
-from .trainer import ProbeConfig
+from .trainer import PROTOCOLS, ProbeConfig
+
+
+def json_object(text: str) -> dict:
+    """argparse type of --model-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 448}}', got {text!r}")
+    return value
+
+
+def add_backbone_arguments(g, help_suffix: str = "") -> None:
+    """--model / --checkpoint / --random-init / --allow-key-mismatch / --trust-checkpoint /
+    --model-kwargs, shared by probe and analyze."""
+    g.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name")
+    g.add_argument("--checkpoint", help="local weights: MAE .pth ('model'), I-JEPA ('encoder'/'target_encoder'), "
+                                        "timm .pth/.safetensors; nothing is downloaded")
+    g.add_argument("--random-init", action="store_true", help="no weights: random init (only for testing)")
+    g.add_argument("--allow-key-mismatch", action="store_true", help="load a checkpoint despite missing/unexpected keys")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a .pth checkpoint that pickles objects other than tensors, numbers, strings and "
+                        "argparse.Namespace: RUNS ANY CODE THE FILE HOLDS, only for files you trust")
+    g.add_argument("--model-kwargs", type=json_object, default={},
+                   help='JSON object passed to timm.create_model, e.g. \'{"img_size": 448}\'')
 
 
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     d = ProbeConfig()
     g = p.add_argument_group("backbone")
-    g.add_argument("--model", default=d.model, help="timm ViT name (default %(default)s)")
-    g.add_argument("--checkpoint", help="local weights: MAE .pth ('model'), I-JEPA ('encoder'/'target_encoder'), "
-                                        "timm .pth/.safetensors; nothing is downloaded")
-    g.add_argument("--random-init", action="store_true", help="no weights: random init (only for testing)")
-    g.add_argument("--allow-key-mismatch", action="store_true", help="load a checkpoint despite missing/unexpected keys")
-    g.add_argument("--return-block", type=int, help="probe the output of block N (1-based; SimMIM: 8)")
+    add_backbone_arguments(g)
+    g.add_argument("--return-block", type=int, help="probe the output of block N (1-based; SimMIM: 8); "
+                                                    "default: all blocks")
     g.add_argument("--final-norm", action=argparse.BooleanOptionalAction, default=d.final_norm,
-                   help="apply the ViT's last LayerNorm (default: no, as the paper's reference code)")
-    g.add_argument("--model-kwargs", type=json.loads, default={},
-                   help='JSON passed to timm.create_model, e.g. \'{"img_size": 448}\'')
+                   help="apply the ViT's last LayerNorm (the paper's reference code does not)")
     g.add_argument("--compile-backbone", action="store_true",
                    help="torch.compile the frozen backbone: compiles on the first batches, faster forwards after")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="ImageFolder root with train/ and val/, or 'synthetic'")
     g.add_argument("--train-list", help="file listing the training images to use (e.g. the ImageNet-1%% split)")
-    g.add_argument("--synthetic-train-size", type=int, default=d.synthetic_train_size)
-    g.add_argument("--synthetic-val-size", type=int, default=d.synthetic_val_size)
-    g.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes)
+    g.add_argument("--synthetic-train-size", type=int, default=d.synthetic_train_size,
+                   help="training images of --data synthetic")
+    g.add_argument("--synthetic-val-size", type=int, default=d.synthetic_val_size,
+                   help="validation images of --data synthetic")
+    g.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes,
+                   help="classes of --data synthetic (2 to 16)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
-                   help="RandomResizedCrop + flip for training (default on)")
+                   help="RandomResizedCrop + flip for training")
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per process")
     g.add_argument("--cache-features", metavar="DIR", help="extract tokens once to DIR (needs --no-augment)")
-    g.add_argument("--cache-dtype", choices=["bf16", "fp32"], default=d.cache_dtype)
+    g.add_argument("--cache-dtype", choices=["bf16", "fp32"], default=d.cache_dtype, help="dtype of cached tokens")
     g = p.add_argument_group("heads and optimisation")
-    g.add_argument("--heads", default=d.heads, help="comma list of cls, avg, selective, selective_all, selective_k<K>")
+    g.add_argument("--heads", default=d.heads, help=(
+        "comma list of cls, avg, selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>] (the reference "
+        "head's variants: 2-layer MLP scorer, self-attention on both or the map only, positional conditioning, "
+        "prefix tokens pooled too, K branches; paper Table 4), ap<H>[_ln][_all] (attentive probe with H heads, "
+        "token LayerNorm; Table 6). Self-attention heads (selective_mlp_tanh_sa = SA-AbMILP) train with "
+        "--optimizer sgd: the paper found them unstable under LARS"))
     g.add_argument("--lrs", default=d.lrs, help="base learning rates; each (head, lr) pair trains separately")
-    g.add_argument("--optimizer", choices=["lars", "sgd"], default=d.optimizer)
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    g.add_argument("--optimizer", choices=["lars", "sgd"], default=d.optimizer,
+                   help="lars: the linear-probe protocol; sgd: the low-shot / fine-grained protocol")
+    g.add_argument("--protocol", choices=list(PROTOCOLS), default=d.protocol,
+                   help="paper: the paper's reference code (default-initialised nn.Linear classifier, SGD momentum "
+                        "0, last partial training batch dropped); mae: MAE's linear probe (trunc-normal 0.01 init, "
+                        "SGD momentum 0.9, last batch kept). Default: paper for a new run, the run's own on --resume")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear lr warm-up, in epochs")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    g.add_argument("--accum-iter", type=int, default=d.accum_iter)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--accum-iter", type=int, default=d.accum_iter, help="gradient accumulation steps per update")
+    g.add_argument("--momentum", type=float, default=d.momentum,
+                   help="default: 0.9 for LARS; for SGD the protocol's (paper 0, mae 0.9); on --resume the run's own")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
                    help="auto: bf16 autocast on GPUs, fp32 on CPUs")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=d.output_dir)
+    g.add_argument("--output-dir", default=d.output_dir, help="folder of the run's outputs")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     g.add_argument("--stop-after-epochs", type=int, help="stop after N epochs of this invocation (resume later)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the heads, the data order and augmentation")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device, help="auto: cuda when present")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def config_from_args(args) -> ProbeConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..files import atomic_write
+
 
 def plot_curves(run_dir: str, output: str | None = None) -> str:
     """``curves.png`` from ``metrics.jsonl``: one colour per head, one line style per base lr."""
@@ -24,7 +26,9 @@ def plot_curves(run_dir: str, output: str | None = None) -> str:
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for hi, head in enumerate(heads):
         for li, lr in enumerate(lrs):
-            pts = sorted((r["epoch"], r["top1"], r["train_loss"]) for r in rows if r["head"] == head and r["base_lr"] == lr)
+            # a diverged pair's null top-1 / loss: a gap in its line (NaN), not a point
+            pts = sorted((r["epoch"], _num(r["top1"]), _num(r["train_loss"])) for r in rows
+                         if r["head"] == head and r["base_lr"] == lr)
             if not pts:
                 continue
             epochs, top1, loss = zip(*pts)
@@ -38,6 +42,12 @@ def plot_curves(run_dir: str, output: str | None = None) -> str:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc_ax.legend(fontsize=8, ncol=max(1, len(lrs)))
     output = output or os.path.join(run_dir, "curves.png")
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return output
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else value

@@ -16,7 +16,7 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001):
-        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
+        if not (lr >= 0 and weight_decay >= 0 and 0 <= momentum < 1):  # NaN fails every comparison
             raise ValueError(f"LARS: bad hyper-parameters lr={lr}, weight_decay={weight_decay}, momentum={momentum}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       trust_coefficient=trust_coefficient))
@@ -56,7 +56,9 @@ class LARS(torch.optim.Optimizer):
                 scaled = torch._foreach_add(grads, torch._foreach_mul(matrices, decays))
             p_norm = torch.stack(torch._foreach_norm(matrices))
             u_norm = torch.stack(torch._foreach_norm(scaled))
-            trust = trusts[0] if len(set(trusts)) == 1 else torch.tensor(trusts, device=p_norm.device)
+            # per-group coefficients in the parameters' dtype (a float32 tensor would round them)
+            trust = trusts[0] if len(set(trusts)) == 1 else torch.tensor(trusts, device=p_norm.device,
+                                                                         dtype=p_norm.dtype)
             ratio = torch.where((p_norm > 0) & (u_norm > 0), trust * p_norm / u_norm, torch.ones_like(p_norm))
             torch._foreach_mul_(scaled, list(ratio.unbind()))
             for i, u in zip(matrix_at, scaled):

@@ -9,33 +9,54 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..backbone import BackboneSettings
-from ..distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard_indices
+from ..data import (check_data_folder, collate_skipping, epoch_shard, image_folder_datasets, split_batches,
+                    synthetic_datasets)
+from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
+from ..files import check_number, check_writable, load_torch_file
 from ..profiling import nvtx_range
 from .cache import extract, file_stamp, open_store
 from .curves import plot_curves
-from ..data import collate_skipping, image_folder_datasets, synthetic_datasets
-from .heads import ProbeHeads, pair_name, parse_heads, probe_loss
-from .outputs import atomic_json, atomic_save, summarize, truncate_metrics
+from .heads import LinearProbe, ProbeHeads, pair_name, parse_heads, probe_loss
 from .optim import build_optimizer, set_lr
+from .outputs import append_metrics, atomic_json, atomic_save, summarize, truncate_metrics
 
 log = logging.getLogger("selagg_fast")
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """The defaults that differ between the paper's reference code and MAE's linear probe."""
+    classifier_init: str   # LinearProbe init: "paper" (nn.Linear's default) or "mae" (trunc-normal 0.01, zero bias)
+    sgd_momentum: float    # --optimizer sgd's momentum when --momentum is not given (LARS: 0.9 in both)
+    drop_last: bool        # the training loader drops the last partial batch
+
+
+PROTOCOLS = {
+    "paper": Protocol(classifier_init="paper", sgd_momentum=0.0, drop_last=True),
+    "mae": Protocol(classifier_init="mae", sgd_momentum=0.9, drop_last=False),
+}
+LARS_MOMENTUM = 0.9
+
+
 @dataclass
 class ProbeConfig(BackboneSettings):
-    """Every setting of a probing run; defaults are the paper's protocol (App. B.2)."""
+    """Every setting of a probing run; defaults are the paper's protocol (App. B.2 and its code).
+
+    ``protocol`` and ``momentum`` left ``None`` are resolved by :func:`run_probe`: a new run takes
+    the ``"paper"`` protocol, a resumed run the one it was started with (``"mae"`` for runs saved
+    before the protocol was recorded); ``momentum`` then follows the protocol and optimizer."""
     compile_backbone: bool = False
     data: str | None = None
     train_list: str | None = None
@@ -45,11 +66,12 @@ class ProbeConfig(BackboneSettings):
     heads: str = "cls,avg,selective"
     lrs: str = "0.1"
     optimizer: str = "lars"
+    protocol: str | None = None
     epochs: int = 90
     warmup_epochs: float = 10.0
     batch_size: int = 1024
     accum_iter: int = 1
-    momentum: float = 0.9
+    momentum: float | None = None
     weight_decay: float = 0.0
     augment: bool = True
     precision: str = "auto"
@@ -68,38 +90,85 @@ class ProbeConfig(BackboneSettings):
             lrs = [float(v) for v in str(self.lrs).split(",") if v.strip()]
         except ValueError:
             raise ValueError(f"--lrs {self.lrs!r}: expected comma-separated numbers, e.g. 0.05,0.1,0.3") from None
-        if not lrs or any(v <= 0 for v in lrs) or len(set(lrs)) != len(lrs):
-            raise ValueError(f"--lrs {self.lrs!r}: expected distinct positive base learning rates")
+        if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
+            raise ValueError(f"--lrs {self.lrs!r}: expected distinct finite positive base learning rates")
         return lrs
 
 
 # Settings that change what a run computes; --resume refuses a run whose values differ.
 _RESUME_KEYS = ("model", "checkpoint", "return_block", "final_norm", "model_kwargs", "data", "train_list",
-                "heads", "lrs", "optimizer", "epochs", "warmup_epochs", "batch_size", "accum_iter", "augment",
-                "precision", "seed", "cache_features", "cache_dtype")
+                "heads", "lrs", "optimizer", "protocol", "epochs", "warmup_epochs", "batch_size", "accum_iter",
+                "momentum", "weight_decay", "augment", "precision", "seed", "cache_features", "cache_dtype")
+# What a saved config without the key ran with (runs saved before the key existed).
+_SAVED_BEFORE = {"protocol": "mae"}
 
 
-def _validate(cfg: ProbeConfig) -> None:
+def validate(cfg: ProbeConfig) -> None:
+    """Every flag's value, checked before any model is built or any data read (one error each)."""
     if cfg.data is None:
         raise ValueError("--data is required: an ImageFolder root with train/ and val/, or 'synthetic'")
     for name in ("epochs", "batch_size", "accum_iter"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if cfg.optimizer not in ("lars", "sgd"):
-        raise ValueError(f"--optimizer {cfg.optimizer!r}: choose lars or sgd")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--precision {cfg.precision!r}: choose auto, bf16 or fp32")
+        check_number(f"--{name.replace('_', '-')}", getattr(cfg, name), minimum=1, integer=True)
+    check_number("--stop-after-epochs", cfg.stop_after_epochs, minimum=1, integer=True, optional=True)
+    check_number("--workers", cfg.workers, minimum=0, integer=True)
+    check_number("--seed", cfg.seed, minimum=0, integer=True)
+    check_number("--warmup-epochs", cfg.warmup_epochs, minimum=0)
+    check_number("--momentum", cfg.momentum, minimum=0, below=1, optional=True)
+    check_number("--weight-decay", cfg.weight_decay, minimum=0)
+    if cfg.data == "synthetic":
+        check_number("--synthetic-train-size", cfg.synthetic_train_size, minimum=1, integer=True)
+        check_number("--synthetic-val-size", cfg.synthetic_val_size, minimum=1, integer=True)
+        check_number("--synthetic-classes", cfg.synthetic_classes, minimum=2, integer=True)
+        if cfg.synthetic_classes > 16:
+            raise ValueError(f"--synthetic-classes {cfg.synthetic_classes}: must be 2 to 16")
+    else:
+        check_data_folder(cfg.data)
+        if cfg.train_list is not None and not os.path.isfile(cfg.train_list):
+            what = "is a folder, not a list file" if os.path.isdir(cfg.train_list) else "no such file"
+            raise (ValueError if os.path.isdir(cfg.train_list) else FileNotFoundError)(
+                f"--train-list {cfg.train_list}: {what}")
+    for flag, value, choices in (("--optimizer", cfg.optimizer, ("lars", "sgd")),
+                                 ("--precision", cfg.precision, ("auto", "bf16", "fp32")),
+                                 ("--cache-dtype", cfg.cache_dtype, ("bf16", "fp32")),
+                                 ("--protocol", cfg.protocol, (None, *PROTOCOLS))):
+        if value not in choices:
+            raise ValueError(f"{flag} {value!r}: choose {' or '.join(c for c in choices if c)}")
     if cfg.cache_features and cfg.augment:
         raise ValueError("--cache-features trains without augmentation: add --no-augment")
     cfg.lr_list()
+    parse_heads(cfg.heads)  # names only here; 'cls' on a model without [cls] is refused once it is known
+    check_device(cfg.device)
+    cfg.check_backbone()
+
+
+def _check_outputs(cfg: ProbeConfig) -> None:
+    check_writable(cfg.output_dir)
+    if cfg.cache_features:
+        check_writable(cfg.cache_features, flag="--cache-features")
+
+
+def _resolved(cfg: ProbeConfig, saved: dict | None) -> ProbeConfig:
+    """``cfg`` with ``protocol`` and ``momentum`` decided: given values win; else the resumed run's
+    (``saved``: its config); else the protocol's defaults."""
+    def saved_value(key):
+        return saved.get(key, _SAVED_BEFORE.get(key)) if saved is not None else None
+    protocol = cfg.protocol or saved_value("protocol") or "paper"
+    momentum = cfg.momentum if cfg.momentum is not None else saved_value("momentum")
+    if momentum is None:
+        momentum = LARS_MOMENTUM if cfg.optimizer == "lars" else PROTOCOLS[protocol].sgd_momentum
+    return dataclasses.replace(cfg, protocol=protocol, momentum=float(momentum))
 
 
 class _Run:
-    """State of one probing run (one per process)."""
+    """State of one probing run (one per process): backbone, data, heads, optimizer, counters."""
 
     def __init__(self, cfg: ProbeConfig, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         self.device = dist_info.device
+        self.protocol = PROTOCOLS[cfg.protocol]
+        self.stores = {}                          # split -> TokenStore, with --cache-features
+        self.unreadable = {"train": 0, "val": 0}  # distinct unreadable images, all processes
+        self.diverged = set()                     # pair names whose loss or parameters went non-finite
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         torch.manual_seed(cfg.seed)
@@ -123,20 +192,27 @@ class _Run:
             self.train_set, self.val_set = image_folder_datasets(
                 cfg.data, self.info.img_size, cfg.train_list, augment=cfg.augment, seed=cfg.seed)
         self.num_classes = len(self.train_set.classes)
+        if self.num_batches("train") == 0:
+            raise ValueError(
+                f"--batch-size {cfg.batch_size}: more than the {len(self.train_set)} training images give each of "
+                f"{dist_info.world_size} process(es); the {cfg.protocol} protocol drops the last partial batch, so "
+                "no step would run (lower --batch-size, or --protocol mae keeps the partial batch)")
 
         self.effective_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
         self.heads = ProbeHeads(self.specs, self.lrs, self.info.embed_dim, self.num_classes,
-                                self.head_prefix).to(self.device)
+                                self.head_prefix, grid_size=self.info.patch_grid).to(self.device)
+        for module in self.heads.modules():
+            if isinstance(module, LinearProbe):
+                module.reset_classifier(self.protocol.classifier_init)
         self.optimizer = build_optimizer(self.heads, cfg.optimizer, self.effective_batch, cfg.momentum,
                                          cfg.weight_decay)
         self.model = self.heads
-        # gloo group for host-side agreement (skipping a batch) without a device round trip
+        # gloo group for host-side agreement (skipping a batch, counting) without a device round trip
         self.control_group = torch.distributed.new_group(backend="gloo") if dist_info.active else None
         if dist_info.active:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.heads, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        self.unreadable = {"train": 0, "val": 0}
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -158,28 +234,30 @@ class _Run:
         return DataLoader(dataset, num_workers=self.cfg.workers, pin_memory=cuda,
                           persistent_workers=False, **kw)
 
+    def _my_batches(self, split: str, epoch: int, indices) -> list:
+        """This process's batches of ``indices``: training shuffles per epoch (and drops a last
+        partial batch under the paper protocol); validation takes every W-th image, unpadded."""
+        if split == "train":
+            mine = epoch_shard(indices, self.cfg.seed, epoch, self.dist.rank, self.dist.world_size)
+            return split_batches(mine.tolist(), self.cfg.batch_size, self.protocol.drop_last)
+        mine = np.asarray(indices)[self.dist.rank::self.dist.world_size]
+        return split_batches(mine.tolist(), self.cfg.batch_size, drop_last=False)
+
     def live_batches(self, split: str, epoch: int):
-        """Yields (images on device, labels on device, n_unreadable) of this process's shard."""
+        """Yields (tokens on device, labels on device, indices of unreadable images) of this process."""
         dataset = self.train_set if split == "train" else self.val_set
         dataset.set_epoch(epoch)
-        if split == "train":
-            sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                         shuffle=True, seed=self.cfg.seed)
-            sampler.set_epoch(epoch)
-            loader = self._loader(dataset, batch_size=self.cfg.batch_size, sampler=sampler,
-                                  collate_fn=collate_skipping)
-        else:
-            shard = Subset(dataset, shard_indices(len(dataset), self.dist.rank, self.dist.world_size))
-            loader = self._loader(shard, batch_size=self.cfg.batch_size, collate_fn=collate_skipping)
+        loader = self._loader(dataset, batch_sampler=self._my_batches(split, epoch, range(len(dataset))),
+                              collate_fn=collate_skipping)
         for images, labels, _idx, skipped in loader:
             if split == "train" and not self._every_rank_has_images(images is not None):
                 images = None  # a training step is taken by all processes or by none (collectives inside)
             if images is None:
-                yield None, None, len(skipped)
+                yield None, None, skipped
                 continue
             with nvtx_range("data"):
                 yield (self.tokens(images.to(self.device, non_blocking=True)),
-                       labels.to(self.device, non_blocking=True), len(skipped))
+                       labels.to(self.device, non_blocking=True), skipped)
 
     def _every_rank_has_images(self, mine: bool) -> bool:
         """False when some process's batch was entirely unreadable (a CPU all-reduce: no GPU sync)."""
@@ -189,35 +267,35 @@ class _Run:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.control_group)
         return bool(flag.item())
 
+    def distinct_count(self, indices) -> int:
+        """How many distinct indices all processes saw (padding repeats some across processes)."""
+        indices = set(int(i) for i in indices)
+        if not self.dist.active:
+            return len(indices)
+        everyone = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(everyone, indices, group=self.control_group)
+        return len(set().union(*everyone))
+
     def cached_batches(self, split: str, epoch: int):
         store = self.stores[split]
-        valid = store.valid_indices()
-        if split == "train":
-            g = torch.Generator().manual_seed(self.cfg.seed + epoch)
-            order = valid[torch.randperm(len(valid), generator=g).numpy()]
-            per_rank = -(-len(order) // self.dist.world_size)
-            order = np.resize(order, per_rank * self.dist.world_size)  # pad like DistributedSampler
-            mine = order[self.dist.rank::self.dist.world_size]
-        else:
-            mine = valid[self.dist.rank::self.dist.world_size]
-        bs = self.cfg.batch_size
-        batches = [mine[i:i + bs] for i in range(0, len(mine), bs)]
-        loader = self._loader(store.batches(batches), batch_size=None)
+        loader = self._loader(store.batches(self._my_batches(split, epoch, store.valid_indices())), batch_size=None)
         for tokens, labels in loader:
             with nvtx_range("data"):
                 yield (tokens.to(self.device, non_blocking=True).to(self.autocast_dtype or torch.float32),
-                       labels.to(self.device, non_blocking=True), 0)
+                       labels.to(self.device, non_blocking=True), ())
 
     def batches(self, split: str, epoch: int):
         return (self.cached_batches if self.cfg.cache_features else self.live_batches)(split, epoch)
 
     def num_batches(self, split: str) -> int:
-        if self.cfg.cache_features:
+        if split in self.stores:
             n = len(self.stores[split].valid_indices())
         else:
             n = len(self.train_set if split == "train" else self.val_set)
-        per_rank = -(-n // self.dist.world_size) if split == "train" else len(range(self.dist.rank, n, self.dist.world_size))
-        return max(1, -(-per_rank // self.cfg.batch_size))
+        if split == "train":
+            per_rank = -(-n // self.dist.world_size)
+            return per_rank // self.cfg.batch_size if self.protocol.drop_last else -(-per_rank // self.cfg.batch_size)
+        return -(-len(range(self.dist.rank, n, self.dist.world_size)) // self.cfg.batch_size)
 
     # feature cache ---------------------------------------------------------------------------
     def build_cache(self) -> None:
@@ -225,7 +303,6 @@ class _Run:
         cfg = self.cfg
         with torch.no_grad():
             probe = self.tokens(torch.zeros(1, 3, self.info.img_size, self.info.img_size, device=self.device))
-        self.stores = {}
         for split, dataset in (("train", self.train_set), ("val", self.val_set)):
             settings = dict(
                 split=split, model=cfg.model, model_kwargs=cfg.model_kwargs, return_block=cfg.return_block,
@@ -253,7 +330,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     seen = torch.zeros((), device=run.device, dtype=torch.float64)
     bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                disable=not (cfg.progress and run.dist.is_main))
-    start, images_done, unreadable = time.perf_counter(), 0, 0
+    start, images_done, unreadable = time.perf_counter(), 0, []
     names = run.heads.pair_names()
     for it, (tokens, labels, skipped) in enumerate(run.batches("train", epoch)):
         unreadable += skipped
@@ -278,7 +355,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     bar.close()
     all_reduce_sum(loss_sums)
     all_reduce_sum(seen)
-    run.unreadable["train_live"] = unreadable
+    if not cfg.cache_features:  # cached tokens: the store counted them once at extraction
+        run.unreadable["train"] = run.distinct_count(unreadable)
     elapsed = time.perf_counter() - start
     losses = (loss_sums / seen.clamp(min=1)).tolist()
     return dict(losses=dict(zip(names, losses)), images_per_s=images_done * run.dist.world_size / elapsed)
@@ -291,7 +369,7 @@ def evaluate(run: _Run, epoch: int) -> dict:
     names = run.heads.pair_names()
     correct = torch.zeros(len(names), 2, device=run.device, dtype=torch.float64)
     total = torch.zeros((), device=run.device, dtype=torch.float64)
-    unreadable = 0
+    unreadable = []
     bar = tqdm(total=run.num_batches("val"), desc="validate", unit="batch",
                disable=not (run.cfg.progress and run.dist.is_main))
     for tokens, labels, skipped in run.batches("val", epoch):
@@ -311,71 +389,128 @@ def evaluate(run: _Run, epoch: int) -> dict:
     all_reduce_sum(correct)
     all_reduce_sum(total)
     if not run.cfg.cache_features:
-        run.unreadable["val"] = int(all_reduce_sum(torch.tensor(unreadable, device=run.device)).item())
+        run.unreadable["val"] = run.distinct_count(unreadable)
     acc = (100.0 * correct / total.clamp(min=1)).tolist()
     return {name: dict(top1=a[0], top5=a[1]) for name, a in zip(names, acc)}
 
 
+def _find_diverged(run: _Run, losses: dict, epoch: int) -> None:
+    """Pairs whose training loss or parameters went non-finite: reported as diverged from now on
+    (their parameters stay non-finite, so a resumed run finds them again); the others train on."""
+    for spec, lr in run.heads.pairs:
+        name = pair_name(spec, lr)
+        if name in run.diverged:
+            continue
+        finite = math.isfinite(losses[name]) and all(
+            bool(torch.isfinite(p).all()) for p in run.heads.pair_parameters(spec, lr))
+        if not finite:
+            run.diverged.add(name)
+            log.warning("pair %s diverged in epoch %d (train loss %s): reported as diverged (top-1 null); "
+                        "the other pairs train on", name, epoch + 1, losses[name])
+
+
+# run_probe's steps --------------------------------------------------------------------------------
+def _read_saved_run(cfg: ProbeConfig) -> dict | None:
+    """The checkpoint to continue (``--resume``), or None for a new run; refuses to overwrite a run."""
+    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
+    if not os.path.exists(ckpt_path):
+        return None
+    if not cfg.resume:
+        raise FileExistsError(f"--output-dir {cfg.output_dir} already holds a run: pass --resume to continue it, "
+                              "or choose another --output-dir")
+    return load_torch_file(ckpt_path, flag="--resume")  # written by this tool: plain types only
+
+
+def _resume(run: _Run, saved: dict | None) -> tuple:
+    """Load the saved heads and optimizer into ``run``; returns (first epoch to run, last results)."""
+    if saved is None:
+        return 0, None
+    old, cfg = saved["config"], run.cfg
+    changed = {k: (old.get(k, _SAVED_BEFORE.get(k)), getattr(cfg, k)) for k in _RESUME_KEYS
+               if old.get(k, _SAVED_BEFORE.get(k)) != getattr(cfg, k)}
+    if changed:
+        raise ValueError(f"--resume: {cfg.output_dir} was started with different settings (saved, now): {changed}")
+    run.heads.load_state_dict(saved["heads"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    for k, v in saved.get("unreadable", {}).items():
+        run.unreadable[k] = v
+    log.info("resuming %s after epoch %d", cfg.output_dir, saved["epoch"])
+    return saved["epoch"], saved.get("results")
+
+
+def _write_config(run: _Run, start_epoch: int) -> None:
+    out = run.cfg.output_dir
+    atomic_json(os.path.join(out, "config.json"), dict(
+        **dataclasses.asdict(run.cfg), world_size=run.dist.world_size, effective_batch=run.effective_batch,
+        backbone=dataclasses.asdict(run.info), head_prefix_tokens=run.head_prefix,
+        pairs=run.heads.pair_names(), classes=run.train_set.classes))
+    truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
+
+
+def _epoch(run: _Run, epoch: int) -> tuple:
+    """Train and evaluate one epoch; returns (training summary, per-pair metrics, results)."""
+    cfg = run.cfg
+    train = _train_epoch(run, epoch)
+    metrics = evaluate(run, epoch)
+    _find_diverged(run, train["losses"], epoch)
+    results = summarize(
+        [(spec.name, lr, metrics[pair_name(spec, lr)]) for spec, lr in run.heads.pairs], diverged=run.diverged,
+        model=cfg.model, checkpoint=cfg.checkpoint, protocol=cfg.protocol, optimizer=cfg.optimizer,
+        momentum=cfg.momentum, epochs_done=epoch + 1, val_images=len(run.val_set),
+        train_images=len(run.train_set), num_classes=run.num_classes, unreadable_images=dict(run.unreadable),
+        train_images_per_s=train["images_per_s"])
+    return train, metrics, results
+
+
+def _write_epoch(run: _Run, epoch: int, train: dict, metrics: dict, results: dict) -> None:
+    """metrics.jsonl lines, checkpoint.pt and results.json of a finished epoch (rank 0), each
+    atomic: a failed write leaves the previous epoch's files as they were."""
+    out = run.cfg.output_dir
+    rows = []
+    for i, (spec, lr) in enumerate(run.heads.pairs):
+        name = pair_name(spec, lr)
+        gone = name in run.diverged
+        rows.append(dict(epoch=epoch + 1, head=spec.name, base_lr=lr, lr=run.optimizer.param_groups[i]["lr"],
+                         train_loss=train["losses"][name], top1=None if gone else metrics[name]["top1"],
+                         top5=None if gone else metrics[name]["top5"], diverged=gone,
+                         images_per_s=train["images_per_s"]))
+    append_metrics(os.path.join(out, "metrics.jsonl"), epoch + 1, rows)
+    atomic_save(os.path.join(out, "checkpoint.pt"), dict(
+        epoch=epoch + 1, heads=run.heads.state_dict(), optimizer=run.optimizer.state_dict(),
+        config=dataclasses.asdict(run.cfg), backbone=dataclasses.asdict(run.info), results=results,
+        pairs=run.heads.pair_names(), classes=run.train_set.classes, unreadable=dict(run.unreadable)))
+    atomic_json(os.path.join(out, "results.json"), results)
+    best = ", ".join(f"{h} {'diverged' if p['top1'] is None else format(p['top1'], '.2f')}"
+                     for h, p in results["best_per_head"].items())
+    log.info("epoch %d/%d: top-1 best per head: %s", epoch + 1, run.cfg.epochs, best)
+
+
 def run_probe(cfg: ProbeConfig) -> dict:
-    """Train every (head, lr) pair; returns (and on rank 0 writes) ``results.json``'s content."""
-    _validate(cfg)
+    """Train every (head, lr) pair; returns (and on rank 0 writes) ``results.json``'s content.
+
+    Every flag is checked, and the output folder proven writable, before a model is built."""
+    validate(cfg)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        _check_outputs(cfg)
+    saved = _read_saved_run(cfg)
+    cfg = _resolved(cfg, saved["config"] if saved else None)
     dist_info = init_distributed(cfg.device)
     run = _Run(cfg, dist_info)
-    out = cfg.output_dir
-    ckpt_path = os.path.join(out, "checkpoint.pt")
+    start_epoch, results = _resume(run, saved)
     if dist_info.is_main:
-        os.makedirs(out, exist_ok=True)
-    start_epoch, results = 0, None
-    if cfg.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=run.device, weights_only=False)
-        old = state["config"]
-        changed = {k: (old.get(k), getattr(cfg, k)) for k in _RESUME_KEYS if old.get(k) != getattr(cfg, k)}
-        if changed:
-            raise ValueError(f"--resume: {out} was started with different settings {changed}")
-        run.heads.load_state_dict(state["heads"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        start_epoch, results = state["epoch"], state.get("results")
-        log.info("resuming %s after epoch %d", out, start_epoch)
-    elif os.path.exists(ckpt_path):
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another "
-                              "--output-dir")
-    if dist_info.is_main:
-        atomic_json(os.path.join(out, "config.json"), dict(
-            **dataclasses.asdict(cfg), world_size=dist_info.world_size, effective_batch=run.effective_batch,
-            backbone=dataclasses.asdict(run.info), head_prefix_tokens=run.head_prefix,
-            pairs=run.heads.pair_names(), classes=run.train_set.classes))
-        truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
+        _write_config(run, start_epoch)
     barrier()
     if cfg.cache_features:
         run.build_cache()
-
     last = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     for epoch in range(start_epoch, last):
-        train = _train_epoch(run, epoch)
-        metrics = evaluate(run, epoch)
-        results = summarize(
-            [(spec.name, lr, metrics[pair_name(spec, lr)]) for spec, lr in run.heads.pairs],
-            model=cfg.model, checkpoint=cfg.checkpoint, epochs_done=epoch + 1, val_images=len(run.val_set),
-            train_images=len(run.train_set), num_classes=run.num_classes, unreadable_images=run.unreadable,
-            train_images_per_s=train["images_per_s"])
+        train, metrics, results = _epoch(run, epoch)
         if dist_info.is_main:
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                for spec, lr in run.heads.pairs:
-                    name = pair_name(spec, lr)
-                    group = run.optimizer.param_groups[run.heads.pairs.index((spec, lr))]
-                    f.write(json.dumps(dict(epoch=epoch + 1, head=spec.name, base_lr=lr, lr=group["lr"],
-                                            train_loss=train["losses"][name], **metrics[name],
-                                            images_per_s=train["images_per_s"])) + "\n")
-            atomic_save(ckpt_path, dict(epoch=epoch + 1, heads=run.heads.state_dict(),
-                                         optimizer=run.optimizer.state_dict(), config=dataclasses.asdict(cfg),
-                                         backbone=dataclasses.asdict(run.info), results=results,
-                                         pairs=run.heads.pair_names(), classes=run.train_set.classes))
-            atomic_json(os.path.join(out, "results.json"), results)
-            best = ", ".join(f"{h} {p['top1']:.2f}" for h, p in results["best_per_head"].items())
-            log.info("epoch %d/%d: top-1 best per head: %s", epoch + 1, cfg.epochs, best)
+            _write_epoch(run, epoch, train, metrics, results)
         barrier()
     if results is None:
         raise RuntimeError("no epoch was run (already finished? see results.json)")
-    if dist_info.is_main and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        plot_curves(out)  # curves.png: top-1 and loss per epoch, every pair
+    if dist_info.is_main and os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
+        plot_curves(cfg.output_dir)  # curves.png: top-1 and loss per epoch, every pair
     return results

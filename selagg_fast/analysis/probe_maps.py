@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import BackboneSettings
+from ..files import load_torch_file
 from ..probe.heads import ProbeHeads, parse_heads
 
 
@@ -18,16 +19,16 @@ class ProbeMaps:
     [cls]-row attention over the patches (mean over heads).
     """
 
-    def __init__(self, run_dir: str, head: str | None = None, device: str = "auto"):
+    def __init__(self, run_dir: str, head: str | None = None, device: str = "auto", trust_checkpoint: bool = False):
         path = os.path.join(run_dir, "checkpoint.pt")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{run_dir}: no checkpoint.pt (a `selagg-fast probe` output folder?)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+            raise FileNotFoundError(f"--probe {run_dir}: no checkpoint.pt (a `selagg-fast probe` output folder?)")
+        state = load_torch_file(path, flag="--probe")  # the run's own file: plain types, never code
         cfg = state["config"]
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         torch.manual_seed(cfg["seed"])  # a --random-init probe's backbone is re-created from its seed
-        self.backbone = BackboneSettings.from_config(cfg).create_backbone().to(self.device)
+        self.backbone = BackboneSettings.from_config(cfg, trust_checkpoint=trust_checkpoint).create_backbone().to(self.device)
         self.info = self.backbone.info
         specs = parse_heads(cfg["heads"], has_cls=self.info.has_cls)
         if not any(s.selective for s in specs):
@@ -43,7 +44,7 @@ class ProbeMaps:
     @staticmethod
     def _best_selective(state) -> str:
         pairs = [p for p in state["results"]["pairs"] if p["head"].startswith("selective")]
-        best = max(pairs, key=lambda p: p["top1"])
+        best = max(pairs, key=lambda p: -1.0 if p["top1"] is None else p["top1"])  # None: a diverged pair
         return f"{best['head']}@{best['base_lr']:g}"
 
     @torch.no_grad()

@@ -95,14 +95,29 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 
 class LinearProbe(nn.Module):
-    """BatchNorm1d(affine=False, eps=1e-6) + Linear, initialised as MAE's linear probe."""
+    """BatchNorm1d(affine=False, eps=1e-6) + Linear.
 
-    def __init__(self, dim: int, num_classes: int):
+    ``init="paper"`` (the default): the default-initialised ``nn.Linear`` of the paper's reference
+    code; ``init="mae"``: MAE's ``trunc_normal_(std=0.01)`` weight and zero bias.
+    """
+
+    def __init__(self, dim: int, num_classes: int, init: str = "paper"):
         super().__init__()
         self.norm = GlobalBatchNorm1d(dim)
         self.fc = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+        if init != "paper":
+            self.reset_classifier(init)
+
+    @torch.no_grad()
+    def reset_classifier(self, init: str) -> None:
+        if init == "paper":
+            self.fc.reset_parameters()
+        elif init == "mae":
+            nn.init.trunc_normal_(self.fc.weight, std=0.01)
+            nn.init.zeros_(self.fc.bias)
+        else:
+            raise ValueError(f"classifier init {init!r}: choose paper or mae")
+
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(features.float()))

@@ -1,19 +1,171 @@
 """The reference head's depth-2 scorer (Linear -> tanh/relu -> Linear): launchers, autograd Function, public op."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
+import triton
 
+from ..kernels.mlp_scores import mlp_scores_bwd_kernel, mlp_scores_fwd_kernel
 from ..reference import mlp_scores_reference
-from ._dispatch import check_float, check_num_prefix_tokens, check_same_device, choose_backend
+from . import _dispatch
+from ._dispatch import (
+    check_float,
+    check_num_prefix_tokens,
+    check_same_device,
+    choose_backend,
+    dot_settings,
+    interpreter_active,
+    launcher,
+    next_pow2,
+)
 
 OP = "mlp_scores"
 ACTIVATIONS = ("tanh", "relu")
+MAX_K = 64  # second-layer outputs: [BM, BK] score / gradient tiles
+# The backward writes dpre (the pre-activation gradient, x.dtype) for at most this many bytes at a
+# time: images are processed in chunks, dW1 accumulates one GEMM per chunk (ViT-B bf16: 302 KB an
+# image, 2 chunks of 222 images at B = 1024... see _chunk_images).
+DPRE_CHUNK_BYTES = 128 << 20
+
+
+def _launch_config(D: int, DH: int, K: int, backward: bool = False) -> dict:
+    """Untuned defaults: 64-token rows x 64 hidden units x 32-deep steps of D (small enough for the
+    interpreter, every tl.dot dim >= 16)."""
+    return dict(BM=64, BN=min(64, max(16, next_pow2(DH))), BD=min(32, max(16, next_pow2(D))),
+                BK=1 if K == 1 else max(16, next_pow2(K)), num_warps=4, num_stages=2)
+
+
+def _configs(D: int, DH: int, K: int, backward: bool) -> list:
+    """GEMM tiles for sm_90 (wgmma wants 64-row warp groups, 64-wide bf16 K steps). The backward
+    holds four [BM, BN] float32 tiles (pre, h, act', dpre), so its hidden blocks are narrower."""
+    default = _launch_config(D, DH, K, backward)
+    BND, BDD = max(16, next_pow2(DH)), max(16, next_pow2(D))
+    shapes = ((128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 4)) if backward else \
+        ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4))
+    configs = [{k: default[k] for k in ("BM", "BN", "BD", "num_warps", "num_stages")}]
+    for bm, bn, bd, w, st in shapes:
+        cfg = dict(BM=bm, BN=min(bn, BND), BD=min(bd, BDD), num_warps=w, num_stages=st)
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher(kernel, D: int, DH: int, K: int, backward: bool):
+    return launcher(kernel, _configs(D, DH, K, backward), key=["D", "DH", "K"])
+
+
+def _default(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("BM", "BN", "BD", "num_warps", "num_stages")}
+
+
+def _kernel_settings(x_dtype: torch.dtype, activation: str) -> dict:
+    dot = dot_settings(x_dtype)
+    # tanh.approx.f32 (max relative error 2^-11) only where bf16/fp16 operands already round more
+    return dict(dot, ACT=ACTIVATIONS.index(activation), FAST_TANH=dot["LOWP"] and activation == "tanh")
+
+
+def _gemm_weight(w1: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """W1 as tl.dot reads it: in the tokens' dtype on the GPU (tensor cores), else as given."""
+    return (w1.to(x_dtype) if dot_settings(x_dtype)["LOWP"] else w1).contiguous()
+
+
+def mlp_scores_fwd(x, w1, b1, w2, b2, P, activation):
+    """Launch the forward. x [B, T, D] (unit last stride), w1 [DH, D] (as _gemm_weight), w2 [K, DH].
+
+    Returns float32 scores [B, K, N]."""
+    B, T, D = x.shape
+    DH, K = w1.shape[0], w2.shape[0]
+    N = T - P
+    M = B * N
+    scores = _dispatch.empty((B, K, N), x.device, torch.float32)
+    cfg = _launch_config(D, DH, K)
+    _launcher(mlp_scores_fwd_kernel, D, DH, K, False)(
+        lambda meta: (triton.cdiv(M, meta["BM"]),), x.device, _default(cfg),
+        x_ptr=x, w1_ptr=w1, b1_ptr=b1 if b1 is not None else w1, w2_ptr=w2, b2_ptr=b2 if b2 is not None else w2,
+        s_ptr=scores, stride_xb=x.stride(0), stride_xt=x.stride(1), P=P, N=N, M=M, D=D, DH=DH, K=K,
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, SINGLE=K == 1, BK=cfg["BK"],
+        **_kernel_settings(x.dtype, activation))
+    return scores
+
+
+def _chunk_images(B: int, T: int, DH: int, itemsize: int) -> int:
+    return max(1, min(B, DPRE_CHUNK_BYTES // max(1, T * DH * itemsize)))
+
+
+def mlp_scores_bwd(x, w1, b1, w2, P, activation, ds, need_dx, need_dw1=True):
+    """Launch the backward. ds [B, K, N] float32 contiguous.
+
+    Returns dx (or None), dw1 [DH, D] float32 (or None), db1 [DH] float32, dw2 [K, DH] float32. Per chunk of
+    images: the kernel recomputes the hidden tiles and writes dpre [images * T, DH] (x.dtype); then
+    dW1 += dpre^T x and dx = dpre W1 are torch GEMMs."""
+    B, T, D = x.shape
+    DH, K = w1.shape[0], w2.shape[0]
+    N = T - P
+    cfg = _launch_config(D, DH, K, backward=True)
+    settings = _kernel_settings(x.dtype, activation)
+    w1_mm = w1.to(x.dtype)  # the GEMMs in torch run in the tokens' dtype
+    chunk = _chunk_images(B, T, DH, x.element_size())
+    dpre_buf = _dispatch.empty((chunk * T, DH), x.device, x.dtype)
+    if P:
+        dpre_buf.view(chunk, T, DH)[:, :P].zero_()  # prefix rows: no gradient (the kernel never writes them)
+    # partials sized for the smallest tile (the most programs) of the autotune list
+    G_max = triton.cdiv(chunk * N, min(c["BM"] for c in _configs(D, DH, K, True)))
+    partials = _dispatch.empty((G_max, (K + 1) * DH), x.device, torch.float32)
+    dw1 = None
+    dx = _dispatch.empty(x.shape, x.device, x.dtype) if need_dx else None
+    part_sum = None
+    for b0 in range(0, B, chunk):
+        nb = min(chunk, B - b0)
+        M = nb * N
+        ran = _launcher(mlp_scores_bwd_kernel, D, DH, K, True)(
+            lambda meta: (triton.cdiv(M, meta["BM"]),), x.device, _default(cfg),
+            x_ptr=x, w1_ptr=w1, b1_ptr=b1 if b1 is not None else w1, w2_ptr=w2, ds_ptr=ds, dpre_ptr=dpre_buf,
+            part_ptr=partials, stride_xb=x.stride(0), stride_xt=x.stride(1), stride_part=partials.stride(0),
+            b0=b0, P=P, N=N, M=M, T=T, D=D, DH=DH, K=K, HAS_B1=b1 is not None, SINGLE=K == 1, BK=cfg["BK"],
+            **settings)
+        G = triton.cdiv(M, ran["BM"])
+        total = partials[:G].sum(0)
+        part_sum = total if part_sum is None else part_sum + total
+        dpre = dpre_buf[:nb * T]
+        if need_dw1:
+            x2 = x[b0:b0 + nb].reshape(nb * T, D)  # a view for [B, T, D]-contiguous tokens, else a copy
+            g = torch.mm(dpre.t(), x2)  # [DH, D]
+            dw1 = g.float() if dw1 is None else dw1.add_(g)
+        if need_dx:
+            torch.mm(dpre, w1_mm, out=dx[b0:b0 + nb].view(nb * T, D))
+    return dx, dw1, part_sum[K * DH:], part_sum[:K * DH].view(K, DH)
 
 
 def _unsupported_reason(x, w1, w2) -> Optional[str]:
-    return "kernels not written yet"
+    K = 1 if w2.dim() == 1 else w2.shape[0]
+    if K > MAX_K:
+        return f"K={K} second-layer outputs exceed {MAX_K}"
+    return None
+
+
+class MlpScoresFunction(torch.autograd.Function):
+    """Fused depth-2 scorer. Saves x and the parameters only: the hidden activation is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, activation, num_prefix_tokens):
+        w1g = _gemm_weight(w1, x.dtype)
+        scores = mlp_scores_fwd(x, w1g, b1, w2, b2, num_prefix_tokens, activation)
+        ctx.save_for_backward(x, w1, b1, w2, b2)
+        ctx.activation, ctx.num_prefix_tokens = activation, num_prefix_tokens
+        return scores
+
+    @staticmethod
+    def backward(ctx, ds):
+        x, w1, b1, w2, b2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw1, db1, dw2 = mlp_scores_bwd(x, _gemm_weight(w1, x.dtype), b1, w2, ctx.num_prefix_tokens,
+                                           ctx.activation, ds.float().contiguous(), need[0], need[1])
+        db2 = ds.sum((0, 2)).to(b2.dtype) if b2 is not None and need[4] else None
+        return (dx, dw1.to(w1.dtype) if dw1 is not None else None, db1.to(b1.dtype) if b1 is not None and need[2] else None,
+                dw2.to(w2.dtype) if need[3] else None, db2, None, None)
 
 
 def _check_inputs(x, w1, b1, w2, b2, activation, num_prefix_tokens) -> int:
@@ -76,7 +228,26 @@ def mlp_scores(
         float32 scores ``[B, N]`` / ``[B, K, N]``, ``N = T - num_prefix_tokens``. Gradients flow
         to every tensor argument.
     """
-    _check_inputs(x, w1, b1, w2, b2, activation, num_prefix_tokens)
+    K = _check_inputs(x, w1, b1, w2, b2, activation, num_prefix_tokens)
+    single = w2.dim() == 1
+    B, T, D = x.shape
+    N = T - num_prefix_tokens
+    if B == 0:
+        return torch.empty((0, N) if single else (0, K, N), device=x.device, dtype=torch.float32)
     path = choose_backend(OP, backend, x.device, _unsupported_reason(x, w1, w2))
-    with torch.autocast(x.device.type, enabled=False):
-        return mlp_scores_reference(x, w1, b1, w2, b2, activation=activation, num_prefix_tokens=num_prefix_tokens)
+    if path == "reference":
+        with torch.autocast(x.device.type, enabled=False):
+            return mlp_scores_reference(x, w1, b1, w2, b2, activation=activation, num_prefix_tokens=num_prefix_tokens)
+
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    w1c = w1.contiguous()
+    b1c = None if b1 is None else b1.contiguous()
+    w2c = w2.reshape(K, w1.shape[0]).contiguous()
+    b2c = None if b2 is None else b2.reshape(K).contiguous()
+    params = (x, w1c, b1c, w2c, b2c)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+        scores = MlpScoresFunction.apply(x, w1c, b1c, w2c, b2c, activation, num_prefix_tokens)
+    else:  # nothing to differentiate: skip the autograd Function
+        scores = mlp_scores_fwd(x, _gemm_weight(w1c, x.dtype), b1c, w2c, b2c, num_prefix_tokens, activation)
+    return scores.view(B, N) if single else scores

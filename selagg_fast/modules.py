@@ -4,58 +4,220 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .ops import abmilp_pool
+from .ops import abmilp_pool, mlp_scores, softmax_pool
 from .ops.columns import attention_column_sums, column_names
 from .ops.norms import token_norm_ratio
 
 
+_ACTIVATIONS = ("tanh", "relu")
+_SELF_ATTENTION = ("none", "map", "both")
+
+
+def _grid_hw(grid_size) -> tuple:
+    """``g`` or ``(h, w)`` -> ``(h, w)``, positive ints; ValueError otherwise."""
+    hw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    if len(hw) != 2 or not all(isinstance(v, int) and v > 0 for v in hw):
+        raise ValueError(f"grid_size must be a positive int or (rows, cols), got {grid_size!r}")
+    return hw
+
+
+def sincos_pos_embed_2d(dim: int, grid_size, cls_token: bool = False) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table ``get_2d_sincos_pos_embed``: float32 ``[(1 +) h*w, dim]``.
+
+    Patch ``i = r * w + c`` (row-major): channels ``[0, dim/2)`` encode the column ``c`` and
+    ``[dim/2, dim)`` the row ``r``, each as ``[sin(p * omega), cos(p * omega)]`` with
+    ``omega_j = 10000^(-j / (dim/4))``; ``cls_token`` prepends a zero row. Computed in float64
+    and rounded once, as MAE's numpy code does.
+    """
+    h, w = _grid_hw(grid_size)
+    if dim % 4:
+        raise ValueError(f"positional conditioning needs dim divisible by 4 (2-D sin-cos table), got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+
+    def one_d(pos):  # [h*w] -> [h*w, dim/2]
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    table = torch.cat([one_d(cols), one_d(rows)], dim=1)
+    if cls_token:
+        table = torch.cat([table.new_zeros(1, dim), table])
+    return table.float()
+
+
+class SingleHeadSelfAttention(nn.Module):
+    """One self-attention head of width D (the reference head's ``self_attn``):
+    ``proj(softmax(q k^T / sqrt(D)) v)`` with ``[q, k, v] = qkv(z)`` (no bias), ``proj`` with bias.
+    Runs through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(z).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, N, D] each (timm's qkv layout, H = 1)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).squeeze(1))
+
+
 class SelectiveAggregation(nn.Module):
-    """AbMILP head: ``softmax_i(w_k . z_i + b_k)``-weighted sum of the patch tokens.
+    """AbMILP head: softmax over the pooled tokens of a learned score, then their weighted sum.
+
+    The default (``depth=1``, no self-attention, not positional) is the paper's main head,
+    ``softmax_i(w_k . z_i + b_k)``, one fused ``abmilp_pool``. The other settings are the
+    reference head's (``ABMILPHead``, paper App. C.2, Table 4), state-dict keys included, so a
+    head trained by the paper's code loads (``load_state_dict``) and gives the same outputs.
 
     Args:
         dim: token width D.
         branches: K independent score vectors; ``forward`` returns ``[B, D]`` for K = 1
-            and ``[B, K, D]`` otherwise.
+            and ``[B, K, D]`` otherwise (the self-attention and the hidden layer are shared).
         num_prefix_tokens: leading tokens left out of the pool (1 for a ViT with [cls],
-            more with registers, 0 to pool every token).
+            more with registers, 0 to pool every token: the reference's content "all").
+        depth: 1 (one linear layer) or 2 (``Linear(D, D)`` -> activation -> ``Linear(D, K)``).
+        activation: "tanh" or "relu" (depth 2).
+        self_attention: "none", "map" (scores from the self-attended tokens ``y``, pool the
+            tokens) or "both" (scores from and pool ``y``); one head of width D.
+        positional: add MAE's fixed 2-D sin-cos table to the scorer's input (needs ``grid_size``).
+        grid_size: the patch grid, ``g`` or ``(rows, cols)``; with it ``pos_embed`` is kept as
+            the reference does (a buffer, with a zero [cls] row when ``num_prefix_tokens == 0``).
     """
 
-    def __init__(self, dim: int, branches: int = 1, num_prefix_tokens: int = 1):
+    def __init__(self, dim: int, branches: int = 1, num_prefix_tokens: int = 1, *, depth: int = 1,
+                 activation: str = "tanh", self_attention: str = "none", positional: bool = False,
+                 grid_size=None):
         super().__init__()
         if dim <= 0 or branches <= 0:
             raise ValueError(f"SelectiveAggregation: dim and branches must be positive, got {dim}, {branches}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"SelectiveAggregation: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        if depth not in (1, 2):
+            raise ValueError(f"SelectiveAggregation: depth must be 1 or 2, got {depth!r}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"SelectiveAggregation: unknown activation {activation!r}; choose tanh or relu")
+        if self_attention not in _SELF_ATTENTION:
+            raise ValueError(f"SelectiveAggregation: unknown self_attention {self_attention!r}; "
+                             "choose none, map or both")
+        if positional and grid_size is None:
+            raise ValueError("SelectiveAggregation: positional=True needs the patch grid (grid_size=g or (rows, cols))")
         self.dim, self.branches, self.num_prefix_tokens = dim, branches, num_prefix_tokens
-        self.weight = nn.Parameter(torch.empty(branches, dim))
-        self.bias = nn.Parameter(torch.empty(branches))
+        self.depth, self.activation, self.self_attention = depth, activation, self_attention
+        self.positional = bool(positional)
+        self.grid_size = None if grid_size is None else _grid_hw(grid_size)
+        # the paper's main head keeps today's parameters and its one fused op
+        self.linear = depth == 1 and self_attention == "none" and not self.positional
+        if self.linear:
+            self.weight = nn.Parameter(torch.empty(branches, dim))
+            self.bias = nn.Parameter(torch.empty(branches))
+        else:
+            layers = [nn.Linear(dim, dim), nn.Tanh() if activation == "tanh" else nn.ReLU()] if depth == 2 else []
+            self.attention_predictor = nn.Sequential(*layers, nn.Linear(dim, branches))
+        if self_attention != "none":
+            self.self_attn = SingleHeadSelfAttention(dim)
+        if self.grid_size is not None:
+            # reference layout: a zero [cls] row with content "all" (here: num_prefix_tokens == 0)
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid_size,
+                                                                  cls_token=num_prefix_tokens == 0)[None])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Same initialisation as nn.Linear(dim, branches).
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        bound = 1.0 / math.sqrt(self.dim)
-        nn.init.uniform_(self.bias, -bound, bound)
+        if self.linear:  # same initialisation as nn.Linear(dim, branches)
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(self.dim)
+            nn.init.uniform_(self.bias, -bound, bound)
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, branches={self.branches}, num_prefix_tokens={self.num_prefix_tokens}"
+        text = f"dim={self.dim}, branches={self.branches}, num_prefix_tokens={self.num_prefix_tokens}"
+        if not self.linear:
+            text += (f", depth={self.depth}, activation={self.activation!r}, "
+                     f"self_attention={self.self_attention!r}, positional={self.positional}")
+        return text
+
+    def _pos_table(self, n: int) -> torch.Tensor:
+        """The table rows for the ``n`` pooled tokens: [n, D]."""
+        h, w = self.grid_size
+        table = self.pos_embed[0]
+        if n == table.shape[0]:
+            return table
+        if n == h * w:  # content "all" on a model without [cls]: no prefix row to skip
+            return table[-n:]
+        raise ValueError(f"SelectiveAggregation: positional grid {h}x{w} ({h * w} patches) does not match the "
+                         f"{n} pooled tokens (T - num_prefix_tokens)")
 
     def forward(self, tokens: torch.Tensor, return_weights: bool = False):
-        # K = 1 as views ([D], scalar): their backward is free, indexing's would fill zero tensors
-        weight = self.weight.view(self.dim) if self.branches == 1 else self.weight
-        bias = self.bias.view(()) if self.branches == 1 else self.bias
-        return abmilp_pool(tokens, weight, bias, num_prefix_tokens=self.num_prefix_tokens,
-                           return_weights=return_weights)
+        """``tokens [B, T, D]`` -> pooled ``[B, D]`` / ``[B, K, D]`` (and the float32 softmax
+        weights ``[B, N]`` / ``[B, K, N]`` over the ``N = T - num_prefix_tokens`` pooled tokens)."""
+        if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
+            raise ValueError(f"SelectiveAggregation: expected tokens [B, T, {self.dim}], got {tuple(tokens.shape)}")
+        if self.linear:
+            # K = 1 as views ([D], scalar): their backward is free, indexing's would fill zero tensors
+            weight = self.weight.view(self.dim) if self.branches == 1 else self.weight
+            bias = self.bias.view(()) if self.branches == 1 else self.bias
+            return abmilp_pool(tokens, weight, bias, num_prefix_tokens=self.num_prefix_tokens,
+                               return_weights=return_weights)
+        P = self.num_prefix_tokens
+        n = tokens.shape[1] - P
+        if n <= 0:
+            raise ValueError(f"SelectiveAggregation: no tokens left to pool: T={tokens.shape[1]} with "
+                             f"num_prefix_tokens={P}")
+        last = self.attention_predictor[-1]
+        w_out = last.weight.view(self.dim) if self.branches == 1 else last.weight
+        b_out = last.bias.view(()) if self.branches == 1 else last.bias
+        if self.self_attention == "none":
+            x, prefix, scorer_in = tokens, P, tokens
+        else:
+            y = self.self_attn(tokens[:, P:])
+            x, prefix = (y, 0) if self.self_attention == "both" else (tokens, P)
+            scorer_in = y
+        scorer_prefix = 0 if self.self_attention != "none" else P
+        if self.depth == 1 and self.self_attention == "both" and not self.positional:
+            return abmilp_pool(y, w_out, b_out, return_weights=return_weights)  # scores and pool over y: one op
+        if self.depth == 1:
+            # s = w . (u + E) + b = w . u + (w . E + b): the table becomes a per-token score offset
+            # (softmax_pool then reads the tokens a second time; E itself is never added to them)
+            u = scorer_in[:, scorer_prefix:]
+            offset = last.bias
+            if self.positional:
+                offset = F.linear(self._pos_table(n).to(last.weight.dtype), last.weight, last.bias)  # [N, K]
+            scores = (F.linear(u, last.weight.to(u.dtype)).float() + offset.float()).transpose(1, 2)  # [B, K, N]
+            scores = scores[:, 0] if self.branches == 1 else scores
+        else:
+            first = self.attention_predictor[0]
+            u, u_prefix = scorer_in, scorer_prefix
+            if self.positional:  # the table enters the hidden layer: one [B, N, D] sum
+                u, u_prefix = u[:, u_prefix:] + self._pos_table(n).to(u.dtype), 0
+            scores = mlp_scores(u, first.weight, first.bias, w_out, b_out, activation=self.activation,
+                                 num_prefix_tokens=u_prefix)
+        return softmax_pool(scores, x, num_prefix_tokens=prefix, return_weights=return_weights)
+
+    def reference_state_dict(self) -> dict:
+        """The state dict under the reference head's keys (``attention_predictor.0.*`` for the
+        default's ``weight``/``bias``); the other settings already use them."""
+        state = self.state_dict()
+        if self.linear:
+            state["attention_predictor.0.weight"] = state.pop("weight")
+            state["attention_predictor.0.bias"] = state.pop("bias")
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Accept the paper code's head: attention_predictor.0.weight [1, D] / .bias [1].
-        ref_w, ref_b = prefix + "attention_predictor.0.weight", prefix + "attention_predictor.0.bias"
-        if ref_w in state_dict:
-            state_dict[prefix + "weight"] = state_dict.pop(ref_w)
-            if ref_b in state_dict:
-                state_dict[prefix + "bias"] = state_dict.pop(ref_b)
+        if self.linear:
+            # Accept the paper code's head: attention_predictor.0.weight [K, D] / .bias [K].
+            ref_w, ref_b = prefix + "attention_predictor.0.weight", prefix + "attention_predictor.0.bias"
+            if ref_w in state_dict:
+                state_dict[prefix + "weight"] = state_dict.pop(ref_w)
+                if ref_b in state_dict:
+                    state_dict[prefix + "bias"] = state_dict.pop(ref_b)
+        if self.grid_size is None:
             for key in [k for k in state_dict if k.startswith(prefix + "pos_embed")]:
-                state_dict.pop(key)  # the reference's unused positional embedding
+                state_dict.pop(key)  # the reference's table, unused without a grid
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -35,7 +35,7 @@ class ProbeMaps:
             raise ValueError(f"{run_dir}: the probe has no selective head (heads: {cfg['heads']})")
         lrs = [float(v) for v in str(cfg["lrs"]).split(",") if v.strip()]
         self.heads = ProbeHeads(specs, lrs, self.info.embed_dim, len(state["classes"]),
-                                self.info.num_prefix_tokens).to(self.device).eval()
+                                self.info.num_prefix_tokens, grid_size=self.info.patch_grid).to(self.device).eval()
         self.heads.load_state_dict(state["heads"])
         self.head = head or self._best_selective(state)
         if self.head not in self.heads.pair_names():
@@ -43,7 +43,7 @@ class ProbeMaps:
 
     @staticmethod
     def _best_selective(state) -> str:
-        pairs = [p for p in state["results"]["pairs"] if p["head"].startswith("selective")]
+        pairs = [p for p in state["results"]["pairs"] if p["head"].startswith(("selective", "ap"))]
         best = max(pairs, key=lambda p: -1.0 if p["top1"] is None else p["top1"])  # None: a diverged pair
         return f"{best['head']}@{best['base_lr']:g}"
 

@@ -1,9 +1,11 @@
 """Probe heads: aggregation -> BatchNorm1d(affine=False) -> Linear, many trained at once.
 
 Every (head, learning rate) pair is an independent probe. They share one backbone pass,
-and the Selective Aggregation pairs share one fused ``abmilp_pool`` call per prefix
-setting: all their score vectors are stacked as branches of one op, so the tokens are
-read once for all of them.
+and the linear Selective Aggregation pairs and the attentive-probing pairs share one fused
+``abmilp_pool`` call per (prefix, token standardisation) setting: their score vectors and
+folded queries are stacked as branches of one op, so the tokens are read once for all of
+them. The reference head's other variants (MLP scorer, self-attention, positional
+conditioning) run one head each.
 """
 from __future__ import annotations
 
@@ -15,34 +17,65 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..attentive import AttentivePooling
 from ..modules import SelectiveAggregation
 from ..ops import abmilp_pool
 
-HEAD_KINDS = ("cls", "avg", "selective", "selective_all", "selective_k<K>")
+HEAD_KINDS = ("cls", "avg", "selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>]", "ap<H>[_ln][_all]")
+_SELECTIVE_NAME = re.compile(r"selective(?:_mlp_(?P<act>tanh|relu))?(?:_(?P<sa>sa|samap))?(?P<pe>_pe)?"
+                             r"(?P<all>_all)?(?:_k(?P<k>\d+))?")
+_AP_NAME = re.compile(r"ap(?P<h>\d+)(?P<ln>_ln)?(?P<all>_all)?")
 
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One aggregation: ``kind`` in cls / avg / selective / selective_all, ``branches`` K."""
+    """One aggregation: ``kind`` in cls / avg / selective / selective_all / ap / ap_all (``_all``:
+    the prefix tokens are pooled too), ``branches`` K; the reference head's switches (``depth``,
+    ``activation``, ``self_attention``, ``positional``) for selective kinds; ``num_heads`` H and
+    ``token_norm`` for attentive probes (ap)."""
     name: str
     kind: str
     branches: int = 1
+    depth: int = 1
+    activation: str = "tanh"
+    self_attention: str = "none"
+    positional: bool = False
+    num_heads: int = 0
+    token_norm: bool = False
 
     @property
     def selective(self) -> bool:
-        return self.kind.startswith("selective")
+        """Learned weights over the tokens (every Selective Aggregation variant and attentive probe):
+        the head needs every token (a feature cache keeps them all) and has selection maps."""
+        return self.kind not in ("cls", "avg")
+
+    @property
+    def attentive(self) -> bool:
+        return self.kind in ("ap", "ap_all")
+
+    @property
+    def pools_prefix(self) -> bool:
+        return self.kind.endswith("_all")
 
 
 def parse_heads(text: str, has_cls: bool = True) -> list:
     """``"cls,avg,selective,selective_k4"`` -> HeadSpecs; clear errors for unknown or impossible heads."""
     specs = []
     for name in [t.strip() for t in text.split(",") if t.strip()]:
-        m = re.fullmatch(r"selective_k(\d+)", name)
-        if m:
-            if int(m.group(1)) < 1:
+        sel, ap = _SELECTIVE_NAME.fullmatch(name), _AP_NAME.fullmatch(name)
+        if sel:
+            if sel["k"] is not None and int(sel["k"]) < 1:
                 raise ValueError(f"head {name!r}: K must be >= 1")
-            spec = HeadSpec(name, "selective", int(m.group(1)))
-        elif name in ("cls", "avg", "selective", "selective_all"):
+            spec = HeadSpec(name, "selective_all" if sel["all"] else "selective",
+                            1 if sel["k"] is None else int(sel["k"]),
+                            depth=2 if sel["act"] else 1, activation=sel["act"] or "tanh",
+                            self_attention={None: "none", "sa": "both", "samap": "map"}[sel["sa"]],
+                            positional=bool(sel["pe"]))
+        elif ap:
+            if int(ap["h"]) < 1:
+                raise ValueError(f"head {name!r}: the number of heads H must be >= 1")
+            spec = HeadSpec(name, "ap_all" if ap["all"] else "ap", num_heads=int(ap["h"]), token_norm=bool(ap["ln"]))
+        elif name in ("cls", "avg"):
             spec = HeadSpec(name, name)
         else:
             raise ValueError(f"unknown head {name!r}; choose from {', '.join(HEAD_KINDS)}")
@@ -126,12 +159,14 @@ class LinearProbe(nn.Module):
 class ProbeHeads(nn.Module):
     """Every (head, lr) pair of a probing run, evaluated from one token tensor.
 
-    ``forward(tokens [B, T, D])`` returns ``{pair name: logits [B, C]}``. ``selective_k<K>``
+    ``forward(tokens [B, T, D])`` returns ``{pair name: logits [B, C]}``. ``selective*_k<K>``
     heads concatenate their K pooled vectors (``[B, K*D]``) before the BatchNorm, so each
-    branch keeps its own features and the classifier weighs them.
+    branch keeps its own features and the classifier weighs them; ``ap<H>`` heads give ``[B, D]``.
+    ``grid_size`` (the patch grid, rows x cols) is needed by positional (``_pe``) heads only.
     """
 
-    def __init__(self, specs, lrs, dim: int, num_classes: int, num_prefix_tokens: int, backend: str = "auto"):
+    def __init__(self, specs, lrs, dim: int, num_classes: int, num_prefix_tokens: int, backend: str = "auto",
+                 grid_size=None):
         super().__init__()
         self.backend = backend  # abmilp_pool's backend: "auto", "triton" or "reference" (benchmarks compare)
         self.specs, self.lrs = list(specs), [float(lr) for lr in lrs]
@@ -141,9 +176,18 @@ class ProbeHeads(nn.Module):
         self.classifiers = nn.ModuleDict()
         for spec, lr in self.pairs:
             key = self._key(spec, lr)
-            if spec.selective:
-                prefix = 0 if spec.kind == "selective_all" else num_prefix_tokens
-                self.aggregators[key] = SelectiveAggregation(dim, spec.branches, prefix)
+            prefix = 0 if spec.pools_prefix else num_prefix_tokens
+            if spec.attentive:
+                self.aggregators[key] = AttentivePooling(dim, spec.num_heads, token_norm=spec.token_norm,
+                                                         num_prefix_tokens=prefix)
+            elif spec.selective:
+                if spec.positional and grid_size is None:
+                    raise ValueError(f"head {spec.name!r} (positional conditioning) needs the patch grid "
+                                     "(ProbeHeads(..., grid_size=(rows, cols)))")
+                self.aggregators[key] = SelectiveAggregation(
+                    dim, spec.branches, prefix, depth=spec.depth, activation=spec.activation,
+                    self_attention=spec.self_attention, positional=spec.positional,
+                    grid_size=grid_size if spec.positional else None)
             self.classifiers[key] = LinearProbe(dim * spec.branches, num_classes)
 
     @staticmethod
@@ -161,27 +205,44 @@ class ProbeHeads(nn.Module):
         return params
 
     def _selective_features(self, tokens: torch.Tensor, features: dict) -> None:
-        # One fused call per prefix setting: every pair's score vectors become branches of it.
+        # One fused call per (prefix, standardize) setting: the score vectors of every linear selective
+        # pair and the folded queries u_h of every attentive pair become branches of it. The other
+        # selective variants (MLP scorer, self-attention, positional) run their own head.
+        B = tokens.shape[0]
         groups: dict = {}
         for spec, lr in self.pairs:
-            if spec.selective:
-                groups.setdefault(self.aggregators[self._key(spec, lr)].num_prefix_tokens, []).append((spec, lr))
-        for prefix, members in groups.items():
-            aggs = [self.aggregators[self._key(s, lr)] for s, lr in members]
-            if len(aggs) == 1:  # the parameters themselves: no concatenated copy to backpropagate through
-                weight, bias = aggs[0].weight, aggs[0].bias
+            key = self._key(spec, lr)
+            if not spec.selective:
+                continue
+            agg = self.aggregators[key]
+            if spec.attentive:
+                groups.setdefault((agg.num_prefix_tokens, agg.standardize), []).append((key, agg))
+            elif agg.linear:
+                groups.setdefault((agg.num_prefix_tokens, False), []).append((key, agg))
             else:
-                weight = torch.cat([a.weight for a in aggs])
-                bias = torch.cat([a.bias for a in aggs])
+                features[key] = agg(tokens).reshape(B, agg.branches * self.dim)
+        for (prefix, standardize), members in groups.items():
+            aggs = [agg for _, agg in members]
+            weights = [agg.folded_queries() if isinstance(agg, AttentivePooling) else agg.weight for agg in aggs]
+            biases = [None if isinstance(agg, AttentivePooling) else agg.bias for agg in aggs]
+            if len(aggs) == 1:  # the parameters themselves: no concatenated copy to backpropagate through
+                weight, bias = weights[0], biases[0]
+            else:
+                weight = torch.cat(weights)
+                # attentive pairs have no score bias (theirs cancels in the softmax): zeros beside a selective one
+                bias = None if all(b is None for b in biases) else torch.cat(
+                    [weights[i].new_zeros(weights[i].shape[0]) if b is None else b for i, b in enumerate(biases)])
             if weight.shape[0] == 1:  # views, whose backward is free (indexing's fills zeros)
-                weight, bias = weight.view(self.dim), bias.view(())
-            pooled = abmilp_pool(tokens, weight, bias, num_prefix_tokens=prefix, backend=self.backend)
-            pooled = pooled.reshape(tokens.shape[0], -1, self.dim)
+                weight, bias = weight.view(self.dim), None if bias is None else bias.view(())
+            extra = dict(standardize=True, eps=aggs[0].eps) if standardize else {}
+            pooled = abmilp_pool(tokens, weight, bias, num_prefix_tokens=prefix, backend=self.backend, **extra)
+            pooled = pooled.reshape(B, -1, self.dim)
             # split, not slicing: the backward concatenates the pairs' gradients in one op, where each
             # slice's backward would zero-fill a full-size gradient and the pieces would then be added
-            pieces = pooled.split([agg.branches for agg in aggs], dim=1)
-            for (spec, lr), agg, piece in zip(members, aggs, pieces):
-                features[self._key(spec, lr)] = piece.reshape(tokens.shape[0], agg.branches * self.dim)
+            pieces = pooled.split([w.shape[0] for w in weights], dim=1)
+            for (key, agg), piece in zip(members, pieces):
+                features[key] = (agg.finish(piece) if isinstance(agg, AttentivePooling)
+                                 else piece.reshape(B, agg.branches * self.dim))
 
     def forward(self, tokens: torch.Tensor) -> dict:
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
@@ -201,15 +262,19 @@ class ProbeHeads(nn.Module):
 
     @torch.no_grad()
     def selection_weights(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
-        """Softmax weights ``[B, K, N]`` of one selective pair (for selection maps)."""
+        """Softmax weights ``[B, K, N]`` of one selective or attentive pair (for selection maps):
+        K branches of a selective head, H heads of an attentive one (maps average them)."""
         for spec, lr in self.pairs:
             if pair_name(spec, lr) == name:
                 if not spec.selective:
-                    raise ValueError(f"{name} is not a selective head")
+                    raise ValueError(f"{name} is not a selective or attentive head")
                 agg = self.aggregators[self._key(spec, lr)]
-                _, w = abmilp_pool(tokens, agg.weight, agg.bias,
-                                   num_prefix_tokens=agg.num_prefix_tokens, return_weights=True)
-                return w
+                if isinstance(agg, SelectiveAggregation) and agg.linear:
+                    _, w = abmilp_pool(tokens, agg.weight, agg.bias,
+                                       num_prefix_tokens=agg.num_prefix_tokens, return_weights=True)
+                else:
+                    _, w = agg(tokens, return_weights=True)
+                return w.reshape(tokens.shape[0], -1, w.shape[-1])
         raise KeyError(f"no head {name!r}; have {self.pair_names()}")
 
 

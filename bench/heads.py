@@ -1,0 +1,353 @@
+"""`selagg-fast bench heads`: one probe training step per aggregation head, fused vs its peers.
+
+A probe step on frozen tokens: head forward + BatchNorm1d(affine=False) + Linear(D, 1000) +
+cross-entropy, backward (the tokens need no gradient). Heads: ``selective`` (linear AbMILP),
+``ap1``, ``ap12``, ``ap12_ln`` (attentive probes computed through the fold), MLP-Tanh
+(depth-2 scorer) and SA-AbMILP (self-attention "both" + MLP-Tanh scorer). Providers:
+
+- fused: the package's module (on a CPU without the Triton interpreter its ops take their
+  PyTorch reference path; the AP fold is then the eager fold);
+- eager: the eager reference (``AttentivePooling(backend="reference")`` for AP, the paper
+  code's formulation of the AbMILP head for the selective family);
+- compiled: ``torch.compile`` of the eager reference;
+- timm / timm compiled: timm's ``AttentionPoolLatent`` (AP heads; ``ap12_ln`` behind a token
+  ``nn.LayerNorm``), given contiguous patch tokens prepared outside the step.
+
+Also: 4 learning rates of ``ap12`` in one pass (the 4 modules' folded queries as branches of
+one ``abmilp_pool`` call) vs one ``ap12`` and vs 4 separate timm pools; the MLP-Tanh scorer's
+hidden-layer GEMMs alone (forward ``x·W1ᵀ`` and the ``dW1`` GEMM); the head alone (forward +
+backward, no probe) for ``ap12`` vs timm, the CPU target's measure.
+
+Targets (issue 12; ViT-B tokens B=1024 bf16 on an H100/H200): ap12 >= 5x timm eager and >= 2x
+timm compiled, <= 1/4 of timm's peak extra memory, <= 1.6x the selective step; ap12 x 4 lrs in
+one pass <= 1.3x one ap12; MLP-Tanh <= 1.3x its hidden GEMMs alone, <= 1/3 of the eager
+reference's peak. On a CPU (ViT-S, B=64, float32): the folded ap12 head forward + backward
+>= 6x faster than timm's.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selagg_fast import AttentivePooling, SelectiveAggregation, abmilp_pool
+from selagg_fast.reference import abmilp_pool_eager
+
+from .common import bench_ms, environment, peak_extra_mib, print_banner, print_table, write_csv
+
+# (name, B, T, D): the issue's GPU shape first; FULL adds ViT-S and ViT-L
+GPU_SHAPES = [("ViT-B", 1024, 197, 768), ("ViT-S", 1024, 197, 384), ("ViT-L", 1024, 197, 1024)]
+CPU_SHAPE = ("ViT-S", 64, 197, 384)
+NUM_CLASSES, P, LRS = 1000, 1, 4
+HEADS = ("selective", "ap1", "ap12", "ap12_ln", "mlp_tanh", "sa_abmilp")
+CPU_ROUNDS = 5  # interleaved rounds on a CPU (a shared machine's load drifts); the median is reported
+
+
+class EagerReferenceHead(nn.Module):
+    """The paper code's ABMILPHead, eagerly: [self-attention] -> scorer -> softmax -> (v * a).sum(1).
+
+    Same state-dict keys as ``SelectiveAggregation``'s variants (``attention_predictor.*``,
+    ``self_attn.qkv.weight``, ``self_attn.proj.*``), so one loads the other's parameters.
+    """
+
+    def __init__(self, dim: int, depth: int, self_attention: str):
+        super().__init__()
+        layers = [nn.Linear(dim, dim), nn.Tanh()] if depth == 2 else []
+        self.attention_predictor = nn.Sequential(*layers, nn.Linear(dim, 1))
+        self.self_attention = self_attention
+        if self_attention != "none":
+            self.self_attn = nn.Module()
+            self.self_attn.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.self_attn.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens):
+        z = tokens[:, P:]
+        u = v = z
+        if self.self_attention != "none":
+            q, k, val = self.self_attn.qkv(z).chunk(3, dim=-1)
+            attn = torch.softmax(q @ k.transpose(-2, -1) * z.shape[-1] ** -0.5, dim=-1)
+            y = self.self_attn.proj(attn @ val)
+            u = y
+            v = y if self.self_attention == "both" else z
+        a = torch.softmax(self.attention_predictor(u).float(), dim=1)  # [B, N, 1]
+        return (v * a).sum(1)
+
+
+def _timm_pool(D: int, H: int) -> nn.Module:
+    from timm.layers.attention_pool import AttentionPoolLatent
+    return AttentionPoolLatent(D, num_heads=H, mlp_ratio=4.0, qkv_bias=True, latent_len=1, norm_layer=nn.LayerNorm)
+
+
+def _selective_variant(D: int, name: str):
+    """E2's SelectiveAggregation variants; None (with the reason) while they are not there."""
+    kwargs = {"selective": {}, "mlp_tanh": dict(depth=2, activation="tanh"),
+              "sa_abmilp": dict(depth=2, activation="tanh", self_attention="both")}[name]
+    try:
+        return SelectiveAggregation(D, 1, P, **kwargs), None
+    except (TypeError, ValueError) as e:
+        return None, f"SelectiveAggregation({kwargs}) unavailable: {e}"
+
+
+class _Probe(nn.Module):
+    """BatchNorm1d(D, affine=False, eps=1e-6) + Linear(D, 1000), as the trainer's probe."""
+
+    def __init__(self, D: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(D, affine=False, eps=1e-6)
+        self.fc = nn.Linear(D, NUM_CLASSES)
+
+    def forward(self, features):
+        return self.fc(self.norm(features.float()))
+
+
+def _step(heads: list, modules: nn.Module, tokens, labels, autocast):
+    """One probe step: every (head_fn, probe) pair on ``tokens``; losses summed; grads cleared."""
+    def step():
+        with autocast():
+            loss = sum(F.cross_entropy(probe(head(tokens)), labels) for head, probe in heads)
+        loss.backward()
+        modules.zero_grad(set_to_none=True)
+    return step
+
+
+def _head_only(head, tokens, grad):
+    """Head forward + backward with a given output gradient (no probe): the CPU target's measure."""
+    def step():
+        out = head(tokens)
+        out.backward(grad.to(out.dtype))
+    return step
+
+
+def _cpu_times(fn, budget_s: float = 0.6) -> tuple:
+    """Median wall ms and median process-CPU ms of ``fn`` (CPU time is steadier on a shared machine)."""
+    fn()
+    wall, cpu = [], []
+    deadline = time.perf_counter() + budget_s
+    while len(wall) < 3 or (time.perf_counter() < deadline and len(wall) < 30):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _build(name: str, D: int, device, tokens, patches, compile_: bool, notes: list) -> dict:
+    """{provider: (head_fn, modules)} for one head name."""
+    providers = {}
+    if name.startswith("ap"):
+        H = 1 if name == "ap1" else 12
+        token_norm = name.endswith("_ln")
+        ours = AttentivePooling(D, H, token_norm=token_norm, num_prefix_tokens=P).to(device)
+        providers["fused"] = (ours, ours)
+        providers["eager"] = (lambda t, m=ours: m(t, backend="reference"), ours)
+        if compile_:
+            providers["compiled"] = (torch.compile(lambda t, m=ours: m(t, backend="reference")), ours)
+        pool = _timm_pool(D, H)
+        timm_head = nn.Sequential(nn.LayerNorm(D, eps=1e-6), pool) if token_norm else pool
+        timm_head = timm_head.to(device)
+        providers["timm"] = (lambda t, m=timm_head: m(patches), timm_head)
+        if compile_:
+            compiled = torch.compile(timm_head)
+            providers["timm compiled"] = (lambda t, m=compiled: m(patches), timm_head)
+        return providers
+    head, why = _selective_variant(D, name)
+    if head is None:
+        notes.append(f"{name}: {why}")
+        return providers
+    head = head.to(device)
+    providers["fused"] = (head, head)
+    if name == "selective":
+        eager_fn = (lambda t, m=head: abmilp_pool_eager(t, m.weight.view(D), m.bias.view(()), P))
+        eager_mod = head
+    else:
+        eager_mod = EagerReferenceHead(D, 2, "both" if name == "sa_abmilp" else "none").to(device)
+        eager_mod.load_state_dict({k: v for k, v in head.state_dict().items() if k != "pos_embed"})
+        eager_fn = eager_mod
+    providers["eager"] = (eager_fn, eager_mod)
+    if compile_:
+        providers["compiled"] = (torch.compile(eager_fn), eager_mod)
+    return providers
+
+
+def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/out/heads.csv") -> list:
+    env = environment()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    print_banner("Heads benchmark", env)
+    if not cuda:
+        print("No CUDA device: the CPU table at ViT-S, B=64, float32 (the package's ops take their PyTorch "
+              "reference path: 'fused' is the eager fold for AP); GPU figures need CUDA.")
+        with_compile = False
+    shapes = (GPU_SHAPES[:1] if quick else GPU_SHAPES) if cuda else [CPU_SHAPE]
+    label = env["device"] if cuda else f"CPU, {torch.get_num_threads()} threads"
+
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+
+    def measure(fn):
+        if cuda:
+            ms, lo, hi = bench_ms(fn)
+            return dict(ms=ms, lo=lo, hi=hi, peak_MiB=peak_extra_mib(fn))
+        wall, cpu = _cpu_times(fn)
+        return dict(ms=wall, cpu_ms=cpu)
+
+    rows, notes = [], []
+    for shape, B, T, D in shapes:
+        torch.manual_seed(0)
+        tokens = torch.randn(B, T, D, device=device, dtype=dtype)
+        patches = tokens[:, P:].contiguous()  # timm's input, prepared outside the step
+        labels = torch.randint(0, NUM_CLASSES, (B,), device=device)
+        base = dict(shape=shape, B=B, T=T, D=D, dtype=str(dtype).replace("torch.", ""))
+        shape_rows = []
+
+        def add(head, provider, mode, fn, **extra):
+            r = dict(base, head=head, provider=provider, mode=mode, **measure(fn), **extra)
+            shape_rows.append(r)
+            print(f"  {shape} {head:>22} {provider:>14} {mode:>12}: {r['ms']:.3f} ms", flush=True)
+            return r
+
+        for name in HEADS:
+            compile_here = with_compile and (not quick or name == "ap12")
+            providers = _build(name, D, device, tokens, patches, compile_here, notes)
+            for provider, (head_fn, mods) in providers.items():
+                probe = _Probe(D).to(device)
+                try:
+                    add(name, provider, "step", _step([(head_fn, probe)], nn.ModuleList([mods, probe]),
+                                                      tokens, labels, autocast))
+                except Exception as e:  # a peer that cannot run here (a compile failure) is a note, not an abort
+                    notes.append(f"{name} / {provider}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            if name == "ap12":  # the head alone (the CPU target): fused vs timm
+                grad = torch.randn(B, D, device=device)
+                for provider in ("fused", "timm"):
+                    fn, _ = providers[provider]
+                    with_ac = (lambda f: (lambda t: _autocast_call(autocast, f, t)))(fn)
+                    add(name, provider, "head fwd+bwd", _head_only(with_ac, tokens, grad))
+                if not cuda:  # the CPU target, interleaved rounds: medians of the rounds' medians
+                    _cpu_target(providers, tokens, grad, shape_rows, base)
+
+        # ap12 x 4 learning rates: one abmilp_pool call for the 4 modules vs 4 separate timm pools
+        mods = nn.ModuleList([AttentivePooling(D, 12, num_prefix_tokens=P) for _ in range(LRS)]).to(device)
+        probes = nn.ModuleList([_Probe(D) for _ in range(LRS)]).to(device)
+        add(f"ap12 x {LRS} lrs", "fused (1 pass)", "step", _grouped_step(mods, probes, tokens, labels, autocast))
+        pools = nn.ModuleList([_timm_pool(D, 12) for _ in range(LRS)]).to(device)
+        add(f"ap12 x {LRS} lrs", f"timm ({LRS} pools)", "step",
+            _step([(lambda t, m=m: m(patches), p) for m, p in zip(pools, probes)], nn.ModuleList([pools, probes]),
+                  tokens, labels, autocast))
+        # MLP-Tanh's hidden layer alone: h = x W1ᵀ over the patch tokens, and dW1 = dhᵀ x
+        x2 = patches.view(-1, D)
+        w1 = torch.randn(D, D, device=device, dtype=dtype) * D ** -0.5
+        dh = torch.randn_like(x2)
+        add("mlp_tanh hidden GEMMs", "torch", "x·W1ᵀ + dW1", lambda: (x2 @ w1.t(), dh.t() @ x2))
+        del tokens, patches, mods, probes, pools, x2, dh
+        _speedups(shape_rows)
+        rows += shape_rows
+        print_table(shape_rows, ["head", "provider", "mode", "ms", "cpu_ms" if not cuda else "peak_MiB",
+                                 "fused_speedup", "vs_ap12", "vs_selective"],
+                    title=f"Heads probe step ({label}), {shape} tokens B={B} T={T} D={D} "
+                          f"{base['dtype']}: median ms; fused_speedup = this provider's time / fused")
+        if cuda:
+            torch.cuda.empty_cache()
+        write_csv(csv_path, [dict(r, **env) for r in rows])
+        print(f"\nIssue 12 targets at {shape} ({label}):")
+        for what, value, op, goal in targets(shape_rows, cuda):
+            shown = "-" if value is None else f"{value:.3f}"
+            verdict = "not measured" if value is None else ("met" if _OPS[op](value, goal) else "MISSED")
+            print(f"  {what:<58}{shown:>9}  {op} {goal:g}  {verdict}")
+    for n in notes:
+        print(f"note: {n}")
+    return [dict(r, **env) for r in rows]
+
+
+def _autocast_call(autocast, fn, t):
+    with autocast():
+        return fn(t)
+
+
+def _grouped_step(mods, probes, tokens, labels, autocast):
+    """Several AttentivePooling modules as branches of ONE abmilp_pool call (as ProbeHeads groups them)."""
+    sizes = [m.num_heads for m in mods]
+
+    def step():
+        with autocast():
+            u = torch.cat([m.folded_queries() for m in mods])
+            pooled = abmilp_pool(tokens, u, None, num_prefix_tokens=P)
+            loss = sum(F.cross_entropy(probe(m.finish(p)), labels)
+                       for m, probe, p in zip(mods, probes, pooled.split(sizes, dim=1)))
+        loss.backward()
+        mods.zero_grad(set_to_none=True)
+        probes.zero_grad(set_to_none=True)
+    return step
+
+
+def _cpu_target(providers, tokens, grad, rows, base) -> None:
+    """ap12 head forward + backward, folded vs timm, CPU_ROUNDS interleaved rounds."""
+    fns = {p: _head_only(providers[p][0], tokens, grad) for p in ("fused", "timm")}
+    wall, cpu = {p: [] for p in fns}, {p: [] for p in fns}
+    for _ in range(CPU_ROUNDS):
+        for p, fn in fns.items():
+            w, c = _cpu_times(fn)
+            wall[p].append(w)
+            cpu[p].append(c)
+    for p in fns:
+        rows.append(dict(base, head="ap12", provider=p, mode=f"head x{CPU_ROUNDS} rounds",
+                         ms=statistics.median(wall[p]), cpu_ms=statistics.median(cpu[p])))
+    ratio = statistics.median(wall["timm"]) / statistics.median(wall["fused"])
+    ratio_cpu = statistics.median(cpu["timm"]) / statistics.median(cpu["fused"])
+    print(f"CPU target: folded ap12 forward + backward vs timm's AttentionPoolLatent: {ratio:.1f}x (wall), "
+          f"{ratio_cpu:.1f}x (process CPU time), medians of {CPU_ROUNDS} interleaved rounds; target >= 6x")
+
+
+_OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+
+
+def _get(rows, column, **match):
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()):
+            v = r.get(column)
+            return None if v is None or v != v else v
+    return None
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def targets(rows: list, cuda: bool) -> list:
+    """(what, measured or None, comparison, goal) for issue 12's targets, from one shape's rows."""
+    step = lambda head, provider, col="ms": _get(rows, col, head=head, provider=provider, mode="step")
+    if not cuda:
+        fused = _get(rows, "ms", head="ap12", provider="fused", mode=f"head x{CPU_ROUNDS} rounds")
+        timm = _get(rows, "ms", head="ap12", provider="timm", mode=f"head x{CPU_ROUNDS} rounds")
+        return [("CPU: ap12 head fwd+bwd, timm / folded (wall)", _ratio(timm, fused), ">=", 6.0)]
+    gemms = _get(rows, "ms", head="mlp_tanh hidden GEMMs")
+    return [
+        ("ap12 step: timm eager / fused", _ratio(step("ap12", "timm"), step("ap12", "fused")), ">=", 5.0),
+        ("ap12 step: timm compiled / fused", _ratio(step("ap12", "timm compiled"), step("ap12", "fused")), ">=", 2.0),
+        ("ap12 step peak: fused / timm", _ratio(step("ap12", "fused", "peak_MiB"), step("ap12", "timm", "peak_MiB")),
+         "<=", 0.25),
+        ("ap12 step / selective step", _ratio(step("ap12", "fused"), step("selective", "fused")), "<=", 1.6),
+        (f"ap12 x {LRS} lrs one pass / one ap12", _ratio(step(f"ap12 x {LRS} lrs", "fused (1 pass)"),
+                                                       step("ap12", "fused")), "<=", 1.3),
+        ("mlp_tanh step / its hidden GEMMs alone", _ratio(step("mlp_tanh", "fused"), gemms), "<=", 1.3),
+        ("mlp_tanh step peak: fused / eager", _ratio(step("mlp_tanh", "fused", "peak_MiB"),
+                                                   step("mlp_tanh", "eager", "peak_MiB")), "<=", 1 / 3),
+    ]
+
+
+def _speedups(rows: list) -> None:
+    """fused_speedup (a provider's time over fused's, same head and mode), vs_ap12 and vs_selective."""
+    fused = {(r["head"], r["mode"]): r["ms"] for r in rows if r["provider"].startswith("fused")}
+    for r in rows:
+        f = fused.get((r["head"], r["mode"]))
+        r["fused_speedup"] = r["ms"] / f if f else math.nan
+    ap12 = fused.get(("ap12", "step"))
+    sel = fused.get(("selective", "step"))
+    for r in rows:
+        if r["provider"].startswith("fused") or r["provider"] == "torch":
+            r["vs_ap12"] = r["ms"] / ap12 if ap12 else math.nan
+            r["vs_selective"] = r["ms"] / sel if sel else math.nan

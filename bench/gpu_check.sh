@@ -4,7 +4,7 @@
 # By default the benchmarks run at the issues' target shapes only (ViT-B; aiming at under 5
 # minutes with the tests); FULL=1 adds ViT-S/L/H and, for pooling, the torch.compile peer. Each
 # table is appended to OUTDIR/summary.txt as soon as its benchmark ends, so a run cut short still
-# returns what it measured. ONLY=abmilp,probe,tests runs a subset (the CUDA tests are the item
+# returns what it measured. ONLY=abmilp,probe,heads,tests runs a subset (the CUDA tests are the item
 # "tests"; "overhead" is host time per call against GPU time, bench/host_overhead.py); "sweep"
 # (the kernels over a wide launch-config grid, bench/sweep.py, ~5 min, last) runs only when named.
 # FULL=probe,abmilp gives those benchmarks every shape, FULL=1 all of them.
@@ -39,7 +39,7 @@ cat "$WORK/versions.txt" "$WORK/gpu.txt" >>"$SUMMARY"
 REPO=$(cd "$OLDPWD" && pwd)
 
 # wanted NAME: whether this run includes step NAME (ONLY unset: the default steps)
-wanted() { case ",${ONLY:-abmilp,attention,probe,analyze,overhead,tests}," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+wanted() { case ",${ONLY:-abmilp,attention,probe,heads,analyze,overhead,tests}," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # full NAME: every shape and peer for NAME (FULL=1: for all; FULL=probe,abmilp: for those)
 full() { case ",${FULL:-0}," in *",1,"*|*",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # bench NAME TITLE_REGEX TIMEOUT [ARGS...]: run one benchmark, keep its table in the summary
@@ -59,6 +59,7 @@ quick() { full "$1" || echo --quick; }
 bench abmilp "AbMILP pooling" 240 $(quick abmilp) $(full abmilp || echo --no-compile)
 bench attention "One attention block" 170 $(quick attention)   # with its torch.compile and FlexAttention peers
 bench probe "Probe training step" 110 $(quick probe)
+bench heads "Heads probe step" 150 $(quick heads)  # issue 12: AP / variants vs timm; quick compiles ap12 peers only
 bench analyze "Analyze throughput" 90 --quick
 if wanted overhead; then  # host time per call vs GPU time (~30 s)
   timeout "$(budget 90 60)" python3 -m selagg_fast.bench.host_overhead >"$WORK/overhead.log" 2>&1

@@ -75,6 +75,25 @@ def targets(out: str) -> list:
         (5, "analyze peak / plain", _ratio(_value(an, "peak_MiB", **an_rows), _value(an, "peak_MiB", **an_plain)),
          "<=", 1.1),
     ]
+    hd = read_rows(out, "heads")  # issue 12: bench/heads.py, ViT-B tokens B=1024 bf16
+
+    def step(head, provider, column="ms"):
+        return _value(hd, column, shape="ViT-B", head=head, provider=provider, mode="step")
+
+    ap12 = step("ap12", "fused")
+    rows += [
+        (12, "ap12 step: timm eager / fused", _ratio(step("ap12", "timm"), ap12), ">=", 5.0),
+        (12, "ap12 step: timm compiled / fused", _ratio(step("ap12", "timm compiled"), ap12), ">=", 2.0),
+        (12, "ap12 step peak extra memory: fused / timm", _ratio(step("ap12", "fused", "peak_MiB"),
+                                                               step("ap12", "timm", "peak_MiB")), "<=", 0.25),
+        (12, "ap12 step / selective step", _ratio(ap12, step("selective", "fused")), "<=", 1.6),
+        (12, "ap12 x 4 lrs in one pass / one ap12", _ratio(step("ap12 x 4 lrs", "fused (1 pass)"), ap12), "<=", 1.3),
+        (12, "MLP-Tanh step / its hidden-layer GEMMs alone",
+         _ratio(step("mlp_tanh", "fused"), _value(hd, "ms", shape="ViT-B", head="mlp_tanh hidden GEMMs")), "<=", 1.3),
+        (12, "MLP-Tanh step peak extra memory: fused / eager", _ratio(step("mlp_tanh", "fused", "peak_MiB"),
+                                                                    step("mlp_tanh", "eager", "peak_MiB")), "<=",
+         0.333),
+    ]
     return rows
 
 
@@ -90,7 +109,7 @@ def format_targets(out: str) -> str:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     out = argv[0] if argv else "bench/out"
-    print(f"Targets of issues 2-5 against the benchmarks in {out}")
+    print(f"Targets of issues 2-5 and 12 against the benchmarks in {out}")
     print(format_targets(out))
 
 

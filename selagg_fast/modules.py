@@ -49,19 +49,23 @@ def sincos_pos_embed_2d(dim: int, grid_size, cls_token: bool = False) -> torch.T
     return table.float()
 
 
-class SingleHeadSelfAttention(nn.Module):
-    """One self-attention head of width D (the reference head's ``self_attn``):
-    ``proj(softmax(q k^T / sqrt(D)) v)`` with ``[q, k, v] = qkv(z)`` (no bias), ``proj`` with bias.
-    Runs through ``F.scaled_dot_product_attention``."""
+class HeadSelfAttention(nn.Module):
+    """The reference head's ``self_attn`` (timm's ``Attention`` layout): ``[q, k, v] = qkv(z)`` (no
+    bias), per head ``softmax(q k^T / sqrt(d)) v`` with ``d = D / num_heads``, then ``proj`` (with
+    bias). One head of width D by default (shared/reference-semantics.md). Runs through
+    ``F.scaled_dot_product_attention``."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, num_heads: int = 1):
         super().__init__()
+        self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(z).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, N, D] each (timm's qkv layout, H = 1)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        B, N, D = z.shape
+        q, k, v = self.qkv(z).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d]
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
 class SelectiveAggregation(nn.Module):
@@ -85,11 +89,13 @@ class SelectiveAggregation(nn.Module):
         positional: add MAE's fixed 2-D sin-cos table to the scorer's input (needs ``grid_size``).
         grid_size: the patch grid, ``g`` or ``(rows, cols)``; with it ``pos_embed`` is kept as
             the reference does (a buffer, with a zero [cls] row when ``num_prefix_tokens == 0``).
+        self_attention_heads: heads of the self-attention (1, as reference-semantics.md states;
+            the same parameters and keys for any count that divides D).
     """
 
     def __init__(self, dim: int, branches: int = 1, num_prefix_tokens: int = 1, *, depth: int = 1,
                  activation: str = "tanh", self_attention: str = "none", positional: bool = False,
-                 grid_size=None):
+                 grid_size=None, self_attention_heads: int = 1):
         super().__init__()
         if dim <= 0 or branches <= 0:
             raise ValueError(f"SelectiveAggregation: dim and branches must be positive, got {dim}, {branches}")
@@ -102,6 +108,9 @@ class SelectiveAggregation(nn.Module):
         if self_attention not in _SELF_ATTENTION:
             raise ValueError(f"SelectiveAggregation: unknown self_attention {self_attention!r}; "
                              "choose none, map or both")
+        if self_attention_heads < 1 or dim % self_attention_heads:
+            raise ValueError(f"SelectiveAggregation: self_attention_heads={self_attention_heads} does not divide "
+                             f"dim={dim}")
         if positional and grid_size is None:
             raise ValueError("SelectiveAggregation: positional=True needs the patch grid (grid_size=g or (rows, cols))")
         self.dim, self.branches, self.num_prefix_tokens = dim, branches, num_prefix_tokens
@@ -117,7 +126,7 @@ class SelectiveAggregation(nn.Module):
             layers = [nn.Linear(dim, dim), nn.Tanh() if activation == "tanh" else nn.ReLU()] if depth == 2 else []
             self.attention_predictor = nn.Sequential(*layers, nn.Linear(dim, branches))
         if self_attention != "none":
-            self.self_attn = SingleHeadSelfAttention(dim)
+            self.self_attn = HeadSelfAttention(dim, self_attention_heads)
         if self.grid_size is not None:
             # reference layout: a zero [cls] row with content "all" (here: num_prefix_tokens == 0)
             self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid_size,

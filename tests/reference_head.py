@@ -31,17 +31,19 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
 
 
 class Attention(nn.Module):
-    """One head of width D: qkv without bias, logits q k^T * D^-1/2, softmax over the keys, proj."""
+    """timm's Attention with qkv_bias=False: logits q k^T * d^-1/2 per head, softmax over the keys,
+    proj. One head of width D unless told (reference-semantics.md)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, num_heads: int = 1):
         super().__init__()
-        self.scale = dim ** -0.5
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, 1, C).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = (q @ k.transpose(-2, -1)) * self.scale
         attn = attn.softmax(dim=-1)
@@ -51,12 +53,13 @@ class Attention(nn.Module):
 
 class ABMILPHead(nn.Module):
     def __init__(self, dim: int, self_attention_apply_to: str = "none", activation: str = "tanh", depth: int = 2,
-                 cond: str = "none", content: str = "all", num_patches: int = 196, attention_branches: int = 1):
+                 cond: str = "none", content: str = "all", num_patches: int = 196, attention_branches: int = 1,
+                 num_heads: int = 1):
         super().__init__()
         self.cond, self.self_attention_apply_to, self.content = cond, self_attention_apply_to, content
         self.pos_embed = nn.Parameter(torch.from_numpy(get_2d_sincos_pos_embed(
             dim, int(num_patches ** .5), cls_token=(content != "patch"))).float().unsqueeze(0), requires_grad=False)
-        self.self_attn = Attention(dim) if self_attention_apply_to != "none" else nn.Identity()
+        self.self_attn = Attention(dim, num_heads) if self_attention_apply_to != "none" else nn.Identity()
         layers = []
         for _ in range(depth - 1):
             layers.extend([nn.Linear(dim, dim), nn.Tanh() if activation == "tanh" else nn.ReLU()])

@@ -25,11 +25,12 @@ def _ids(case):
     return f"d{d}{'-' + a if d == 2 else ''}-sa_{sa}{'-pe' if pe else ''}-{content}"
 
 
-def _pair(depth, activation, sa, pe, content, K=1):
+def _pair(depth, activation, sa, pe, content, K=1, heads=1):
     ref = ABMILPHead(D, sa, activation, depth, "pe" if pe else "none", content, num_patches=G * G,
-                     attention_branches=K).double().to(DEVICE)
+                     attention_branches=K, num_heads=heads).double().to(DEVICE)
     ours = SelectiveAggregation(D, K, 1 if content == "patch" else 0, depth=depth, activation=activation,
-                                self_attention=sa, positional=pe, grid_size=G).to(DEVICE)
+                                self_attention=sa, positional=pe, grid_size=G,
+                                self_attention_heads=heads).to(DEVICE)
     return ref, ours
 
 
@@ -94,10 +95,11 @@ def test_variant_matches_reference_head(case):
         assert rel_err(fresh(x), ref(x.double())) < TOL
 
 
-@pytest.mark.parametrize("sa", ["none", "both"])
-def test_branches_match_reference_attention_branches(sa):
+@pytest.mark.parametrize("sa,heads", [("none", 1), ("both", 1), ("map", 4)])
+def test_branches_and_heads_match_reference(sa, heads):
+    """K score branches (the reference's attention_branches) and a several-head self-attention."""
     K = 3
-    ref, ours = _pair(2, "relu", sa, True, "patch", K=K)
+    ref, ours = _pair(2, "relu", sa, True, "patch", K=K, heads=heads)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(B, 1 + G * G, D, device=DEVICE)
     pooled, weights = ours(x, return_weights=True)
@@ -140,6 +142,8 @@ def test_bad_inputs_raise():
         SelectiveAggregation(D, depth=2, activation="gelu")
     with pytest.raises(ValueError, match="unknown self_attention 'all'"):
         SelectiveAggregation(D, self_attention="all")
+    with pytest.raises(ValueError, match="self_attention_heads=5 does not divide dim=32"):
+        SelectiveAggregation(D, self_attention="both", self_attention_heads=5)
     with pytest.raises(ValueError, match="depth must be 1 or 2"):
         SelectiveAggregation(D, depth=3)
     with pytest.raises(ValueError, match="grid_size"):

@@ -31,6 +31,13 @@ def _reason(err: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
+def _last_line(err: BaseException) -> str:
+    """The informative line of a long torch.load message (its first lines are generic advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line
+             and "documentation" not in line and "file an issue" not in line]
+    return (lines[-1] if lines else type(err).__name__)[:160]
+
+
 def check_writable(folder: str, flag: str = "--output-dir") -> str:
     """Create ``folder`` if needed and prove a file can be written in it, before any work is done.
 
@@ -127,14 +134,17 @@ def load_torch_file(path: str, trust: bool = False, flag: str = "--checkpoint"):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        if found is None:
-            raise CheckpointError(f"{flag} {path}: not a readable PyTorch checkpoint "
-                                  f"(corrupt or truncated: {_reason(err)})") from None
+        try:  # fully qualified names of what the file would import
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: the error message is all there is
+            found = re.findall(r"GLOBAL ([\w.]+)", str(err))
+        if not found:  # not a pickled object at all: garbage or a cut-off file
+            raise CheckpointError(f"{flag} {path}: not a PyTorch checkpoint, or truncated "
+                                  f"({type(err).__name__}: {_last_line(err)})") from None
         raise CheckpointError(
-            f"{flag} {path}: holds a pickled {found.group(1)} object, which loading would have to run code "
-            "for; refused. Pass --trust-checkpoint to load it anyway (this runs any code the file holds: "
-            "only for files you trust)") from None
+            f"{flag} {path}: holds a pickled {', '.join(dict.fromkeys(found))} object, which loading would have "
+            "to run code for; refused. Pass --trust-checkpoint to load it anyway (this runs any code the file "
+            "holds: only for files you trust)") from None
     except (RuntimeError, KeyError, EOFError, ValueError, AttributeError, ImportError, IndexError,
             TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{flag} {path}: not a PyTorch checkpoint, or truncated "

@@ -9,9 +9,10 @@ from conftest import DEVICE, rel_err
 from PIL import Image
 
 from selagg_fast.backbone import CheckpointError, create_backbone, read_state_dict
-from selagg_fast.data import SyntheticObjects, collate_skipping, image_folder_datasets
-from selagg_fast.probe.heads import GlobalBatchNorm1d, ProbeHeads, parse_heads
+from selagg_fast.data import SyntheticObjects, collate_skipping, epoch_shard, image_folder_datasets, split_batches
+from selagg_fast.probe.heads import GlobalBatchNorm1d, LinearProbe, ProbeHeads, parse_heads
 from selagg_fast.probe.optim import LARS, build_optimizer, cosine_lr
+from selagg_fast.probe.trainer import ProbeConfig, _resolved
 from selagg_fast.reference import abmilp_pool_reference
 
 D, C = 48, 5
@@ -148,6 +149,61 @@ def test_lars_groups_with_their_own_hyper_parameters_match_the_per_tensor_loop()
         for p, r in zip(ps, ref["params"]):
             assert rel_err(p, r) < 1e-6
 
+def test_lars_per_group_trust_coefficients_keep_the_parameters_dtype():
+    # float64 parameters, two trust coefficients: a float32 copy of 0.001 would be off by ~5e-8 relative
+    torch.manual_seed(3)
+    hyper = [dict(lr=0.9, weight_decay=0.01, momentum=0.9, trust_coefficient=0.001),
+             dict(lr=0.9, weight_decay=0.01, momentum=0.9, trust_coefficient=0.003)]
+    params = [[torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))] for _ in hyper]
+    ref_groups = [dict(params=[p.detach().clone() for p in ps], **h) for ps, h in zip(params, hyper)]
+    opt = LARS([dict(params=ps, **h) for ps, h in zip(params, hyper)])
+    steps = [[[torch.randn(4, 5, dtype=torch.float64)] for _ in hyper] for _ in range(2)]
+    for grads in steps:
+        for ps, gs in zip(params, grads):
+            ps[0].grad = gs[0].clone()
+        opt.step()
+    _lars_one_tensor_at_a_time(ref_groups, steps)
+    for ps, ref in zip(params, ref_groups):
+        assert rel_err(ps[0], ref["params"][0]) < 1e-13
+
+
+def test_linear_probe_initialisation_per_protocol():
+    torch.manual_seed(0)
+    paper, mae = LinearProbe(256, 100), LinearProbe(256, 100, init="mae")
+    bound = 1 / 256 ** 0.5  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+    assert paper.fc.weight.abs().max() <= bound and paper.fc.weight.std() > 0.8 * bound / 3 ** 0.5
+    assert paper.fc.bias.abs().max() <= bound and paper.fc.bias.abs().sum() > 0
+    # trunc_normal_(std=0.01) truncates at +-2 absolute (MAE's call): in effect N(0, 0.01^2)
+    assert abs(mae.fc.weight.std().item() - 0.01) < 0.0005 and mae.fc.weight.abs().max() < 0.07
+    assert torch.equal(mae.fc.bias, torch.zeros(100))
+    with pytest.raises(ValueError, match="paper or mae"):
+        paper.reset_classifier("xavier")
+
+
+def test_protocol_and_momentum_resolution():
+    def resolved(saved=None, **kw):
+        cfg = _resolved(ProbeConfig(**kw), saved)
+        return cfg.protocol, cfg.momentum
+    assert resolved() == ("paper", 0.9)  # LARS
+    assert resolved(optimizer="sgd") == ("paper", 0.0)
+    assert resolved(optimizer="sgd", protocol="mae") == ("mae", 0.9)
+    assert resolved(optimizer="sgd", momentum=0.5) == ("paper", 0.5)
+    assert resolved(dict(momentum=0.9), optimizer="sgd") == ("mae", 0.9)  # saved before protocols: MAE's
+    assert resolved(dict(protocol="paper", momentum=0.0), optimizer="sgd") == ("paper", 0.0)
+
+
+def test_epoch_shards_split_global_batches_like_one_process():
+    one = split_batches(epoch_shard(range(50), seed=3, epoch=2).tolist(), 8, drop_last=True)
+    ranks = [split_batches(epoch_shard(range(50), seed=3, epoch=2, rank=r, world=2).tolist(), 4, drop_last=True)
+             for r in range(2)]
+    assert len(one) == 6 and all(len(r) == 6 for r in ranks)
+    for b, batch in enumerate(one):  # same images per global step (the order inside a step is free)
+        assert sorted(batch) == sorted(ranks[0][b] + ranks[1][b])
+    assert sorted(epoch_shard(range(50), 3, 2).tolist()) == list(range(50))
+    assert epoch_shard(range(50), 3, 2).tolist() != epoch_shard(range(50), 3, 3).tolist()  # reshuffled per epoch
+    assert [len(b) for b in split_batches(list(range(10)), 4, drop_last=False)] == [4, 4, 2]
+
+
 def test_cosine_schedule_formula():
     peak, E, W = 0.4, 90, 10
     assert cosine_lr(peak, 0, E, W) == 0
@@ -282,13 +338,17 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         image_folder_datasets(str(tmp_path / "nope"), 32)
     (tmp_path / "train").mkdir()
-    with pytest.raises(FileNotFoundError, match="no 'val/' folder|Couldn't find any class|no such"):
+    with pytest.raises(FileNotFoundError, match="no class folders|no 'val/' folder"):
         image_folder_datasets(str(tmp_path), 32)
     _folder(tmp_path / "x")
     (tmp_path / "x" / "train" / "empty").mkdir()
     (tmp_path / "x" / "val" / "empty").mkdir()
     with pytest.raises(ValueError, match="hold no images: empty"):
         image_folder_datasets(str(tmp_path / "x"), 32)
+    _folder(tmp_path / "y", classes=("a", "b"))
+    (tmp_path / "y" / "val" / "b").rename(tmp_path / "y" / "val" / "c")
+    with pytest.raises(ValueError, match="only in train/: b; only in val/: c"):
+        image_folder_datasets(str(tmp_path / "y"), 32)
 
 
 def test_train_list_subsets(tmp_path):

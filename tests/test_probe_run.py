@@ -25,7 +25,16 @@ def tiny_config(out, **overrides) -> ProbeConfig:
 
 
 def _heads_state(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)["heads"]
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)["heads"]
+
+
+def _strict_json(path):
+    """json.load that refuses NaN / Infinity, as strict parsers do."""
+    def refuse(name):
+        raise ValueError(f"{path}: bare {name}")
+    with open(path) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f] if str(path).endswith(".jsonl") \
+            else json.load(f, parse_constant=refuse)
 
 
 def _assert_same_heads(a, b, atol):
@@ -106,6 +115,7 @@ def test_compact_cache_without_selective_heads(tmp_path):
     (train_dir,) = [d for d in (tmp_path / "cache").iterdir() if d.name.startswith("train-")]
     assert json.loads((train_dir / "meta.json").read_text())["token_shape"] == [2, 48]  # [cls] + patch mean
     assert {p["head"] for p in results["pairs"]} == {"cls", "avg"}
+    assert results["unreadable_images"] == {"train": 0, "val": 0}  # the same keys as a live run
 
 
 def _noise_image_folder(root, per_class: int, corrupt: str) -> str:
@@ -123,8 +133,8 @@ def _noise_image_folder(root, per_class: int, corrupt: str) -> str:
 
 def test_corrupt_image_is_counted_not_fatal(tmp_path):
     data = _noise_image_folder(tmp_path / "data", 4, "val/a/bad.png")
-    results = run_probe(tiny_config(tmp_path / "r", data=data, epochs=1, heads="cls,avg"))
-    assert results["unreadable_images"]["val"] == 1 and results["val_images"] == 9
+    results = run_probe(tiny_config(tmp_path / "r", data=data, epochs=1, heads="cls,avg", batch_size=4))
+    assert results["unreadable_images"] == {"train": 0, "val": 1} and results["val_images"] == 9
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -191,13 +201,65 @@ def test_accum_iter_steps_every_n_batches_and_sgd(tmp_path, monkeypatch):
     steps = []
     step = LARS.step
     monkeypatch.setattr(LARS, "step", lambda self, closure=None: steps.append(1) or step(self, closure))
-    run_probe(tiny_config(tmp_path / "acc", batch_size=16, accum_iter=2, epochs=1))
+    run_probe(tiny_config(tmp_path / "acc", batch_size=16, accum_iter=2, epochs=1, heads="avg"))
     assert len(steps) == 4  # 128 images / 16 = 8 batches, one step per 2
     config = json.loads((tmp_path / "acc" / "config.json").read_text())
-    assert config["effective_batch"] == 32
-    run_probe(tiny_config(tmp_path / "sgd", optimizer="sgd", epochs=1))
-    state = torch.load(tmp_path / "sgd" / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
-    assert state and all("momentum_buffer" in s for s in state.values())
+    assert config["effective_batch"] == 32 and config["momentum"] == 0.9  # LARS: 0.9 in both protocols
+    for protocol, momentum in (("paper", 0.0), ("mae", 0.9)):
+        run_probe(tiny_config(tmp_path / protocol, optimizer="sgd", epochs=1, heads="avg", protocol=protocol))
+        saved = torch.load(tmp_path / protocol / "checkpoint.pt", weights_only=True)
+        assert saved["config"]["momentum"] == momentum
+        assert all(g["momentum"] == momentum for g in saved["optimizer"]["param_groups"])
+        buffers = [s.get("momentum_buffer") for s in saved["optimizer"]["state"].values()]
+        assert all(b is not None for b in buffers) if momentum else not any(b is not None for b in buffers)
+
+
+def test_protocols_drop_or_keep_the_last_batch_and_are_recorded(tmp_path, monkeypatch):
+    from selagg_fast.probe.optim import LARS
+    steps = []
+    step = LARS.step
+    monkeypatch.setattr(LARS, "step", lambda self, closure=None: steps.append(1) or step(self, closure))
+    small = dict(heads="avg", lrs="1.0", epochs=1, synthetic_train_size=40, batch_size=16)
+    paper = run_probe(tiny_config(tmp_path / "paper", **small))
+    assert len(steps) == 2  # 40 images at 16: the paper's loader drops the last 8
+    mae = run_probe(tiny_config(tmp_path / "mae", protocol="mae", **small))
+    assert len(steps) == 2 + 3  # MAE keeps them
+    assert paper["protocol"] == "paper" and mae["protocol"] == "mae"
+    assert json.loads((tmp_path / "paper" / "config.json").read_text())["protocol"] == "paper"
+    with pytest.raises(ValueError, match="no step would run"):
+        run_probe(tiny_config(tmp_path / "big", **dict(small, batch_size=64)))
+
+
+def test_a_run_saved_before_protocols_resumes_as_it_ran(tmp_path):
+    out = tmp_path / "old"
+    run_probe(tiny_config(out, heads="avg", lrs="1.0", protocol="mae", stop_after_epochs=1))
+    path = out / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["config"]["protocol"]  # as written before the protocol was recorded
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match="different settings.*protocol"):
+        run_probe(tiny_config(out, heads="avg", lrs="1.0", protocol="paper", resume=True))
+    resumed = run_probe(tiny_config(out, heads="avg", lrs="1.0", resume=True))
+    assert resumed["protocol"] == "mae" and resumed["epochs_done"] == 2
+    assert json.loads((out / "config.json").read_text())["protocol"] == "mae"
+
+
+def test_a_diverged_pair_is_reported_as_such_and_the_others_train_on(tmp_path, caplog):
+    healthy = run_probe(tiny_config(tmp_path / "ok", heads="avg", lrs="0.5,2.0", epochs=1))
+    with caplog.at_level("WARNING", logger="selagg_fast"):
+        results = run_probe(tiny_config(tmp_path / "nan", heads="avg", lrs="0.5,1e30", epochs=1))
+    assert "avg@1e+30 diverged" in caplog.text
+    on_disk = _strict_json(tmp_path / "nan" / "results.json")
+    rows = _strict_json(tmp_path / "nan" / "metrics.jsonl")
+    assert on_disk["pairs"][1] == dict(head="avg", base_lr=1e30, top1=None, top5=None, diverged=True)
+    assert rows[1]["train_loss"] is None and rows[1]["diverged"] is True
+    assert on_disk["pairs"][0] == healthy["pairs"][0] and not on_disk["pairs"][0]["diverged"]  # untouched by it
+    assert on_disk["best_per_head"]["avg"]["base_lr"] == 0.5
+    assert "diverged" in format_results(on_disk)
+    a, b = _heads_state(tmp_path / "nan"), _heads_state(tmp_path / "ok")
+    for k in a:
+        if k.startswith("classifiers.avg@0_5"):
+            assert torch.equal(a[k], b[k]), k
 
 
 def test_two_process_cache_extraction_equals_one_process(tmp_path):
@@ -219,7 +281,9 @@ def test_two_process_run_survives_an_all_unreadable_batch(tmp_path):
     args = _cli_args(tmp_path / "out")
     args[args.index("synthetic")] = data
     _cli(args + ["--batch-size", "1", "--epochs", "1", "--augment"], nproc=2, timeout=180)
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["epochs_done"] == 1
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["epochs_done"] == 1
+    assert results["unreadable_images"] == {"train": 1, "val": 0}  # counted once over both processes
 
 
 def test_feature_cache_refuses_a_disk_too_small(tmp_path, monkeypatch):

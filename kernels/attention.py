@@ -5,11 +5,20 @@ an online softmax in the log2 domain (running max ``m``, sum ``l``). Besides the
 keeps, per row, the patch-key sum ``l_p`` and ``u = sum_{j>=P} p_j (s_j - m)`` for the
 entropy, and the prefix mass. Only the first key block holds prefix keys, so it is peeled
 off the loop; the diagonal logit is one row-wise dot product. Maths: README.
+
+Attention sinks: ``l_p`` and ``u`` share the running max ``m`` with the prefix keys, so when a
+prefix key outscores every patch key by tens of nats the patch terms sink towards float32's
+underflow (past ~80 nats the one-pass entropy is off by tenths of a nat). A tile holding such a
+row (``l_p < LP_EXACT`` with patch keys present) recomputes ``l_p`` and ``u`` in a second pass over the keys with the patch keys' own
+running max (logits only, no values); other tiles pay one ``[BM]`` minimum and a branch.
 """
 import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
+# patch mass relative to the shared max below which the one-pass entropy loses digits (2^-60: the
+# patch max sits >= 60 - log2(T) binades under m; float32 terms underflow 126 binades down)
+LP_EXACT = tl.constexpr(8.673617379884035e-19)
 
 
 @triton.jit
@@ -69,6 +78,29 @@ def _patch_block(b_q, p_k, p_v, n0, m_i, l_i, lp_i, u_i, pre_i, b_acc, o_d, T, d
     pre_i = pre_i * alpha
     b_acc = b_acc * alpha[:, None] + _pv(b_p, p_v, o_n, o_d, T, d, stride_vt, UPCAST, F32_PRECISION, MASK_N, MASK_D)
     return m_new, l_i, lp_i, u_i, pre_i, b_acc
+
+
+@triton.jit
+def _patch_sums_exact(b_q, p_k, o_d, T, P, d, stride_kt, qk_scale,
+                      UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      MASK_D: tl.constexpr):
+    # l_p and u over the patch keys only, relative to their own running max (the sink pass)
+    b_mx = tl.full([BM], -1.0e30, dtype=tl.float32)
+    lp_i = tl.zeros([BM], dtype=tl.float32)
+    u_i = tl.zeros([BM], dtype=tl.float32)
+    for n0 in tl.range(0, T, BN, num_stages=1):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = (o_n >= P) & (o_n < T)
+        b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION, True, MASK_D) * qk_scale
+        b_s = tl.where(m_n[None, :], b_s, -1.0e30)
+        mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1))
+        alpha = tl.exp2(b_mx - mx_new)
+        b_z = b_s - mx_new[:, None]
+        b_p = tl.where(m_n[None, :], tl.exp2(b_z), 0.0)
+        u_i = alpha * (u_i + (b_mx - mx_new) * lp_i) + tl.sum(b_p * b_z, axis=1)
+        lp_i = lp_i * alpha + tl.sum(b_p, axis=1)
+        b_mx = mx_new
+    return lp_i, u_i
 
 
 @triton.jit(do_not_specialize=["T", "P", "q_start"])
@@ -143,3 +175,8 @@ def attention_stats_fwd_kernel(
     has_patch = lp_i > 0
     safe_lp = tl.where(has_patch, lp_i, 1.0)
     tl.store(ent_ptr + o_row, tl.where(has_patch, tl.log(safe_lp) - LN2 * u_i / safe_lp, 0.0), mask=m_m)
+    # a prefix key far above every patch key (a sink): l_p, u again with the patch keys' own max
+    if (tl.min(tl.where(m_m, lp_i, 1.0), axis=0) < LP_EXACT) & (P < T):
+        lp_i, u_i = _patch_sums_exact(b_q, p_k, o_d, T, P, d, stride_kt, qk_scale,
+                                      UPCAST, F32_PRECISION, BM, BN, MASK_D)
+        tl.store(ent_ptr + o_row, tl.log(lp_i) - LN2 * u_i / lp_i, mask=m_m)

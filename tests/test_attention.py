@@ -147,6 +147,40 @@ def test_extreme_logits_stay_finite():
 
 @requires_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gap", [100.0, 1000.0])
+@pytest.mark.parametrize("T,P,sink", [(70, 1, 0), (97, 5, 3)], ids=["cls-sink", "register-sink"])
+def test_attention_sink_keeps_the_patch_entropy_exact(T, P, sink, gap, dtype, poisoned):
+    # a prefix key outscoring every patch key by `gap` nats for every other query row: the patch
+    # terms underflow against the shared running max (1000 nats: all of them, l_p = 0), so those
+    # tiles recompute the patch sums with the patch keys' own max; the other rows stay one-pass
+    B, H, d = 2, 2, 32
+    q, k, v = make_qkv(B, H, T, d, torch.float32, spread=1.0)
+    scale = d ** -0.5
+    rows = torch.arange(T) % 2 == 0
+    q[..., 0] = rows.float()
+    k[..., 0] = 0.0
+    base = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * scale  # before the sink feature
+    k[..., sink, 0] = (gap + base.amax().item() - base.amin().item()) / scale
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    out, stats = attention_with_stats(q, k, v, num_prefix_tokens=P)
+    ref_out, ref = attention_with_stats_reference(q.double(), k.double(), v.double(), num_prefix_tokens=P,
+                                                  compute_dtype=torch.float64)
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * scale
+    lead = s[..., sink] - s[..., P:].amax(-1)  # [B, H, T]: the sink's lead over the best patch key
+    assert lead[..., rows].min() > gap and lead[..., ~rows].max() < 30
+    for t in (out, *stats):
+        assert torch.isfinite(t).all()
+    tol = 1e-4 if dtype == torch.float32 else 2e-3  # logits rounded alike on both sides: fp32 arithmetic only
+    assert max_abs(stats.patch_entropy, ref.patch_entropy) < tol
+    assert max_abs(stats.patch_entropy[..., rows], ref.patch_entropy[..., rows]) < tol
+    assert (ref.patch_entropy[..., rows] > 0.5).all()  # a non-trivial entropy that a zero would miss
+    for name in ("self_attn", "prefix_attn", "cls_attn"):  # fp32 rounding of logits ~gap: ~1e-7 * gap
+        assert max_abs(getattr(stats, name), getattr(ref, name)) < 1e-6 * gap, name
+    assert rel_err(out, ref_out) < OUT_TOL[dtype]
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("T,d,P", [(17, 32, 1), (70, 64, 0), (33, 80, 5)])
 def test_gradients_of_out(T, d, P, dtype):
     q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 2, T, d, dtype, spread=1.0))

@@ -6,7 +6,6 @@ from conftest import DEVICE, AtenOps, requires_kernels
 from selagg_fast import attention_with_stats
 from selagg_fast.modules import AttentionStatsRecorder
 from selagg_fast.ops.columns import attention_column_sums, attention_column_sums_reference, column_names, num_columns
-from selagg_fast.reference import AttentionStats, attention_stats_columns
 
 def make_rows(B, H, T, P):
     """Plausible statistics: probabilities in (0, 1) with the prefix mass below 1, entropies >= 0."""
@@ -18,8 +17,28 @@ def make_rows(B, H, T, P):
 
 
 def expected64(rows, P, has_cls):
-    cols = attention_stats_columns(AttentionStats(*rows.double().unbind(0)), P)
-    return torch.stack([cols[n].sum(0) for n in column_names(has_cls)])  # [C, H]: summed over images
+    """The table of columns in shared/reference-semantics.md written out here (not through
+    reference.py, whose attention_stats_columns the reference path runs), summed over the
+    images: float64 [C, H]."""
+    self_attn, prefix, entropy, cls_attn = rows.double().unbind(0)  # [B, H, T] each
+    T = self_attn.shape[-1]
+    n = T - P  # patch rows; the means below are sums over them divided by n
+    den = 1.0 - prefix  # mass on patch keys
+    per_image = {
+        "pos_self_attention": self_attn[..., P:].sum(-1) / n,
+        "pos_self_attention_adj_for_cls": (self_attn / den)[..., P:].sum(-1) / n,
+        "pos_pos_entropy": entropy[..., P:].sum(-1) / n,
+    }
+    if has_cls:
+        per_image.update(
+            pos_cls_attention=cls_attn[..., P:].sum(-1) / n,
+            cls_cls_attention=self_attn[..., 0],
+            cls_cls_attention_adj_for_cls=self_attn[..., 0] / den[..., 0],
+            cls_pos_attention=den[..., 0] / n,
+            cls_pos_entropy=entropy[..., 0],
+        )
+    assert set(per_image) == set(column_names(has_cls))
+    return torch.stack([per_image[name].sum(0) for name in column_names(has_cls)])
 
 
 @requires_kernels
@@ -42,8 +61,9 @@ def test_kernel_and_reference_paths_agree_and_bad_rows_are_refused():
     rows = make_rows(20, 4, 197, 1)
     torch.testing.assert_close(attention_column_sums(rows, 1, True, backend="triton").cpu(),
                                attention_column_sums(rows, 1, True, backend="reference").cpu(), rtol=1e-6, atol=1e-6)
+    # the reference path (reference.attention_stats_columns) against the definitions written out here
     torch.testing.assert_close(attention_column_sums_reference(rows, 1, True).cpu(),
-                               expected64(rows, 1, True).cpu(), rtol=1e-5, atol=1e-5)
+                               expected64(rows, 1, True).cpu(), rtol=1e-12, atol=1e-9)
     with pytest.raises(ValueError, match="float32"):
         attention_column_sums(rows.double(), 1, True)
     with pytest.raises(ValueError, match="previous"):

@@ -167,7 +167,8 @@ def attention_with_stats(
         ``(out, stats)``: ``out`` ``[B, H, T, d]`` in ``q.dtype`` (SDPA semantics), and
         :class:`AttentionStats` of float32 ``[B, H, T]`` tensors ``self_attn`` (A_ii),
         ``prefix_attn`` (sum_{j<P} A_ij), ``patch_entropy`` (nats, over keys j >= P
-        renormalised; all keys when P = 0) and ``cls_attn`` (A_i0). ``out`` is
+        renormalised; all keys when P = 0; exact also when a prefix key outscores every patch
+        key by hundreds of nats, an attention sink) and ``cls_attn`` (A_i0). ``out`` is
         differentiable (backward recomputes via SDPA); the statistics are not.
     """
     _check_inputs(q, k, v, num_prefix_tokens)

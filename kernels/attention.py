@@ -9,8 +9,9 @@ off the loop; the diagonal logit is one row-wise dot product. Maths: README.
 Attention sinks: ``l_p`` and ``u`` share the running max ``m`` with the prefix keys, so when a
 prefix key outscores every patch key by tens of nats the patch terms sink towards float32's
 underflow (past ~80 nats the one-pass entropy is off by tenths of a nat). A tile holding such a
-row (``l_p < LP_EXACT`` with patch keys present) recomputes ``l_p`` and ``u`` in a second pass over the keys with the patch keys' own
-running max (logits only, no values); other tiles pay one ``[BM]`` minimum and a branch.
+row (``l_p < LP_EXACT`` with patch keys present) recomputes ``l_p`` and ``u`` in a second pass
+over the keys with the patch keys' own running max (logits only, no values); other tiles pay one
+``[BM]`` minimum and a branch.
 """
 import triton
 import triton.language as tl

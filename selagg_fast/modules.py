@@ -63,6 +63,8 @@ class HeadSelfAttention(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, N, D = z.shape
+        if z.dtype != self.qkv.weight.dtype and not torch.is_autocast_enabled(z.device.type):
+            z = z.to(self.qkv.weight.dtype)  # e.g. bf16 tokens, float32 head, no autocast
         q, k, v = self.qkv(z).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d]
         return self.proj(y.transpose(1, 2).reshape(B, N, D))

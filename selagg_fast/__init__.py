@@ -4,11 +4,12 @@ from .modules import AttentionStatsRecorder, SelectiveAggregation, record_attent
 from .ops import AbmilpPoolFunction, AttentionWithStatsFunction, abmilp_pool, attention_with_stats
 from .ops import mlp_scores, softmax_pool
 from .reference import AttentionStats
+from .selection import attention_selection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AbmilpPoolFunction", "AttentionStats", "AttentivePooling", "AttentionStatsRecorder", "AttentionWithStatsFunction",
-    "SelectiveAggregation", "abmilp_pool", "attention_with_stats", "record_attention_stats", "__version__",
-    "mlp_scores", "softmax_pool",
+    "SelectiveAggregation", "abmilp_pool", "attention_selection", "attention_with_stats", "record_attention_stats",
+    "__version__", "mlp_scores", "softmax_pool",
 ]

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from conftest import DEVICE, rel_err
 from selagg_fast import AttentivePooling, abmilp_pool
 
@@ -102,6 +104,37 @@ def test_token_gradient_matches_timm():
         (timm_forward(ref, ln, x, P)[0] * g).sum().backward()
         assert rel_err(x32.grad, x.grad) < GRAD_TOL, token_norm
         assert torch.equal(x32.grad[:, :P], torch.zeros_like(x32.grad[:, :P]))
+
+
+class _Outputs(TorchDispatchMode):
+    """(op name, output shape) of every aten op dispatched inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((func.overloadpacket.__name__, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("token_norm", [False, True], ids=["noln", "ln"])
+def test_keys_and_values_are_never_computed(token_norm):
+    """The fold's contract: no [B, N, 2D] / [B·N, D] projection of the tokens, forward or backward."""
+    B, T, D, H, P = 3, 12, 80, 5, 1  # sizes that no other dimension of the computation shares
+    ours = AttentivePooling(D, H, token_norm=token_norm, num_prefix_tokens=P).to(DEVICE)
+    x = torch.randn(B, T, D, device=DEVICE)
+    with _Outputs() as rec:
+        ours(x).sum().backward()
+    matmuls = {"mm", "bmm", "addmm", "matmul", "linear", "baddbmm", "einsum"}
+    token_dims = {T - P, T, B * (T - P), B * T}
+    bad = [(name, shape) for name, shape in rec.seen if token_dims & set(shape)
+           and ((name in matmuls and {D, 2 * D, D // H} & set(shape)) or 2 * D in shape)]
+    assert not bad, bad
+    assert any(name in matmuls for name, _ in rec.seen)  # the recorder saw the head's own GEMMs
 
 
 def test_initialisation_is_timms():

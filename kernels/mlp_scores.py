@@ -30,6 +30,16 @@ def _tanh(x, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
+def _dot32(a, b, LOWP: tl.constexpr, F32_PRECISION: tl.constexpr):
+    # the second layer's float32 products (K > 1): one TF32 pass where the first layer's operands
+    # are bf16/fp16 anyway (3xTF32 spills registers there), else F32_PRECISION
+    if LOWP:
+        return tl.dot(a, b, input_precision="tf32")
+    else:
+        return tl.dot(a, b, input_precision=F32_PRECISION)
+
+
+@triton.jit
 def _hidden_tile(p_row, m_m, w1_ptr, b1_ptr, n0, D, DH,
                  HAS_B1: tl.constexpr, LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
@@ -89,7 +99,7 @@ def mlp_scores_fwd_kernel(
         else:
             b_w2t = tl.load(w2_ptr + o_k[None, :] * DH + o_n[:, None], mask=m_n[:, None] & m_k[None, :],
                             other=0.0).to(tl.float32)  # [BN, BK]
-            b_s += tl.dot(b_h, b_w2t, input_precision=F32_PRECISION)
+            b_s += _dot32(b_h, b_w2t, LOWP, F32_PRECISION)
     if HAS_B2:
         b_s += tl.load(b2_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
     tl.store(s_ptr + i_b[:, None] * K * N + o_k[None, :] * N + i_t[:, None], b_s, mask=m_m[:, None] & m_k[None, :])
@@ -103,17 +113,19 @@ def mlp_scores_bwd_kernel(
     SINGLE: tl.constexpr, LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
 ):
-    # Rows of images b0 .. (M / N tokens each); dpre goes to a [images * T, DH] buffer aligned
-    # with the tokens (prefix rows are zeroed by the launcher), so that dW1 = dpre^T x is one GEMM
-    # on the [images * T, D] token view. Partials: row pid of [G, stride_part] holds dw2 [K, DH]
-    # then db1 [DH].
+    # Rows here are all M = images * T tokens of images b0, b0 + 1, ..., prefix tokens included
+    # (their ds is 0, so their dpre rows are written as zeros): dpre [M, DH] then lines up with
+    # the [images * T, D] token view for the launcher's dW1 = dpre^T x GEMM, and a program's dpre
+    # rows are contiguous (a gather-store costs sm_90 ~100 registers more). Partials: row pid of
+    # [G, stride_part] holds dw2 [K, DH] then db1 [DH].
     pid = tl.program_id(0)
-    o_m, m_m, i_b, i_t, p_row = _rows(pid, x_ptr, stride_xb, stride_xt, b0, P, N, M, BM)
+    o_m, m_m, i_b, i_t, p_row = _rows(pid, x_ptr, stride_xb, stride_xt, b0, 0, T, M, BM)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    b_ds = tl.load(ds_ptr + i_b[:, None] * K * N + o_k[None, :] * N + i_t[:, None],
-                   mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-    p_dpre = dpre_ptr + ((i_b - b0) * T + P + i_t) * DH  # [BM]
+    m_mk = (m_m & (i_t >= P))[:, None] & m_k[None, :]
+    b_ds = tl.load(ds_ptr + i_b[:, None] * K * N + o_k[None, :] * N + (i_t - P)[:, None], mask=m_mk,
+                   other=0.0)  # [BM, BK]
+    o_dpre = (o_m * DH).to(tl.int32)  # [BM] (a chunk holds < 2^31 elements; int32 offsets: fewer registers)
     p_part = part_ptr + pid.to(tl.int64) * stride_part
     for n0 in range(0, DH, BN):
         o_n = n0 + tl.arange(0, BN)
@@ -133,9 +145,9 @@ def mlp_scores_bwd_kernel(
         else:
             b_w2 = tl.load(w2_ptr + o_k[:, None] * DH + o_n[None, :], mask=m_k[:, None] & m_n[None, :],
                            other=0.0).to(tl.float32)  # [BK, BN]
-            b_dpre = tl.dot(b_ds, b_w2, input_precision=F32_PRECISION) * b_dact
-            b_dw2 = tl.dot(tl.trans(b_ds), b_h, input_precision=F32_PRECISION)  # [BK, BN]
+            b_dpre = _dot32(b_ds, b_w2, LOWP, F32_PRECISION) * b_dact
+            b_dw2 = _dot32(tl.trans(b_ds), b_h, LOWP, F32_PRECISION)  # [BK, BN]
             tl.store(p_part + o_k[:, None] * DH + o_n[None, :], b_dw2, mask=m_k[:, None] & m_n[None, :])
         tl.store(p_part + K * DH + o_n, tl.sum(b_dpre, axis=0), mask=m_n)
-        tl.store(p_dpre[:, None] + o_n[None, :], b_dpre.to(dpre_ptr.dtype.element_ty),
+        tl.store(dpre_ptr + (o_dpre[:, None] + o_n[None, :]), b_dpre.to(dpre_ptr.dtype.element_ty),
                  mask=m_m[:, None] & m_n[None, :])

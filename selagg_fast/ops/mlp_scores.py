@@ -25,31 +25,36 @@ OP = "mlp_scores"
 ACTIVATIONS = ("tanh", "relu")
 MAX_K = 64  # second-layer outputs: [BM, BK] score / gradient tiles
 # The backward writes dpre (the pre-activation gradient, x.dtype) for at most this many bytes at a
-# time: images are processed in chunks, dW1 accumulates one GEMM per chunk (ViT-B bf16: 302 KB an
-# image, 2 chunks of 222 images at B = 1024... see _chunk_images).
+# time: images are processed in chunks and dW1 accumulates one GEMM per chunk (ViT-B bf16: 296 KiB
+# an image, 443 images a chunk, 3 chunks at B = 1024).
 DPRE_CHUNK_BYTES = 128 << 20
 
 
-def _launch_config(D: int, DH: int, K: int, backward: bool = False) -> dict:
-    """Untuned defaults: 64-token rows x 64 hidden units x 32-deep steps of D (small enough for the
-    interpreter, every tl.dot dim >= 16)."""
-    return dict(BM=64, BN=min(64, max(16, next_pow2(DH))), BD=min(32, max(16, next_pow2(D))),
-                BK=1 if K == 1 else max(16, next_pow2(K)), num_warps=4, num_stages=2)
+# GEMM tiles (BM token rows, BN hidden units, BD-deep steps of D, warps, stages) for sm_90: wgmma
+# wants 64-row warp groups and 64-wide bf16 steps. The first of each list is the untuned default.
+# The backward holds four [BM, BN] float32 tiles (pre, h, act', dpre), so its hidden blocks are
+# narrower (sm_90 compiles, Triton 3.8, bench/compile_cases_softmax_pool.py: no spills in either
+# list; 128 x 128 backward tiles spill).
+FWD_TILES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 8, 3),
+             (128, 64, 64, 4, 4), (64, 128, 64, 4, 3))
+BWD_TILES = ((128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 4),
+             (64, 64, 64, 4, 4))
 
 
 def _configs(D: int, DH: int, K: int, backward: bool) -> list:
-    """GEMM tiles for sm_90 (wgmma wants 64-row warp groups, 64-wide bf16 K steps). The backward
-    holds four [BM, BN] float32 tiles (pre, h, act', dpre), so its hidden blocks are narrower."""
-    default = _launch_config(D, DH, K, backward)
+    """The autotune list (tile dims clipped to the problem, each >= 16 for tl.dot)."""
     BND, BDD = max(16, next_pow2(DH)), max(16, next_pow2(D))
-    shapes = ((128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 4)) if backward else \
-        ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4))
-    configs = [{k: default[k] for k in ("BM", "BN", "BD", "num_warps", "num_stages")}]
-    for bm, bn, bd, w, st in shapes:
+    configs = []
+    for bm, bn, bd, w, st in BWD_TILES if backward else FWD_TILES:
         cfg = dict(BM=bm, BN=min(bn, BND), BD=min(bd, BDD), num_warps=w, num_stages=st)
         if cfg not in configs:
             configs.append(cfg)
     return configs
+
+
+def _launch_config(D: int, DH: int, K: int, backward: bool = False) -> dict:
+    """The untuned launch: the first config of the list, plus BK (second-layer outputs, padded)."""
+    return dict(_configs(D, DH, K, backward)[0], BK=1 if K == 1 else max(16, next_pow2(K)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,18 +113,16 @@ def mlp_scores_bwd(x, w1, b1, w2, P, activation, ds, need_dx, need_dw1=True):
     settings = _kernel_settings(x.dtype, activation)
     w1_mm = w1.to(x.dtype)  # the GEMMs in torch run in the tokens' dtype
     chunk = _chunk_images(B, T, DH, x.element_size())
-    dpre_buf = _dispatch.empty((chunk * T, DH), x.device, x.dtype)
-    if P:
-        dpre_buf.view(chunk, T, DH)[:, :P].zero_()  # prefix rows: no gradient (the kernel never writes them)
+    dpre_buf = _dispatch.empty((chunk * T, DH), x.device, x.dtype)  # prefix rows are written as zeros
     # partials sized for the smallest tile (the most programs) of the autotune list
-    G_max = triton.cdiv(chunk * N, min(c["BM"] for c in _configs(D, DH, K, True)))
+    G_max = triton.cdiv(chunk * T, min(c["BM"] for c in _configs(D, DH, K, True)))
     partials = _dispatch.empty((G_max, (K + 1) * DH), x.device, torch.float32)
     dw1 = None
     dx = _dispatch.empty(x.shape, x.device, x.dtype) if need_dx else None
     part_sum = None
     for b0 in range(0, B, chunk):
         nb = min(chunk, B - b0)
-        M = nb * N
+        M = nb * T  # every token of the chunk's images, prefix tokens included
         ran = _launcher(mlp_scores_bwd_kernel, D, DH, K, True)(
             lambda meta: (triton.cdiv(M, meta["BM"]),), x.device, _default(cfg),
             x_ptr=x, w1_ptr=w1, b1_ptr=b1 if b1 is not None else w1, w2_ptr=w2, ds_ptr=ds, dpre_ptr=dpre_buf,

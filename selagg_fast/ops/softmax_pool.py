@@ -61,7 +61,7 @@ def _bwd_configs(D: int, K: int, fp32: bool) -> list:
     default = _launch_config(D, K, fp32)
     BD = max(16, next_pow2(D))
     if K == 1:
-        shapes = ((BD if BD <= 1024 else 1024, 4, 4), (256, 16, 4), (512, 16, 8))
+        shapes = ((BD if BD <= 1024 else 1024, 4, 4), (256, 16, 4), (512, 8, 4))
     else:
         shapes = ((64, 16, 4), (128, 32, 4), (256, 16, 8))
     configs = [{k: default[k] for k in ("BC", "BT", "num_warps")}]

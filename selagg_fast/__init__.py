@@ -2,7 +2,7 @@
 from .attentive import AttentivePooling
 from .modules import AttentionStatsRecorder, SelectiveAggregation, record_attention_stats
 from .ops import AbmilpPoolFunction, AttentionWithStatsFunction, abmilp_pool, attention_with_stats
-from .ops import mlp_scores, softmax_pool
+from .ops import MlpScoresFunction, SoftmaxPoolFunction, mlp_scores, softmax_pool
 from .reference import AttentionStats
 from .selection import attention_selection
 
@@ -11,5 +11,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AbmilpPoolFunction", "AttentionStats", "AttentivePooling", "AttentionStatsRecorder", "AttentionWithStatsFunction",
     "SelectiveAggregation", "abmilp_pool", "attention_selection", "attention_with_stats", "record_attention_stats",
-    "__version__", "mlp_scores", "softmax_pool",
+    "__version__", "MlpScoresFunction", "SoftmaxPoolFunction", "mlp_scores", "softmax_pool",
 ]

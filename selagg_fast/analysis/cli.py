@@ -1,4 +1,4 @@
-"""Arguments of `selagg-fast analyze | plot | maps | localize`."""
+"""Arguments of `selagg-fast analyze | plot | maps | localize | compare`."""
 from __future__ import annotations
 
 import os
@@ -58,6 +58,51 @@ def add_analysis_commands(sub) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when present")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_localize)
+
+    add_compare_command(sub)
+
+
+def add_compare_command(sub) -> None:
+    from ..probe.cli import json_object
+
+    p = sub.add_parser("compare", help="trained vs attention-derived token selections: entropy, KL, maps")
+    p.add_argument("--probe", required=True, help="a selagg-fast probe output folder")
+    p.add_argument("--data", required=True, help="image folder (DIR/val when present; class folders or flat) "
+                                                 "or 'synthetic'")
+    p.add_argument("--methods", help="comma list: trained heads or pairs (selective, selective@0.1, ap4), "
+                                     "cls_mean, cls_min_entropy, center_mean, selector_cls; default: every trained "
+                                     "selective/attentive head (best lr) and every attention method the model allows")
+    p.add_argument("--limit", type=int, help="a seeded random subset of N images; default: all")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch and process")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on GPUs, fp32 on CPUs")
+    p.add_argument("--output-dir", default="compare_out",
+                   help="folder for compare.json, kld.png, entropy.png, maps.png and running sums")
+    p.add_argument("--examples", type=int, default=4, help="images shown in maps.png")
+    p.add_argument("--resume", action="store_true", help="continue from the partial sums in --output-dir")
+    p.add_argument("--save-every", type=int, default=20, help="checkpoint the running sums every N batches")
+    p.add_argument("--selector-model", help="another timm ViT whose last-block [cls] attention selects the probed "
+                                            "model's patches (same patch grid), e.g. DINO for MAE")
+    p.add_argument("--selector-checkpoint", help="local weights of --selector-model")
+    p.add_argument("--selector-random-init", action="store_true", help="random --selector-model (testing only)")
+    p.add_argument("--selector-model-kwargs", type=json_object, default={},
+                   help="JSON object passed to timm.create_model for --selector-model")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load backbone checkpoints with full unpickling (runs any code they hold)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when present")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_compare)
+
+
+def _compare(args) -> None:
+    from .compare import CompareConfig, compare_config_fields, format_compare, run_compare
+    result = run_compare(CompareConfig(**{k: v for k, v in vars(args).items() if k in compare_config_fields()}))
+    if result is not None:
+        print(format_compare(result))
+        print(f"{result['images']} images ({result['unreadable_images']} unreadable skipped), "
+              f"{result['images_per_s']:.3g} img/s; wrote {args.output_dir}/compare.json, kld.png, entropy.png"
+              + (", maps.png" if args.examples else ""))
 
 
 def _analyze(args) -> None:

@@ -1,0 +1,450 @@
+"""`selagg-fast compare`: trained and non-trainable token selections side by side (paper Table 5, Figs. 7, 9).
+
+On a folder of validation images, every method's weight vector over the patch tokens of the
+probed block: the probe run's trained selective / attentive heads (best learning rate per head,
+branches or heads averaged), the non-trainable attention selections of
+:mod:`selagg_fast.selection` and, with ``--selector-model``, another model's [cls] attention.
+One backbone pass per batch gives the probe's tokens and the probed block's attention rows of
+the [cls] and central tokens at once. Per method the entropy (nats) and, per pair of methods,
+``KL(a_m || a_n)`` are summed over the images in float64 on the device; ``torchrun`` shards the
+batches and ``--resume`` continues from the per-process running sums, as ``analyze`` does.
+Entropies and divergences are of the renormalised vectors (each sums to 1 over the patches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..backbone import BackboneSettings
+from ..data import IMAGENET_MEAN, IMAGENET_STD, analysis_images, check_data_folder, collate_skipping
+from ..distributed import all_reduce_sum, barrier, check_device, init_distributed
+from ..files import atomic_json, atomic_save, atomic_write, check_number, check_writable, load_torch_file
+from ..probe.heads import ProbeHeads, pair_name, parse_heads
+from ..selection import (CLS_METHODS, METHODS, capture_attention_rows, center_query, model_tokens,
+                         weights_from_rows)
+from .analyze import load_partial
+from .probe_maps import upsample
+
+log = logging.getLogger("selagg_fast")
+
+SELECTOR = "selector_cls"  # --selector-model's last-block [cls] attention
+EPS = 1e-12  # weights clamped here inside the logarithms (a float32 softmax weight can be 0)
+# the probe heads of issue 13 item 2 that train on these methods' weights: their top-1 goes beside them
+TRAINED_AS = {"cls_mean": "cls_attn", "cls_min_entropy": "cls_attn_min_entropy", "center_mean": "center_attn",
+              SELECTOR: "external_cls_attn"}
+LABELS = {"cls_mean": "mean [cls] attn", "cls_min_entropy": "min-entropy [cls] attn",
+          "center_mean": "central patch attn", SELECTOR: "selector [cls] attn"}
+
+
+@dataclass
+class CompareConfig:
+    probe: str | None = None
+    data: str | None = None
+    methods: str | None = None
+    limit: int | None = None
+    batch_size: int = 256
+    workers: int = 8
+    precision: str = "auto"
+    output_dir: str = "compare_out"
+    resume: bool = False
+    save_every: int = 20
+    examples: int = 4
+    device: str = "auto"
+    progress: bool = True
+    trust_checkpoint: bool = False
+    selector_model: str | None = None
+    selector_checkpoint: str | None = None
+    selector_random_init: bool = False
+    selector_model_kwargs: dict = field(default_factory=dict)
+
+
+class DivergenceSums:
+    """Running float64 sums over images of each method's entropy (and its square) and of
+    ``KL(a_m || a_n)`` for every ordered pair: memory flat in the number of images."""
+
+    def __init__(self, num_methods: int, device):
+        self.images = 0
+        self.entropy = torch.zeros(num_methods, dtype=torch.float64, device=device)
+        self.entropy_sq = torch.zeros_like(self.entropy)
+        self.kl = torch.zeros(num_methods, num_methods, dtype=torch.float64, device=device)
+
+    def update(self, weights: torch.Tensor) -> None:
+        """``weights``: ``[B, M, N]``, each row summing to 1."""
+        a = weights.double()
+        log_a = a.clamp_min(EPS).log()
+        neg_entropy = (a * log_a).sum(-1)  # [B, M]
+        self.entropy -= neg_entropy.sum(0)
+        self.entropy_sq += (neg_entropy * neg_entropy).sum(0)
+        # KL(a_m || a_n) = sum_j a_m (log a_m - log a_n), summed over the images
+        self.kl += neg_entropy.sum(0)[:, None] - torch.einsum("bmj,bnj->mn", a, log_a)
+        self.images += a.shape[0]
+
+    def all_reduce(self) -> None:
+        count = torch.tensor([float(self.images)], dtype=torch.float64, device=self.entropy.device)
+        for t in (self.entropy, self.entropy_sq, self.kl, count):
+            all_reduce_sum(t)
+        self.images = int(count.item())
+
+    def state_dict(self) -> dict:
+        return dict(images=self.images, entropy=self.entropy.cpu(), entropy_sq=self.entropy_sq.cpu(),
+                    kl=self.kl.cpu())
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.entropy.device
+        self.images = int(state["images"])
+        self.entropy, self.entropy_sq, self.kl = (state[k].to(device) for k in ("entropy", "entropy_sq", "kl"))
+
+    def summary(self) -> dict:
+        n = max(self.images, 1)
+        mean = self.entropy / n
+        std = (self.entropy_sq / n - mean * mean).clamp_min(0).sqrt()
+        kl = (self.kl / n).clone()
+        kl.fill_diagonal_(0.0)  # KL(a || a) = 0 exactly (the sums differ in rounding only)
+        return dict(entropy_mean=mean.cpu().tolist(), entropy_std=std.cpu().tolist(), kl=kl.cpu().tolist())
+
+
+def _probe_state(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"--probe {run_dir}: no such folder")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--probe {run_dir}: no checkpoint.pt (a `selagg-fast probe` output folder?)")
+    return load_torch_file(path, flag="--probe")  # the run's own file: plain types, never code
+
+
+def validate_compare(cfg: CompareConfig) -> None:
+    """Flags checked before a model is built or an image read."""
+    if cfg.probe is None:
+        raise ValueError("--probe is required: a `selagg-fast probe` output folder")
+    if not os.path.isfile(os.path.join(cfg.probe, "checkpoint.pt")):
+        _probe_state(cfg.probe)  # raises with the reason
+    if cfg.data is None:
+        raise ValueError("--data is required: a folder of images (ImageNet val layout or flat), or 'synthetic'")
+    if cfg.data != "synthetic":
+        check_data_folder(cfg.data)
+    check_number("--batch-size", cfg.batch_size, minimum=1, integer=True)
+    check_number("--limit", cfg.limit, minimum=1, integer=True, optional=True)
+    check_number("--workers", cfg.workers, minimum=0, integer=True)
+    check_number("--save-every", cfg.save_every, minimum=1, integer=True)
+    check_number("--examples", cfg.examples, minimum=0, integer=True)
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision {cfg.precision!r}: choose auto, bf16 or fp32")
+    check_device(cfg.device)
+    if cfg.selector_model is None and (cfg.selector_checkpoint or cfg.selector_random_init):
+        raise ValueError("--selector-checkpoint / --selector-random-init need --selector-model")
+    if cfg.selector_model is not None:
+        _selector_settings(cfg).check_backbone()
+    if cfg.methods is not None and not [m for m in cfg.methods.split(",") if m.strip()]:
+        raise ValueError("--methods: empty list")
+
+
+def _selector_settings(cfg: CompareConfig) -> BackboneSettings:
+    return BackboneSettings(model=cfg.selector_model, checkpoint=cfg.selector_checkpoint,
+                            random_init=cfg.selector_random_init, model_kwargs=dict(cfg.selector_model_kwargs),
+                            trust_checkpoint=cfg.trust_checkpoint)
+
+
+def _best_pairs(state: dict, heads: ProbeHeads) -> dict:
+    """Trained selective / attentive pairs: head name -> its best-lr pair name (by top-1)."""
+    top1 = {f"{p['head']}@{p['base_lr']:g}": p["top1"] for p in state.get("results", {}).get("pairs", [])}
+    best = {}
+    for spec, lr in heads.pairs:
+        if not spec.selective:
+            continue
+        name = pair_name(spec, lr)
+        score = top1.get(name)
+        score = -1.0 if score is None else score
+        if spec.name not in best or score > best[spec.name][1]:
+            best[spec.name] = (name, score)
+    return {head: name for head, (name, _) in best.items()}
+
+
+def choose_methods(requested: str | None, has_cls: bool, selector: bool, trained: dict, pairs: list):
+    """``(methods, omitted)``: method names in order and the [cls] methods left out (with why)."""
+    available = [m for m in METHODS if has_cls or m not in CLS_METHODS] + ([SELECTOR] if selector else [])
+    if requested is None:
+        methods = list(trained.values()) + available
+        omitted = [] if has_cls else list(CLS_METHODS)
+        return methods, omitted
+    methods = []
+    for name in [m.strip() for m in requested.split(",") if m.strip()]:
+        if name in trained:  # a head name: its best learning rate
+            name = trained[name]
+        if name in CLS_METHODS and not has_cls:
+            raise ValueError(f"--methods {name}: the probed model has no [cls] token (center_mean works)")
+        if name == SELECTOR and not selector:
+            raise ValueError(f"--methods {SELECTOR}: pass --selector-model")
+        if name not in available and name not in pairs:
+            raise ValueError(f"--methods {name!r}: unknown; choose from {', '.join(list(trained) + pairs + available)}")
+        if name not in methods:
+            methods.append(name)
+    return methods, []
+
+
+def _examples_figure(path: str, images: torch.Tensor, weights: torch.Tensor, methods: list, grid) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, size = len(images), images.shape[-1]
+    shown = (images.permute(0, 2, 3, 1) * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)).clamp(0, 1)
+    cols = len(methods) + 1
+    fig, axes = plt.subplots(max(n, 1), cols, figsize=(2.2 * cols, 2.3 * max(n, 1)), squeeze=False,
+                             constrained_layout=True)
+    for i in range(n):
+        axes[i, 0].imshow(shown[i].numpy())
+        for j, m in enumerate(methods):
+            heat = upsample(weights[i:i + 1, j].reshape(1, *grid), size)[0]
+            axes[i, j + 1].imshow(shown[i].numpy())
+            axes[i, j + 1].imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if i == 0:
+                axes[i, j + 1].set_title(LABELS.get(m, m), fontsize=8)
+    if n:
+        axes[0, 0].set_title("image", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return path
+
+
+def write_figures(out: str, result: dict, examples: dict | None) -> list:
+    """``kld.png`` (the KL matrix, Fig. 7), ``entropy.png`` (bars, log N marked) and ``maps.png``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = result["methods"]
+    labels = [LABELS.get(m, m) for m in methods]
+    kl = np.asarray(result["kl"])
+    written = []
+    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 3, 1.0 * len(methods) + 2.5), constrained_layout=True)
+    im = ax.imshow(kl, cmap="viridis")
+    ax.set_xticks(range(len(methods)), labels, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(methods)), labels, fontsize=8)
+    ax.set_xlabel("n")
+    ax.set_ylabel("m")
+    for i in range(len(methods)):
+        for j in range(len(methods)):
+            ax.text(j, i, f"{kl[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if kl[i, j] < kl.max() / 2 else "black")
+    fig.colorbar(im, ax=ax, label="mean KL(a_m || a_n), nats")
+    ax.set_title(f"{result['model']}: mean KL over {result['images']} images")
+    written.append(atomic_write(os.path.join(out, "kld.png"), lambda tmp: fig.savefig(tmp, dpi=100, format="png")))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(1.1 * len(methods) + 3, 3.8), constrained_layout=True)
+    ax.bar(range(len(methods)), result["entropy_mean"], yerr=result["entropy_std"], color="tab:blue", capsize=3)
+    ax.axhline(result["max_entropy"], color="grey", ls="--", label=f"log N = {result['max_entropy']:.2f} (uniform)")
+    ax.set_xticks(range(len(methods)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("entropy of the weights (nats)")
+    ax.legend(fontsize=8, loc="lower right")
+    written.append(atomic_write(os.path.join(out, "entropy.png"),
+                                lambda tmp: fig.savefig(tmp, dpi=100, format="png")))
+    plt.close(fig)
+    if examples is not None:
+        written.append(_examples_figure(os.path.join(out, "maps.png"), examples["images"], examples["weights"],
+                                        methods, tuple(result["patch_grid"])))
+    return written
+
+
+class _Methods:
+    """Every method's ``[B, M, N]`` weights from one backbone pass (plus one selector pass)."""
+
+    def __init__(self, backbone, heads, methods: list, selector=None):
+        self.backbone, self.heads, self.methods, self.selector = backbone, heads, methods, selector
+        P, _, grid = model_tokens(backbone)
+        self.P, self.N = P, grid[0] * grid[1]
+        needed = [m for m in methods if m in METHODS]
+        # the probed block's query rows: [cls] (token 0) and / or the central patch
+        self.queries = sorted({0 if m in CLS_METHODS else center_query(grid, P) for m in needed})
+        self.center = center_query(grid, P)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        rows = None
+        if self.queries:
+            capture = capture_attention_rows(self.backbone, self.queries, block=-1)
+            with capture:
+                tokens = self.backbone(images)
+            rows = capture.rows
+        else:
+            tokens = self.backbone(images)
+        out = []
+        for m in self.methods:
+            if m in METHODS:
+                query = self.queries.index(0 if m in CLS_METHODS else self.center)
+                w = weights_from_rows(rows, m, self.P, query)
+            elif m == SELECTOR:
+                w = self.selector(images)
+            else:  # a trained pair: branches / heads averaged, the patch part renormalised
+                w = self.heads.selection_weights(tokens, m).float().mean(1)[:, -self.N:]
+                w = w / w.sum(-1, keepdim=True)
+            out.append(w.float())
+        return torch.stack(out, 1)
+
+
+def _selector(cfg: CompareConfig, device, grid, img_size):
+    from ..selection import attention_rows
+    settings = _selector_settings(cfg)
+    model = settings.create_backbone().to(device)
+    P, has_cls, sgrid = model_tokens(model)
+    if not has_cls:
+        raise ValueError(f"--selector-model {cfg.selector_model}: has no [cls] token to select with")
+    if tuple(sgrid) != tuple(grid):
+        raise ValueError(f"--selector-model {cfg.selector_model}: patch grid {sgrid[0]}x{sgrid[1]} differs from the "
+                         f"probed model's {grid[0]}x{grid[1]}; the weights must cover the same patches")
+    size = model.info.img_size
+
+    def weights(images):
+        if size != img_size:
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        rows = attention_rows(model, images, [0], block=-1)  # the selector stops at its last attention
+        return weights_from_rows(rows, "cls_mean", P, 0)
+    return weights
+
+
+def run_compare(cfg: CompareConfig) -> dict | None:
+    validate_compare(cfg)
+    out = cfg.output_dir
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_writable(out)
+        if os.path.exists(os.path.join(out, "compare.json")) and not cfg.resume:
+            raise FileExistsError(f"--output-dir {out} already holds compare.json: pass --resume or choose another")
+    state = _probe_state(cfg.probe)
+    pcfg = state["config"]
+    dist_info = init_distributed(cfg.device)
+    device = dist_info.device
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(pcfg["seed"])  # a --random-init probe's backbone is re-created from its seed
+    backbone = BackboneSettings.from_config(pcfg, trust_checkpoint=cfg.trust_checkpoint).create_backbone().to(device)
+    info = backbone.info
+    specs = parse_heads(pcfg["heads"], has_cls=info.has_cls)
+    lrs = [float(v) for v in str(pcfg["lrs"]).split(",") if v.strip()]
+    heads = ProbeHeads(specs, lrs, info.embed_dim, len(state["classes"]), info.num_prefix_tokens,
+                       grid_size=info.patch_grid).to(device).eval()
+    heads.load_state_dict(state["heads"])
+    trained = _best_pairs(state, heads)
+    selective_pairs = [pair_name(s, lr) for s, lr in heads.pairs if s.selective]
+    methods, omitted = choose_methods(cfg.methods, info.has_cls, cfg.selector_model is not None, trained,
+                                      selective_pairs)
+    selector = _selector(cfg, device, info.patch_grid, info.img_size) if SELECTOR in methods else None
+    compute = _Methods(backbone, heads, methods, selector)
+    dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
+    os.makedirs(out, exist_ok=True)
+
+    n_batches = -(-len(dataset) // cfg.batch_size)
+    mine = list(range(dist_info.rank, n_batches, dist_info.world_size))
+    partial_path = os.path.join(out, f"partial.rank{dist_info.rank}.pt")
+    settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, limit=cfg.limit, images=len(dataset),
+                    batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
+                    selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs],
+                    precision="bf16" if use_bf16 else "fp32")
+    sums = DivergenceSums(len(methods), device)
+    done, unreadable, examples = set(), 0, None
+    if cfg.resume and os.path.exists(partial_path):
+        saved = load_partial(partial_path, settings)
+        sums.load_state_dict(saved["sums"])
+        done, unreadable, examples = set(saved["done"]), saved["unreadable"], saved["examples"]
+        log.info("resuming %s: %d of this process's %d batches already summed", out, len(done), len(mine))
+
+    def save_partial():  # atomic: a failed write keeps the previous running sums
+        atomic_save(partial_path, dict(settings=settings, sums=sums.state_dict(), done=sorted(done),
+                                       unreadable=unreadable, examples=examples))
+
+    todo = [b for b in mine if b not in done]
+    bs = cfg.batch_size
+    loader = DataLoader(dataset, batch_sampler=[list(range(b * bs, min((b + 1) * bs, len(dataset)))) for b in todo],
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping)
+    bar = tqdm(total=len(dataset), initial=min(len(dataset), len(done) * bs * dist_info.world_size), unit="img",
+               desc=f"compare {info.name}", disable=not (cfg.progress and dist_info.is_main), smoothing=0.1)
+    start, seen = time.perf_counter(), 0
+    for n, (b, (images, _labels, _idx, skipped)) in enumerate(zip(todo, loader)):
+        unreadable += len(skipped)
+        if images is not None:
+            images = images.to(device, non_blocking=True)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                weights = compute(images)
+            sums.update(weights)
+            if examples is None and dist_info.is_main and cfg.examples:
+                k = min(cfg.examples, len(images))
+                examples = dict(images=images[:k].float().cpu(), weights=weights[:k].float().cpu())
+            seen += len(images)
+        done.add(b)
+        bar.update((len(skipped) + (0 if images is None else len(images))) * dist_info.world_size)
+        bar.set_postfix(img_s=f"{seen * dist_info.world_size / (time.perf_counter() - start):.0f}")
+        if (n + 1) % cfg.save_every == 0:
+            save_partial()
+    bar.close()
+    save_partial()
+    elapsed = time.perf_counter() - start
+    count = torch.tensor([float(unreadable)], dtype=torch.float64, device=device)
+    all_reduce_sum(count)
+    sums.all_reduce()
+    result = None
+    if dist_info.is_main:
+        if sums.images == 0:
+            raise ValueError(f"--data {cfg.data}: no readable image")
+        result = _result(cfg, state, info, methods, omitted, sums, int(count.item()),
+                         seen * dist_info.world_size / max(elapsed, 1e-9))
+        atomic_json(os.path.join(out, "compare.json"), result)
+        write_figures(out, result, examples)
+        if omitted:
+            print(f"{info.name} has no [cls] token: methods {', '.join(omitted)} are left out")
+    barrier()
+    return result
+
+
+def _result(cfg, state, info, methods, omitted, sums, unreadable, img_s) -> dict:
+    top1 = {}
+    for p in state.get("results", {}).get("pairs", []):
+        name = f"{p['head']}@{p['base_lr']:g}"
+        top1[name] = p["top1"]
+        if p["top1"] is not None and (p["head"] not in top1 or (top1[p["head"]] or -1) < p["top1"]):
+            top1[p["head"]] = p["top1"]  # a head's best lr
+    summary = sums.summary()
+    N = info.patch_grid[0] * info.patch_grid[1]
+    per_method = {}
+    for i, m in enumerate(methods):
+        per_method[m] = dict(label=LABELS.get(m, m), entropy_mean=summary["entropy_mean"][i],
+                             entropy_std=summary["entropy_std"][i],
+                             top1=top1.get(m, top1.get(TRAINED_AS.get(m, ""), None)))
+    pcfg = state["config"]
+    return dict(probe=cfg.probe, model=pcfg["model"], checkpoint=pcfg.get("checkpoint"),
+                block=pcfg.get("return_block") or info.num_blocks, methods=methods, per_method=per_method,
+                entropy_mean=summary["entropy_mean"], entropy_std=summary["entropy_std"], kl=summary["kl"],
+                kl_layout="kl[m][n] = mean over images of KL(a_m || a_n), nats; m, n in the order of methods",
+                N=N, patch_grid=list(info.patch_grid), max_entropy=math.log(N), images=sums.images,
+                unreadable_images=unreadable, has_cls=info.has_cls, omitted_methods=omitted,
+                omitted_reason="the model has no [cls] token" if omitted else None,
+                selector_model=cfg.selector_model, selector_checkpoint=cfg.selector_checkpoint,
+                images_per_s=img_s)
+
+
+def format_compare(result: dict) -> str:
+    """Table 5's layout: per method its top-1 (when trained) and mean entropy; then the KL matrix."""
+    lines = [f"{'method':<28}{'top-1':>8}{'entropy':>10}{'std':>8}"]
+    for m in result["methods"]:
+        r = result["per_method"][m]
+        top1 = "-" if r["top1"] is None else f"{r['top1']:.1f}"
+        lines.append(f"{r['label'][:27]:<28}{top1:>8}{r['entropy_mean']:>10.3f}{r['entropy_std']:>8.3f}")
+    lines.append(f"(log N = {result['max_entropy']:.3f}: uniform weights)")
+    lines.append("mean KL(row || column), nats:")
+    width = max(10, max(len(m) for m in result["methods"]) + 2)
+    lines.append(" " * width + "".join(f"{m[:9]:>10}" for m in result["methods"]))
+    for m, row in zip(result["methods"], result["kl"]):
+        lines.append(f"{m:<{width}}" + "".join(f"{v:>10.3f}" for v in row))
+    return "\n".join(lines)
+
+
+def compare_config_fields() -> set:
+    return {f.name for f in dataclasses.fields(CompareConfig)}

@@ -77,6 +77,18 @@ def test_scores_and_every_gradient(shape, dtype, activation, poisoned):
 
 
 @requires_kernels
+def test_float16_tokens(poisoned):
+    params = make_inputs(2, 17, 48, 32, 2, torch.float16)
+    for p in params:
+        p.requires_grad_(True)
+    s = mlp_scores(*params, activation="tanh", num_prefix_tokens=1)
+    g = torch.randn(s.shape, device=DEVICE)
+    ref, ref_grads = reference64(params, 1, "tanh", g)
+    assert rel_err(s, ref) < TOL[torch.float16]
+    check_grads(torch.autograd.grad(s, params, g), ref_grads, params, torch.float16, 1)
+
+
+@requires_kernels
 def test_matches_the_written_out_definition(poisoned):
     x, w1, b1, w2, b2 = make_inputs(2, 6, 20, 12, 1, torch.float32)
     s = mlp_scores(x, w1, b1, w2, b2, activation="tanh", num_prefix_tokens=1)

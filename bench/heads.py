@@ -43,7 +43,9 @@ from .common import bench_ms, environment, peak_extra_mib, print_banner, print_t
 GPU_SHAPES = [("ViT-B", 1024, 197, 768), ("ViT-S", 1024, 197, 384), ("ViT-L", 1024, 197, 1024)]
 CPU_SHAPE = ("ViT-S", 64, 197, 384)
 NUM_CLASSES, P, LRS = 1000, 1, 4
-HEADS = ("selective", "ap1", "ap12", "ap12_ln", "mlp_tanh", "sa_abmilp")
+# the heads (selective, ap1, ap12, ap12_ln, mlp_tanh, sa_abmilp) and the extra rows, measured in this
+# order: the rows behind the GPU targets first
+TASKS = ("ap12", "selective", f"ap12 x {LRS} lrs", "mlp_tanh", "mlp_tanh hidden GEMMs", "ap1", "ap12_ln", "sa_abmilp")
 CPU_ROUNDS = 5  # interleaved rounds on a CPU (a shared machine's load drifts); the median is reported
 
 
@@ -206,45 +208,54 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
         base = dict(shape=shape, B=B, T=T, D=D, dtype=str(dtype).replace("torch.", ""))
         shape_rows = []
 
-        def add(head, provider, mode, fn, **extra):
-            r = dict(base, head=head, provider=provider, mode=mode, **measure(fn), **extra)
+        def add(head, provider, mode, fn):
+            try:
+                r = dict(base, head=head, provider=provider, mode=mode, **measure(fn))
+            except Exception as e:  # a peer that cannot run here (a compile failure) is a note, not an abort
+                notes.append(f"{head} / {provider} / {mode}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                return
             shape_rows.append(r)
             print(f"  {shape} {head:>22} {provider:>14} {mode:>12}: {r['ms']:.3f} ms", flush=True)
-            return r
 
-        for name in HEADS:
-            compile_here = with_compile and (not quick or name == "ap12")
-            providers = _build(name, D, device, tokens, patches, compile_here, notes)
-            for provider, (head_fn, mods) in providers.items():
-                probe = _Probe(D).to(device)
-                try:
+        # the rows that carry the issue's targets first: a run cut short keeps them (CSV after each task)
+        print(f"Heads probe step ({label}), {shape} tokens B={B} T={T} D={D} {base['dtype']}, as measured:")
+        for task in TASKS:
+            if task == "ap12 x 4 lrs":
+                # one abmilp_pool call for the 4 modules' folded queries vs 4 separate timm pools
+                mods = nn.ModuleList([AttentivePooling(D, 12, num_prefix_tokens=P) for _ in range(LRS)]).to(device)
+                probes = nn.ModuleList([_Probe(D) for _ in range(LRS)]).to(device)
+                add(task, "fused (1 pass)", "step", _grouped_step(mods, probes, tokens, labels, autocast))
+                pools = nn.ModuleList([_timm_pool(D, 12) for _ in range(LRS)]).to(device)
+                add(task, f"timm ({LRS} pools)", "step",
+                    _step([(lambda t, m=m: m(patches), p) for m, p in zip(pools, probes)],
+                          nn.ModuleList([pools, probes]), tokens, labels, autocast))
+                del mods, probes, pools
+            elif task == "mlp_tanh hidden GEMMs":
+                # MLP-Tanh's hidden layer alone: h = x W1ᵀ over the patch tokens, and dW1 = dhᵀ x
+                x2 = patches.view(-1, D)
+                w1 = torch.randn(D, D, device=device, dtype=dtype) * D ** -0.5
+                dh = torch.randn_like(x2)
+                add(task, "torch", "x W1^T + dW1", lambda: (x2 @ w1.t(), dh.t() @ x2))
+                del x2, dh
+            else:
+                name = task
+                compile_here = with_compile and (not quick or name == "ap12")
+                providers = _build(name, D, device, tokens, patches, compile_here, notes)
+                for provider, (head_fn, mods) in providers.items():
+                    probe = _Probe(D).to(device)
                     add(name, provider, "step", _step([(head_fn, probe)], nn.ModuleList([mods, probe]),
                                                       tokens, labels, autocast))
-                except Exception as e:  # a peer that cannot run here (a compile failure) is a note, not an abort
-                    notes.append(f"{name} / {provider}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            if name == "ap12":  # the head alone (the CPU target): fused vs timm
-                grad = torch.randn(B, D, device=device)
-                for provider in ("fused", "timm"):
-                    fn, mods = providers[provider]
-                    with_ac = (lambda f: (lambda t: _autocast_call(autocast, f, t)))(fn)
-                    add(name, provider, "head fwd+bwd", _head_only(with_ac, mods, tokens, grad))
-                if not cuda:  # the CPU target, interleaved rounds: medians of the rounds' medians
-                    _cpu_target(providers, tokens, grad, shape_rows, base)
-
-        # ap12 x 4 learning rates: one abmilp_pool call for the 4 modules vs 4 separate timm pools
-        mods = nn.ModuleList([AttentivePooling(D, 12, num_prefix_tokens=P) for _ in range(LRS)]).to(device)
-        probes = nn.ModuleList([_Probe(D) for _ in range(LRS)]).to(device)
-        add(f"ap12 x {LRS} lrs", "fused (1 pass)", "step", _grouped_step(mods, probes, tokens, labels, autocast))
-        pools = nn.ModuleList([_timm_pool(D, 12) for _ in range(LRS)]).to(device)
-        add(f"ap12 x {LRS} lrs", f"timm ({LRS} pools)", "step",
-            _step([(lambda t, m=m: m(patches), p) for m, p in zip(pools, probes)], nn.ModuleList([pools, probes]),
-                  tokens, labels, autocast))
-        # MLP-Tanh's hidden layer alone: h = x W1ᵀ over the patch tokens, and dW1 = dhᵀ x
-        x2 = patches.view(-1, D)
-        w1 = torch.randn(D, D, device=device, dtype=dtype) * D ** -0.5
-        dh = torch.randn_like(x2)
-        add("mlp_tanh hidden GEMMs", "torch", "x W1^T + dW1", lambda: (x2 @ w1.t(), dh.t() @ x2))
-        del tokens, patches, mods, probes, pools, x2, dh
+                if name == "ap12":  # the head alone (the CPU target): fused vs timm
+                    grad = torch.randn(B, D, device=device)
+                    for provider in ("fused", "timm"):
+                        fn, mods = providers[provider]
+                        with_ac = (lambda f: (lambda t: _autocast_call(autocast, f, t)))(fn)
+                        add(name, provider, "head fwd+bwd", _head_only(with_ac, mods, tokens, grad))
+                    if not cuda:  # the CPU target, interleaved rounds: medians of the rounds' medians
+                        _cpu_target(providers, tokens, grad, shape_rows, base)
+                del providers
+            write_csv(csv_path, [dict(r, **env) for r in rows + shape_rows])
+        del tokens, patches
         _speedups(shape_rows)
         rows += shape_rows
         print_table(shape_rows, ["head", "provider", "mode", "ms", "cpu_ms" if not cuda else "peak_MiB",

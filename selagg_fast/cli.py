@@ -1,4 +1,4 @@
-"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, bench}."""
+"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, compare, bench}."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,9 @@ def _bench(args) -> None:
     if args.what in ("heads", "all"):
         from .bench import heads
         heads.run(quick=args.quick, with_compile=not args.no_compile, csv_path=f"{args.out}/heads.csv")
+    if args.what in ("compare", "all"):
+        from .bench import compare
+        compare.run(quick=args.quick, csv_path=f"{args.out}/compare.csv")
 
 
 def _demo(args) -> None:
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_commands(sub)
 
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
-    p.add_argument("what", choices=["abmilp", "attention", "probe", "heads", "analyze", "sweep", "all"],
+    p.add_argument("what", choices=["abmilp", "attention", "probe", "heads", "analyze", "compare", "sweep", "all"],
                    help="which benchmark (sweep: the launch-configuration sweep, not part of all)")
     p.add_argument("--quick", action="store_true", help="ViT-B shape only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile)")

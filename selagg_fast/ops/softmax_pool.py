@@ -58,12 +58,14 @@ def _fwd_configs(D: int, K: int, fp32: bool) -> list:
 
 
 def _bwd_configs(D: int, K: int, fp32: bool) -> list:
+    """Backward autotune list: feature chunk x tokens a step x warps (sm_90 compiles without
+    spills, bench/compile_cases_softmax_pool.py; float32 dots need narrow chunks)."""
     default = _launch_config(D, K, fp32)
     BD = max(16, next_pow2(D))
     if K == 1:
         shapes = ((BD if BD <= 1024 else 1024, 4, 4), (256, 16, 4), (512, 8, 4))
     else:
-        shapes = ((64, 16, 4), (128, 32, 4), (256, 16, 8))
+        shapes = ((32, 16, 4), (64, 32, 4)) if fp32 else ((64, 16, 4), (128, 32, 4), (256, 16, 8))
     configs = [{k: default[k] for k in ("BC", "BT", "num_warps")}]
     for bc, bt, w in shapes:
         cfg = dict(BC=min(bc, BD), BT=bt, num_warps=w)

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -151,7 +153,8 @@ def test_model_without_cls_leaves_the_cls_methods_out(tmp_path, capsys):
       '{"img_size": 32, "patch_size": 16, "depth": 1}'], "patch grid"),
     (["--probe", "NOCKPT"], "no checkpoint.pt"),
 ], ids=["unknown-method", "selector-grid", "no-checkpoint"])
-def test_bad_input_is_one_error_line(probe_run, tmp_path, capsys, extra, match):
+def test_bad_input_is_one_error_line(probe_run, tmp_path, capsys, monkeypatch, extra, match):
+    monkeypatch.delenv("SELAGG_TRACEBACK", raising=False)
     root = probe_run
     if "NOCKPT" in extra:
         empty = tmp_path / "empty_run"
@@ -163,3 +166,21 @@ def test_bad_input_is_one_error_line(probe_run, tmp_path, capsys, extra, match):
     code = main(args + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and match in err[0], err
+
+
+def test_two_process_sharding_equals_one_process(probe_run, tmp_path):
+    root = probe_run
+    args = ["compare", "--probe", str(root / "run"), "--data", str(root / "val"), "--batch-size", "3",
+            "--workers", "0", "--no-progress", "--device", "cpu", "--examples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for nproc, out in ((None, "one"), (2, "two")):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc else [sys.executable]
+        proc = subprocess.run(launcher + ["-m", "selagg_fast.cli"] + args + ["--output-dir", str(tmp_path / out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "compare.json").read_text())
+    two = json.loads((tmp_path / "two" / "compare.json").read_text())
+    assert one["images"] == two["images"] == 10
+    np.testing.assert_allclose(two["kl"], one["kl"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(two["entropy_mean"], one["entropy_mean"], rtol=1e-9)

@@ -94,8 +94,15 @@ class capture_attention_rows:
     """Context manager: during the forwards inside it, block ``block``'s attention input gives the
     rows of the ``queries`` tokens (``[B, H, Q, T]`` float32, in ``.rows`` after each forward)
     while the model runs as usual (its own fused attention everywhere). ``stop=True`` ends the
-    forward there (the chosen block and the later ones do not run; callers catch nothing: use
-    :func:`attention_rows`). The model is unchanged on exit, also after an exception.
+    forward there with an internal exception (the chosen block's attention and the later blocks
+    do not run); :func:`attention_rows` catches it. A forward pre-hook is the only change to the
+    model, removed on exit, also after an exception.
+
+    Usage (the probe's tokens and the rows from one pass)::
+
+        with capture_attention_rows(backbone, [0, center_query(grid, P)]) as cap:
+            tokens = backbone(images)
+        w = weights_from_rows(cap.rows, "cls_mean", P, query=0)
     """
 
     def __init__(self, model: nn.Module, queries: Sequence[int], block: int = -1, stop: bool = False):
@@ -109,8 +116,8 @@ class capture_attention_rows:
         self.rows = None
         self._handle = None
 
-    def _hook(self, attn, args):
-        x = args[0]
+    def _hook(self, attn, args, kwargs):
+        x = args[0] if args else kwargs["x"]
         if max(self.queries) >= x.shape[1]:
             raise ValueError(f"query token {max(self.queries)} out of range: the block sees {x.shape[1]} tokens")
         self.rows = attention_rows_from_input(attn, x, self.queries)
@@ -118,7 +125,7 @@ class capture_attention_rows:
             raise _Stop
 
     def __enter__(self) -> "capture_attention_rows":
-        self._handle = self.attn.register_forward_pre_hook(self._hook)
+        self._handle = self.attn.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -59,7 +59,7 @@ def _analysis(cfg: ProbeConfig, out: str) -> None:
     from .analysis.localize import format_localization, localize, plot_localization, write_localization
     from .analysis.maps import write_maps
     from .analysis.plot import plot_runs
-    from .data import SyntheticObjects
+    from .data import SyntheticObjects, walk_files
 
     stats_dir = os.path.join(out, "analyze")
     run_analyze(AnalyzeConfig(model=cfg.model, random_init=True, model_kwargs=cfg.model_kwargs, data="synthetic",
@@ -74,7 +74,7 @@ def _analysis(cfg: ProbeConfig, out: str) -> None:
     box_figure = plot_localization(result, os.path.join(cfg.output_dir, "localization.png"))
     print("\nobject localisation on 300 images (MaxBoxAccV2, paper Table 7 protocol):")
     print(format_localization(result))
-    first = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(val_dir) for f in fs if f.endswith(".png"))[:3]
+    first = walk_files(val_dir, (".png",))[:3]
     maps = write_maps(cfg.output_dir, first, os.path.join(out, "maps"))
     print(f"attention statistics: {stats_dir}/stats.json, plot {figure}; box accuracy per threshold: "
           f"{box_figure}; selection maps: {os.path.dirname(maps[0])}/")

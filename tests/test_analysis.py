@@ -141,8 +141,14 @@ def _fake_run(folder, name, n_patches=196, cls=True, blocks=12, heads=12):
     return str(folder)
 
 
-def test_plot_overlays_runs_and_decodes(tmp_path):
+def test_plot_overlays_runs_and_decodes(tmp_path, capsys):
     runs = [_fake_run(tmp_path / "mae", "mae"), _fake_run(tmp_path / "ijepa", "ijepa", n_patches=256, cls=False)]
+    from selagg_fast.cli import main
+    assert main(["plot", *runs, "--output", str(tmp_path / "no_suffix")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'no_suffix'}"  # written exactly where it says
+    assert open(tmp_path / "no_suffix", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", *runs, "--output", str(tmp_path / "fig.pdf")]) == 0
+    assert open(tmp_path / "fig.pdf", "rb").read(4) == b"%PDF"
     out = plot_runs(runs, str(tmp_path / "fig" / "stats.png"))
     with Image.open(out) as img:
         assert img.size[0] >= 1000 and img.size[1] >= 700
@@ -241,3 +247,15 @@ def test_localize_end_to_end(tiny_probe):
         assert im.size[0] > 800 and len(np.unique(np.asarray(im.convert("L")))) > 10  # drawn, not blank
     pooled = localize(str(run), str(val), csv_path, workers=2, device=DEVICE, progress=False)
     assert pooled["maps"] == result["maps"]  # the process pool changes nothing
+
+
+@requires_kernels
+def test_localize_warns_with_a_count_of_images_without_boxes(tiny_probe, tmp_path, caplog):
+    run, val, csv_path = tiny_probe
+    rows = open(csv_path).read().splitlines()
+    (tmp_path / "some.csv").write_text("\n".join(rows[:4]) + "\n")  # header + 3 of the 12 images
+    with caplog.at_level("WARNING", logger="selagg_fast"):
+        result = localize(str(run), str(val), str(tmp_path / "some.csv"), limit=2, workers=0, device=DEVICE,
+                          progress=False)
+    assert "9 of 12 images under" in caplog.text and "have no box" in caplog.text
+    assert result["images_without_box"] == 9 and result["images"] == 2

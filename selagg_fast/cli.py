@@ -55,6 +55,18 @@ _EPILOG = ("Errors (a bad flag value or path, an unwritable output folder, a ful
            "are one line on stderr and exit status 2; SELAGG_TRACEBACK=1 shows where one was raised.")
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its --help line, unless the text already states it; on/off
+    switches (store_true / store_false) are off / on unless given."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.required or isinstance(
+                action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: every subcommand's --help shows every default."""
     parser = argparse.ArgumentParser(prog="selagg-fast", description=__doc__, epilog=_EPILOG)
@@ -81,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     for command in sub.choices.values():
-        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        command.formatter_class = _DefaultsShown
         command.epilog = command.epilog or _EPILOG
     return parser
 

@@ -10,7 +10,8 @@ def add_analysis_commands(sub) -> None:
     p = sub.add_parser("analyze", help="per-block, per-head attention statistics over an image folder")
     add_backbone_arguments(p)
     p.add_argument("--return-block", type=int, help="analyse blocks 1..N only; default: all blocks")
-    p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat) or 'synthetic'")
+    p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat) or 'synthetic' "
+                                  "(required; no default)")
     p.add_argument("--limit", type=int, help="analyse a seeded random subset of N images; default: all")
     p.add_argument("--batch-size", type=int, default=512, help="images per batch and process")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")

@@ -23,7 +23,8 @@ def add_backbone_arguments(g, help_suffix: str = "") -> None:
     --model-kwargs, shared by probe and analyze."""
     g.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name")
     g.add_argument("--checkpoint", help="local weights: MAE .pth ('model'), I-JEPA ('encoder'/'target_encoder'), "
-                                        "timm .pth/.safetensors; nothing is downloaded")
+                                        "timm .pth/.safetensors; nothing is downloaded (default: none, then "
+                                        "--random-init is required)")
     g.add_argument("--random-init", action="store_true", help="no weights: random init (only for testing)")
     g.add_argument("--allow-key-mismatch", action="store_true", help="load a checkpoint despite missing/unexpected keys")
     g.add_argument("--trust-checkpoint", action="store_true",
@@ -44,8 +45,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-backbone", action="store_true",
                    help="torch.compile the frozen backbone: compiles on the first batches, faster forwards after")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="ImageFolder root with train/ and val/, or 'synthetic'")
-    g.add_argument("--train-list", help="file listing the training images to use (e.g. the ImageNet-1%% split)")
+    g.add_argument("--data", help="ImageFolder root with train/ and val/, or 'synthetic' (required; no default)")
+    g.add_argument("--train-list", help="file listing the training images to use (e.g. the ImageNet-1%% split); "
+                                        "default: every image under train/")
     g.add_argument("--synthetic-train-size", type=int, default=d.synthetic_train_size,
                    help="training images of --data synthetic")
     g.add_argument("--synthetic-val-size", type=int, default=d.synthetic_val_size,
@@ -55,7 +57,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
                    help="RandomResizedCrop + flip for training")
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per process")
-    g.add_argument("--cache-features", metavar="DIR", help="extract tokens once to DIR (needs --no-augment)")
+    g.add_argument("--cache-features", metavar="DIR", help="extract tokens once to DIR (needs --no-augment); "
+                                                            "default: no cache, the backbone runs every epoch")
     g.add_argument("--cache-dtype", choices=["bf16", "fp32"], default=d.cache_dtype, help="dtype of cached tokens")
     g = p.add_argument_group("heads and optimisation")
     g.add_argument("--heads", default=d.heads, help=(
@@ -83,7 +86,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir, help="folder of the run's outputs")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
-    g.add_argument("--stop-after-epochs", type=int, help="stop after N epochs of this invocation (resume later)")
+    g.add_argument("--stop-after-epochs", type=int, help="stop after N epochs of this invocation (resume later); "
+                                                         "default: run to --epochs")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the heads, the data order and augmentation")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device, help="auto: cuda when present")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -60,11 +60,40 @@ def test_running_sums_match_a_direct_float64_computation():
     np.testing.assert_allclose(again.summary()["kl"], got["kl"], rtol=1e-12, atol=1e-15)
 
 
+@requires_kernels
+def test_one_pass_gives_every_methods_weights():
+    # compare's per-batch weights against independent float64 computations: the selective head's
+    # softmax of linear scores over the patch tokens (K = 2 branches averaged), the attention
+    # methods from an unfused float64 forward's maps (tests/test_selection.py)
+    from test_selection import expected_weights, float64_maps, small_vit
+
+    from selagg_fast.analysis.compare import _Methods
+    from selagg_fast.backbone import Backbone
+    from selagg_fast.probe.heads import ProbeHeads, parse_heads
+    model = small_vit("registers")
+    backbone = Backbone(model, "small")
+    P, grid = model.num_prefix_tokens, tuple(model.patch_embed.grid_size)
+    heads = ProbeHeads(parse_heads("selective_k2"), [1.0], 48, 4, P, grid_size=grid).to(DEVICE).eval()
+    methods = ["selective_k2@1", "cls_mean", "cls_min_entropy", "center_mean"]
+    images = torch.randn(3, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        got = _Methods(backbone, heads, methods)(images)
+        tokens = backbone(images).double()
+    assert got.shape == (3, 4, 16) and got.dtype == torch.float32
+    agg = heads.aggregators["selective_k2@1"]
+    scores = tokens[:, P:] @ agg.weight.double().T + agg.bias.double()  # [B, N, K]
+    torch.testing.assert_close(got[:, 0].double(), scores.softmax(1).mean(-1), rtol=1e-4, atol=1e-7)
+    A = float64_maps(model, images, -1)
+    for i, m in enumerate(methods[1:], 1):
+        torch.testing.assert_close(got[:, i].double().cpu(), expected_weights(A, m, P, grid).cpu(), rtol=1e-4,
+                                   atol=1e-7, msg=m)
+
+
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     from test_probe_run import tiny_config
-    run_probe(tiny_config(root / "run", heads="cls,selective", lrs="2.0", epochs=1))
+    run_probe(tiny_config(root / "run", heads="cls,selective,ap2", lrs="2.0", epochs=1))
     SyntheticObjects(10, num_classes=4, img_size=32, seed=0, split="val").export(str(root / "val"))
     return root
 
@@ -90,13 +119,14 @@ def test_compare_end_to_end(probe_run, tmp_path, monkeypatch):
             with Image.open(out / name) as im:
                 assert len(np.unique(np.asarray(im.convert("L")))) > 10  # drawn, not blank
     on_disk = json.loads((out / "compare.json").read_text())
-    assert on_disk["methods"] == ["selective@2", "cls_mean", "cls_min_entropy", "center_mean"]
+    assert on_disk["methods"] == ["selective@2", "ap2@2", "cls_mean", "cls_min_entropy", "center_mean"]
     assert on_disk["images"] == 10 and on_disk["unreadable_images"] == 1 and on_disk["N"] == 16
     kl = np.asarray(on_disk["kl"])
-    assert kl.shape == (4, 4) and (np.diag(kl) == 0).all() and (kl >= -1e-9).all()
+    assert kl.shape == (5, 5) and (np.diag(kl) == 0).all() and (kl >= -1e-9).all()
     assert kl[0, 1:].max() > 0  # the methods differ
     assert all(0 <= e <= np.log(16) + 1e-9 for e in on_disk["entropy_mean"])
-    assert on_disk["per_method"]["selective@2"]["top1"] is not None  # trained: its top-1 beside the entropy
+    for trained in ("selective@2", "ap2@2"):  # trained: its top-1 beside the entropy
+        assert on_disk["per_method"][trained]["top1"] is not None
     assert on_disk["per_method"]["cls_mean"]["top1"] is None and on_disk["omitted_methods"] == []
     assert result["kl"] == on_disk["kl"]
     with pytest.raises(FileExistsError, match="--resume"):

@@ -128,6 +128,14 @@ CASES = [
     ("localize--output-folder", lambda p: ["localize", "--probe", p["probe"], "--data", p["images"], "--boxes",
                                            p["boxes_txt"], "--output", p["folder"]], "--output"),
     ("demo--out-file", lambda p: ["demo", "--out", p["file"]], "--out"),
+    # compare (its own tests cover it in depth; here: the same rules hold)
+    *[(f"compare{flag}={v}", lambda p, f=flag, v=v: ["compare", "--probe", p["probe"], "--data", "synthetic",
+                                                      "--output-dir", p["out"], f, v], flag)
+      for flag, v in [("--limit", "0"), ("--batch-size", "-1"), ("--save-every", "0"), ("--workers", "-2")]],
+    ("compare--output-dir-file", lambda p: ["compare", "--probe", p["probe"], "--data", "synthetic", "--output-dir",
+                                            p["file"]], "--output-dir"),
+    ("compare--probe-garbage", lambda p: ["compare", "--probe", p["probe"], "--data", "synthetic", "--output-dir",
+                                          p["out"]], "--probe"),
 ]
 if not HAS_CUDA:
     CASES += [(f"{cmd}--device-cuda", lambda p, c=cmd: {
@@ -165,7 +173,8 @@ def test_unwritable_output_folder_is_found_before_any_work(paths, tmp_path, caps
         "maps": ["maps", "--probe", paths["probe"], "--images", paths["good"], "--output-dir", str(tmp_path / "m")],
         "localize": ["localize", "--probe", paths["probe"], "--data", paths["images"], "--boxes", paths["boxes_txt"],
                      "--output", str(tmp_path / "ro" / "loc.json")],
-        "demo": ["demo", "--out", str(tmp_path / "d")]}
+        "demo": ["demo", "--out", str(tmp_path / "d")],
+        "compare": ["compare", "--probe", paths["probe"], "--data", "synthetic", "--output-dir", str(tmp_path / "c")]}
     for name, argv in commands.items():
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip()

@@ -81,10 +81,11 @@ def attention_rows_from_input(attn: nn.Module, x: torch.Tensor, queries: Sequenc
     H = attn.num_heads
     dim = attn.qkv.out_features // 3
     w, b = attn.qkv.weight, attn.qkv.bias
-    idx = torch.as_tensor(list(queries), device=x.device, dtype=torch.long)
-    q = F.linear(x.index_select(1, idx), w[:dim], None if b is None else b[:dim])
+    # basic indexing per query: an index tensor would be a host-to-device copy (a sync) per batch
+    q_in = torch.stack([x[:, int(i)] for i in queries], 1)  # [B, Q, C]
+    q = F.linear(q_in, w[:dim], None if b is None else b[:dim])
     k = F.linear(x, w[dim:2 * dim], None if b is None else b[dim:2 * dim])
-    q = attn.q_norm(q.reshape(B, len(idx), H, -1).transpose(1, 2))
+    q = attn.q_norm(q.reshape(B, q_in.shape[1], H, -1).transpose(1, 2))
     k = attn.k_norm(k.reshape(B, T, H, -1).transpose(1, 2))
     logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
     return logits.softmax(-1)

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import timm
 import torch
 from conftest import DEVICE, requires_kernels
 from PIL import Image

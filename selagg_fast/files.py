@@ -104,12 +104,24 @@ def atomic_json(path: str, obj) -> str:
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
+            _sync(f)
     return atomic_write(path, write)
 
 
 def atomic_save(path: str, obj) -> str:
-    """``torch.save`` atomically."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` atomically (through a Python file, so a full disk reads "No space left on
+    device" rather than the zip writer's internal error)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            _sync(f)
+    return atomic_write(path, write)
+
+
+def _sync(f) -> None:
+    """On disk before the rename: a crash right after it leaves the new file, never an empty one."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 # Harmless types that real checkpoints carry beside their tensors (MAE / DeiT / SimMIM pickle their

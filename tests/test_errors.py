@@ -192,12 +192,14 @@ def test_disk_full_during_a_checkpoint_loses_nothing(tmp_path, capsys, monkeypat
     assert main(_probe(out, *small, "--stop-after-epochs", "1")) == 0
     before = _tree(out)
     save = torch.save
-
-    def disk_fills(obj, f, *args, **kwargs):
-        with open(f, "wb") as half:
-            half.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", disk_fills)
+    if os.path.exists("/dev/full"):  # a real full disk: every write there fails with ENOSPC
+        os.symlink("/dev/full", os.path.join(out, "checkpoint.pt.tmp"))
+    else:
+        def disk_fills(obj, f, *args, **kwargs):
+            with open(f, "wb") as half:
+                half.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(torch, "save", disk_fills)
     capsys.readouterr()
     assert main(_probe(out, *small, "--resume")) == 2
     err = capsys.readouterr().err.strip()
@@ -223,8 +225,7 @@ def test_failed_save_of_running_sums_keeps_the_previous_ones(tmp_path, capsys, m
     def third_save_fails(obj, f, *args, **kwargs):
         calls.append(f)
         if len(calls) == 3:
-            with open(f, "wb") as half:
-                half.write(b"half")
+            f.write(b"half")  # the temporary file, open for writing
             raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
         return save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", third_save_fails)

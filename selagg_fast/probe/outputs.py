@@ -41,6 +41,8 @@ def _write_lines(path: str, lines: list) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
     atomic_write(path, write)
 
 

@@ -72,18 +72,21 @@ def test_one_pass_gives_every_methods_weights():
     model = small_vit("registers")
     backbone = Backbone(model, "small")
     P, grid = model.num_prefix_tokens, tuple(model.patch_embed.grid_size)
-    heads = ProbeHeads(parse_heads("selective_k2"), [1.0], 48, 4, P, grid_size=grid).to(DEVICE).eval()
-    methods = ["selective_k2@1", "cls_mean", "cls_min_entropy", "center_mean"]
+    heads = ProbeHeads(parse_heads("selective_k2,selective_all"), [1.0], 48, 4, P, grid_size=grid).to(DEVICE).eval()
+    methods = ["selective_k2@1", "selective_all@1", "cls_mean", "cls_min_entropy", "center_mean"]
     images = torch.randn(3, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         got = _Methods(backbone, heads, methods)(images)
         tokens = backbone(images).double()
-    assert got.shape == (3, 4, 16) and got.dtype == torch.float32
+    assert got.shape == (3, 5, 16) and got.dtype == torch.float32
     agg = heads.aggregators["selective_k2@1"]
     scores = tokens[:, P:] @ agg.weight.double().T + agg.bias.double()  # [B, N, K]
     torch.testing.assert_close(got[:, 0].double(), scores.softmax(1).mean(-1), rtol=1e-4, atol=1e-7)
+    agg = heads.aggregators["selective_all@1"]  # pools the prefix tokens too: the patch part, renormalised
+    every = (tokens @ agg.weight.double().T + agg.bias.double())[..., 0].softmax(1)[:, P:]
+    torch.testing.assert_close(got[:, 1].double(), every / every.sum(-1, keepdim=True), rtol=1e-4, atol=1e-7)
     A = float64_maps(model, images, -1)
-    for i, m in enumerate(methods[1:], 1):
+    for i, m in enumerate(methods[2:], 2):
         torch.testing.assert_close(got[:, i].double().cpu(), expected_weights(A, m, P, grid).cpu(), rtol=1e-4,
                                    atol=1e-7, msg=m)
 

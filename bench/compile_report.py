@@ -58,6 +58,7 @@ def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4, nu
 
 def _abmilp_cases():
     from ..kernels import abmilp as k
+    from ..ops.abmilp import single_config, split_configs
     base = dict(x_ptr="*bf16", w_ptr="*fp32", bias_ptr="*fp32")
     multi = dict(w_ptr="*bf16")
     fwd = dict(base, out_ptr="*bf16", out32_ptr="*fp32", lse_ptr="*fp32", s_ptr="*fp32",
@@ -66,60 +67,54 @@ def _abmilp_cases():
                db_ptr="*fp32", stride_xb="i64", stride_xt="i64", stride_dxb="i64", stride_dxt="i64",
                stride_part="i32", B="i32", P="i32", N="i32", D="i32")
     # the K=1 backward reads the saved scores instead of the bias
-    bwd1 = dict(x_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32",
-                **{k: v for k, v in bwd.items() if k not in ("x_ptr", "w_ptr", "bias_ptr")})
+    bwd1 = dict(dict(x_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32",
+                     **{k: v for k, v in bwd.items() if k not in ("x_ptr", "w_ptr", "bias_ptr")}), eps="fp32")
+    fwd1 = dict(fwd, eps="fp32")
     dot = dict(LOWP=True, F32_PRECISION="tf32x3")
-    from ..ops.abmilp import _launch_config
     for D in (384, 768, 1024, 1280):
-        cfg = _launch_config(D, 1)
+        cfg = single_config(D)
         tiles = dict(BT=cfg["BT"], BD=cfg["BD"])
-        for prefetch in (False, True):
-            yield (f"fwd K=1 D={D}" + (" prefetch" if prefetch else ""), k.abmilp_fwd_single_kernel, fwd,
-                   dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=prefetch, **tiles),
-                   cfg["num_warps"])
-        grid = dict(PROGRAMS_PER_SM=cfg["PROGRAMS_PER_SM"])  # the launcher's grid only; every constexpr is named here
-        yield (f"bwd K=1 D={D}", k.abmilp_bwd_single_kernel, bwd1, dict(HAS_DX=False, **tiles, **grid),
-               cfg["num_warps"])
-        yield (f"bwd+dx K=1 D={D}", k.abmilp_bwd_single_kernel, bwd1, dict(HAS_DX=True, **tiles, **grid),
-               cfg["num_warps"])
+        for std in (False, True) if D == 768 else (False,):  # standardize: ViT-B (attentive probing)
+            tag = " std" if std else ""
+            for prefetch in (False, True):
+                yield (f"fwd K=1 D={D}" + (" prefetch" if prefetch else "") + tag, k.abmilp_fwd_single_kernel, fwd1,
+                       dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=prefetch, STANDARDIZE=std,
+                            **tiles), cfg["num_warps"])
+            for dx in (False, True):
+                yield (f"bwd{'+dx' if dx else ''} K=1 D={D}{tag}", k.abmilp_bwd_single_kernel, bwd1,
+                       dict(HAS_DX=dx, STANDARDIZE=std, **tiles), cfg["num_warps"])
     for bt, warps in ((2, 1), (4, 2)):  # the smallest programs of the K=1 autotune list, at ViT-B
         tiles = dict(BT=bt, BD=1024)
-        yield (f"fwd K=1 D=768 BT={bt} {warps} warp(s)", k.abmilp_fwd_single_kernel, fwd,
-               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=False, **tiles), warps)
+        yield (f"fwd K=1 D=768 BT={bt} {warps} warp(s)", k.abmilp_fwd_single_kernel, fwd1,
+               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=False, STANDARDIZE=False, **tiles),
+               warps)
         yield (f"bwd K=1 D=768 BT={bt} {warps} warp(s)", k.abmilp_bwd_single_kernel, bwd1,
-               dict(HAS_DX=False, PROGRAMS_PER_SM=8, **tiles), warps)
-    for D, K in ((768, 4), (768, 16), (1024, 16)):
-        cfg = _launch_config(D, K, "batched")
-        tiles = dict(BT=cfg["BT"], BC=cfg["BC"], NC=cfg["NC"], BK=cfg["BK"], **dot)
-        yield (f"fwd K={K} D={D} batched", k.abmilp_fwd_kernel, dict(fwd, K="i32", **multi),
-               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, **tiles), cfg["num_warps"])
-        yield (f"bwd K={K} D={D} batched", k.abmilp_bwd_kernel, dict(bwd, K="i32", **multi),
-               dict(HAS_BIAS=True, HAS_DX=False, **tiles), cfg["num_warps"])
-        yield (f"bwd+dx K={K} D={D} batched", k.abmilp_bwd_kernel, dict(bwd, K="i32", **multi),
-               dict(HAS_BIAS=True, HAS_DX=True, **tiles), cfg["num_warps"])
+               dict(HAS_DX=False, STANDARDIZE=False, **tiles), warps)
     # the split kernels at every config of their autotune list (ViT-B, K=4: the probe trainer's
-    # four selective lrs), plus the default at other shapes and float32 tokens
-    from ..ops.abmilp import _split_configs
+    # four selective lrs; K=16 also stands for 12-head attentive probing, same BK), plus the
+    # default at other shapes and float32 tokens; standardize at ViT-B K=16 (its autotune list)
     f32 = dict(x_ptr="*fp32", w_ptr="*fp32", out_ptr="*fp32", dout_ptr="*fp32", dx_ptr="*fp32")
     for D, K, dt in [(768, 16, "bf16"), (768, 4, "bf16"), (1280, 4, "bf16"), (768, 4, "fp32")]:
-        configs = _split_configs(D, K, dt == "fp32", whole=True)
+        configs = split_configs(D, K, fp32=dt == "fp32")
         for cfg in configs if (D, dt) == (768, "bf16") else configs[:1]:
             def sig(base):
                 over = f32 if dt == "fp32" else {}
-                return {n: over.get(n, t) for n, t in dict(base, K="i32", **multi).items()}
-            ce = dict(BT=cfg["BT"], BC=cfg["BC"], BK=cfg["BK"],
+                return {n: over.get(n, t) for n, t in dict(base, K="i32", eps="fp32", **multi).items()}
+            ce = dict(BT=cfg["BT"], BC=cfg["BC"], BK=cfg["BK"], WHOLE=cfg.get("WHOLE", False),
                       **(dict(LOWP=False, F32_PRECISION="tf32x3") if dt == "fp32" else dot))
             tag = f"K={K} D={D} {dt} split BC={cfg['BC']} BT={cfg['BT']}" + (" WHOLE" if cfg.get("WHOLE") else "") + (
                 f" s{cfg['num_stages']}" if "num_stages" in cfg else "")
             stages = cfg.get("num_stages", 2)  # the autotuner's default (ops/_dispatch.launcher)
-            yield (f"fwd {tag}", k.abmilp_fwd_split_kernel, sig(fwd),
-                   dict(HAS_BIAS=True, STORE_F32=dt != "fp32", STORE_SCORES=False, WHOLE=cfg.get("WHOLE", False),
-                        **ce), cfg["num_warps"], stages)
-            whole = dict(WHOLE=cfg.get("WHOLE", False))
-            yield (f"bwd {tag}", k.abmilp_bwd_split_kernel, sig(bwd),
-                   dict(HAS_BIAS=True, HAS_DX=False, **whole, **ce), cfg["num_warps"], stages)
-            yield (f"bwd+dx {tag}", k.abmilp_bwd_split_kernel, sig(bwd),
-                   dict(HAS_BIAS=True, HAS_DX=True, **whole, **ce), cfg["num_warps"], stages)
+            stds = (False, True) if (D, K, dt) == (768, 16, "bf16") and cfg in split_configs(
+                D, K, fp32=False, standardize=True) else (False,)
+            for std in stds:
+                t = tag + (" std" if std else "")
+                yield (f"fwd {t}", k.abmilp_fwd_split_kernel, sig(fwd),
+                       dict(HAS_BIAS=True, STORE_F32=dt != "fp32", STORE_SCORES=False, STANDARDIZE=std, **ce),
+                       cfg["num_warps"], stages)
+                for dx in (False, True):
+                    yield (f"bwd{'+dx' if dx else ''} {t}", k.abmilp_bwd_split_kernel, sig(bwd),
+                           dict(HAS_BIAS=True, HAS_DX=dx, STANDARDIZE=std, **ce), cfg["num_warps"], stages)
 
 
 def main() -> None:
@@ -127,6 +122,8 @@ def main() -> None:
     try:
         from .compile_cases_attention import attention_cases
         cases += list(attention_cases())
+        from .compile_cases_softmax_pool import mlp_scores_cases, softmax_pool_cases
+        cases += [*softmax_pool_cases(), *mlp_scores_cases()]
     except ImportError:
         pass
     from ..kernels.norms import token_norm_ratio_kernel

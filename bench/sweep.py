@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from unittest import mock
 
 import torch
 
@@ -65,21 +64,22 @@ def _max_abs_diff(got, ref) -> float:
 
 def _whole_configs(BD: int, K: int) -> list:
     """The split kernels' one-program-an-image (WHOLE) configs, where the accumulator fits."""
-    if BD * max(16, abmilp_ops.next_pow2(K)) > 16384:
+    if BD * max(16, abmilp_ops.next_pow2(K)) > abmilp_ops.MAX_ACC_ELEMENTS:
         return []
-    return [dict(variant="split", BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
+    return [dict(BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
             for bt, ns in itertools.product((16, 32), (2, 3))]
 
 
 @contextlib.contextmanager
 def _pooling_config(cfg):
-    """Launch every pooling kernel with ``cfg`` (its "variant" names the K>1 family, "" for K=1)."""
+    """Launch every pooling kernel with its default config updated by ``cfg`` (PROGRAMS_PER_SM:
+    the K = 1 backward's launcher setting)."""
     cfg = dict(cfg)
-    variant = cfg.pop("variant", "")
-    base = abmilp_ops._launch_config
-    env = {"SELAGG_ABMILP_MULTI": variant} if variant else {}
-    with mock.patch.dict(os.environ, env), _patched(
-            abmilp_ops, _launch_config=lambda D_, K_, *a, **kw: dict(base(D_, K_, *a, **kw), **cfg)):
+    programs = cfg.pop("PROGRAMS_PER_SM", abmilp_ops.SINGLE_BWD_PROGRAMS_PER_SM)
+    single, split = abmilp_ops.single_config, abmilp_ops.split_config
+    with _patched(abmilp_ops, SINGLE_BWD_PROGRAMS_PER_SM=programs,
+                  single_config=lambda D_: dict(single(D_), **cfg),
+                  split_config=lambda D_, K_, *, fp32: dict(split(D_, K_, fp32=fp32), **cfg)):
         yield
 
 
@@ -89,45 +89,43 @@ def sweep_abmilp(device, dtype, B, T, D) -> list:
     b = torch.zeros((), device=device)
     configs = [dict(BT=bt, num_warps=nw, num_stages=ns, PREFETCH=pf)
                for pf, bt, nw, ns in itertools.product((False, True), (2, 4, 8, 16), (1, 2, 4, 8), (1,))
-               if bt * abmilp_ops.next_pow2(D) <= 16384]
+               if bt * abmilp_ops.next_pow2(D) <= abmilp_ops.MAX_TILE_ELEMENTS]
     return _run_grid(f"abmilp K=1 fwd {B}x{T}x{D}", configs, _pooling_config, _pool_call(x, w, b), _max_abs_diff)
 
 
 def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
-    """K>1 forward: both kernel families; the split kernels over chunk width x tokens x warps x stages,
-    and whole-image programs."""
+    """K>1 forward: the split kernels over chunk width x tokens x warps x stages, and whole-image programs."""
     x = torch.randn(B, T, D, device=device, dtype=dtype)
     w = torch.randn(K, D, device=device) * D ** -0.5
     b = torch.zeros(K, device=device)
     BD = max(16, abmilp_ops.next_pow2(D))
-    configs = [dict(variant="batched", num_stages=ns) for ns in (1, 2)]
-    configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=ns)
-                for bc, bt, nw, ns in itertools.product((64, 128, 256, 512, 1024), (16, 32), (4, 8), (2, 3))
+    configs = [dict(BC=bc, BT=bt, num_warps=nw, num_stages=ns)
+               for bc, bt, nw, ns in itertools.product((64, 128, 256, 512, 1024), (16, 32), (4, 8), (2, 3))
                 if bc <= BD and (bc >= 128 or BD < 128)]  # 2+ stages: async token copies
     configs += _whole_configs(BD, K)  # one program an image, each tile read once
     return _run_grid(f"abmilp K={K} fwd {B}x{T}x{D}", configs, _pooling_config, _pool_call(x, w, b), _max_abs_diff)
 
 
 def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
-    """Backward without dx (the probe step: frozen tokens): K=1, or K>1 in both families."""
+    """Backward without dx (the probe step: frozen tokens): K=1 (tiles x warps x image walkers per
+    SM), or K>1 (split and whole-image configs)."""
     x = torch.randn(B, T, D, device=device, dtype=dtype)
     w = torch.randn(K, D, device=device) * D ** -0.5
     b = torch.zeros(K, device=device)
-    out, out32, lse, scores = abmilp_ops.abmilp_fwd(x, w, b, 1, True, K == 1)
+    out, out32, lse, scores = abmilp_ops.abmilp_fwd(x, w, b, 1, store_f32=True, store_scores=K == 1)
     dout = torch.randn_like(out)
     BD = max(16, abmilp_ops.next_pow2(D))
     if K == 1:
         # also the grid: image walkers per SM (4: ~2 images a program at ViT-B; 8: one, as the forward)
-        configs = [dict(variant="", BT=bt, num_warps=nw, PROGRAMS_PER_SM=n)
-                   for bt, nw, n in itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8)) if bt * BD <= 16384]
+        configs = [dict(BT=bt, num_warps=nw, PROGRAMS_PER_SM=n)
+                   for bt, nw, n in itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8)) if bt * BD <= abmilp_ops.MAX_TILE_ELEMENTS]
     else:
-        configs = [dict(variant="batched", num_stages=ns) for ns in (1, 2)]
-        configs += [dict(variant="split", BC=bc, BT=bt, num_warps=nw, num_stages=2)
+        configs = [dict(BC=bc, BT=bt, num_warps=nw, num_stages=2)
                     for bc, bt, nw in itertools.product((256, 1024), (16, 32), (4, 8)) if bc <= BD]
         configs += _whole_configs(BD, K)
 
     def call():  # the weight gradient
-        return abmilp_ops.abmilp_bwd(x, w, b, 1, lse, out32, dout, False, scores)[1]
+        return abmilp_ops.abmilp_bwd(x, w, b, 1, lse, out32, dout, need_dx=False, scores=scores)[1]
 
     return _run_grid(f"abmilp K={K} bwd (no dx) {B}x{T}x{D}", configs, _pooling_config, call, _max_abs_diff)
 

@@ -92,8 +92,8 @@ def test_tuned_then_cached_launches_give_the_reference(monkeypatch):
     ref_pool = abmilp_pool_reference(x.double(), w.double(), num_prefix_tokens=1, compute_dtype=torch.float64)
     ref_out, ref_stats = attention_with_stats_reference(q.double(), k.double(), v.double(),
                                                         compute_dtype=torch.float64)
-    # the K = 1 backward's grid is tuned too (programs per SM): past 4 programs an SM (B > 528 on an
-    # H200) the candidates differ, and only the rows of the programs that ran may be reduced
+    # the K = 1 backward with more images than image walkers (4 an SM: B > 528 on an H200), so that
+    # programs reduce several images each
     xb = torch.randn(600 if DEVICE == "cuda" else 9, 33, 96, device=DEVICE).to(torch.bfloat16)
     wb = w.detach().clone().requires_grad_(True)
     wb64 = w.detach().double().requires_grad_(True)

@@ -140,6 +140,23 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# Register budgets of the launchers, in float32 elements a program holds at once.
+# A kernel that reads whole tokens (rows of D features) by default keeps a [BT, BD] tile of about
+# TILE_ELEMENTS (32 KB of float32 across the program's 4-8 warps): enough tokens in flight to
+# stream at bandwidth without spilling. Autotune candidates may go up to MAX_TILE_ELEMENTS.
+TILE_ELEMENTS = 8192
+MAX_TILE_ELEMENTS = 16384
+
+
+def token_tile(D: int, max_tokens: Optional[int] = None) -> dict:
+    """The default tile of a kernel that reads whole tokens of D features (token_norm_ratio, K = 1
+    pooling): BD = D rounded up to a power of two (>= 16), BT tokens (<= ``max_tokens``) so that
+    the tile holds ~TILE_ELEMENTS, 8 warps once a token is wider than 1024 features."""
+    BD = max(16, next_pow2(D))
+    BT = TILE_ELEMENTS // BD if max_tokens is None else min(max_tokens, TILE_ELEMENTS // BD)
+    return dict(BD=BD, BT=max(1, BT), num_warps=4 if BD <= 1024 else 8)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -6,10 +6,10 @@ import triton
 
 from ..kernels.norms import token_norm_ratio_kernel
 from . import _dispatch
-from ._dispatch import check_float, check_same_device, choose_backend, next_pow2
+from ._dispatch import check_float, check_same_device, choose_backend, next_pow2, token_tile
 
 OP = "token_norm_ratio"
-MAX_D = 16384
+MAX_D = 16384  # a whole token in one tile row (a 1-token tile: 16K float32 per tensor per program)
 
 
 def token_norm_ratio_reference(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -37,10 +37,8 @@ def token_norm_ratio(numerator: torch.Tensor, denominator: torch.Tensor, *, back
         return token_norm_ratio_reference(numerator, denominator)
     num, den = (t if t.stride(-1) == 1 else t.contiguous() for t in (numerator, denominator))
     out = _dispatch.empty((B, T), device, torch.float32)
-    BD = max(16, next_pow2(D))
-    BT = max(1, 8192 // BD)  # ~8K elements of each tensor per program, as the pooling kernels
-    token_norm_ratio_kernel[(triton.cdiv(T, BT), B)](
+    tile = token_tile(D)  # one tile of each tensor per program (the shared whole-token rule)
+    token_norm_ratio_kernel[(triton.cdiv(T, tile["BT"]), B)](
         num_ptr=num, den_ptr=den, out_ptr=out, stride_nb=num.stride(0), stride_nt=num.stride(1),
-        stride_db=den.stride(0), stride_dt=den.stride(1), T=T, D=D,
-        BT=BT, BD=BD, num_warps=4 if BD <= 1024 else 8)
+        stride_db=den.stride(0), stride_dt=den.stride(1), T=T, D=D, **tile)
     return out

@@ -216,6 +216,9 @@ def test_disk_full_during_a_checkpoint_loses_nothing(tmp_path, capsys, monkeypat
     assert resumed["pairs"] == whole["pairs"] and resumed["epochs_done"] == 2
     lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    os.remove(os.path.join(out, "results.json"))  # lost after the last checkpoint: --resume writes it again
+    assert main(_probe(out, *small, "--resume")) == 0
+    assert json.loads(open(os.path.join(out, "results.json")).read()) == resumed
 
 
 def test_failed_save_of_running_sums_keeps_the_previous_ones(tmp_path, capsys, monkeypatch):

@@ -510,7 +510,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
             _write_epoch(run, epoch, train, metrics, results)
         barrier()
     if results is None:
-        raise RuntimeError("no epoch was run (already finished? see results.json)")
+        raise ValueError(f"--output-dir {cfg.output_dir}: no epoch was run and no results were saved")
+    if dist_info.is_main and start_epoch >= last:  # nothing left to run: results.json as the checkpoint has them
+        atomic_json(os.path.join(cfg.output_dir, "results.json"), results)
     if dist_info.is_main and os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
         plot_curves(cfg.output_dir)  # curves.png: top-1 and loss per epoch, every pair
     return results

@@ -3,7 +3,9 @@
 Layout of a store directory: ``meta.json`` (what was extracted, shapes, dtype),
 ``tokens.bin`` (``[N, T, D]``, bf16 stored as its raw 16 bits, or fp32), ``labels.npy``,
 ``valid.bin`` (1 byte per sample: 0 until written, 2 when the image was unreadable) and
-``done.bin`` (1 byte per extraction batch). A batch is marked done only after its rows are
+``done.bin`` (1 byte per extraction batch); with attention-weighted heads (cls_attn & co.)
+also ``weights.bin`` (``[N, M, n_patches]`` float32: each method's weight vector, so a cached
+run needs no backbone or selector pass). A batch is marked done only after its rows are
 flushed, so an interrupted extraction resumes at the first batch not marked, and several
 processes can fill disjoint batches of one store.
 """
@@ -40,7 +42,7 @@ def _check_disk_space(path: str, needed: int) -> None:
 
 class TokenStore:
     def __init__(self, path: str, fingerprint: dict, num_samples: int, token_shape: tuple, dtype: str,
-                 batch_size: int, labels: np.ndarray):
+                 batch_size: int, labels: np.ndarray, weight_shape: tuple | None = None):
         if dtype not in _DTYPES:
             raise ValueError(f"cache dtype {dtype!r}: choose bf16 or fp32")
         os.makedirs(path, exist_ok=True)
@@ -48,6 +50,8 @@ class TokenStore:
         self.torch_dtype, np_dtype = _DTYPES[dtype]
         meta = dict(fingerprint=fingerprint, num_samples=num_samples, token_shape=list(token_shape),
                     dtype=dtype, batch_size=batch_size)
+        if weight_shape is not None:
+            meta["weight_shape"] = list(weight_shape)
         meta_path = os.path.join(path, "meta.json")
         fresh = not os.path.exists(meta_path)
         if not fresh:
@@ -60,12 +64,15 @@ class TokenStore:
         self.num_samples, self.batch_size = num_samples, batch_size
         self.num_batches = -(-num_samples // batch_size)
         if fresh:
-            _check_disk_space(path, num_samples * int(np.prod(token_shape)) * np.dtype(np_dtype).itemsize)
+            _check_disk_space(path, num_samples * (int(np.prod(token_shape)) * np.dtype(np_dtype).itemsize +
+                                                   4 * int(np.prod(weight_shape or (0,)))))
         mode = "w+" if fresh else "r+"
         self.tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=np_dtype, mode=mode,
                                 shape=(num_samples, *token_shape))
         self.valid = np.memmap(os.path.join(path, "valid.bin"), dtype=np.uint8, mode=mode, shape=(num_samples,))
         self.done = np.memmap(os.path.join(path, "done.bin"), dtype=np.uint8, mode=mode, shape=(self.num_batches,))
+        self.weights = None if weight_shape is None else np.memmap(
+            os.path.join(path, "weights.bin"), dtype=np.float32, mode=mode, shape=(num_samples, *weight_shape))
         self.labels = labels.astype(np.int64)
         if fresh:
             np.save(os.path.join(path, "labels.npy"), self.labels)
@@ -77,8 +84,14 @@ class TokenStore:
     def complete(self) -> bool:
         return bool(np.all(np.asarray(self.done)))
 
-    def write_batch(self, batch: int, indices: torch.Tensor, tokens: torch.Tensor, skipped_indices) -> None:
+    def write_batch(self, batch: int, indices: torch.Tensor, tokens, skipped_indices) -> None:
+        """``tokens``: ``[B, T, D]``, or ``(tokens, weights [B, M, n])`` for a store with weights."""
         idx = indices.cpu().numpy()
+        if isinstance(tokens, (tuple, list)):
+            tokens, weights = tokens
+            order = np.argsort(idx)
+            self.weights[idx[order]] = weights.detach().float().cpu().numpy()[order]
+            self.weights.flush()
         rows = tokens.detach().to(self.torch_dtype).cpu()
         if self.dtype == "bf16":
             rows = rows.view(torch.int16)
@@ -99,18 +112,23 @@ class TokenStore:
         return int(np.count_nonzero(np.asarray(self.valid) == 2))
 
     def batches(self, batches: list) -> "CachedBatches":
-        return CachedBatches(self.path, self.dtype, self.tokens.shape, self.labels, batches)
+        return CachedBatches(self.path, self.dtype, self.tokens.shape, self.labels, batches,
+                             None if self.weights is None else self.weights.shape)
 
 
 class CachedBatches(torch.utils.data.Dataset):
     """Item ``i`` is the whole batch ``batches[i]`` (row indices) as ``(tokens, labels)``.
 
-    Picklable for DataLoader workers: each process maps ``tokens.bin`` itself, read-only.
+    Picklable for DataLoader workers: each process maps ``tokens.bin`` itself, read-only. A store
+    with weights gives ``((tokens, weights), labels)``.
     """
 
-    def __init__(self, path: str, dtype: str, shape: tuple, labels: np.ndarray, batches: list):
+    def __init__(self, path: str, dtype: str, shape: tuple, labels: np.ndarray, batches: list,
+                 weight_shape: tuple | None = None):
         self.path, self.dtype, self.shape, self.labels, self.batch_list = path, dtype, tuple(shape), labels, batches
+        self.weight_shape = None if weight_shape is None else tuple(weight_shape)
         self._tokens = None
+        self._weights = None
 
     def __len__(self):
         return len(self.batch_list)
@@ -123,10 +141,15 @@ class CachedBatches(torch.utils.data.Dataset):
         tokens = torch.from_numpy(np.ascontiguousarray(self._tokens[rows]))
         if self.dtype == "bf16":
             tokens = tokens.view(torch.bfloat16)
+        if self.weight_shape is not None:
+            if self._weights is None:
+                self._weights = np.memmap(os.path.join(self.path, "weights.bin"), dtype=np.float32, mode="r",
+                                          shape=self.weight_shape)
+            tokens = (tokens, torch.from_numpy(np.ascontiguousarray(self._weights[rows])))
         return tokens, torch.from_numpy(self.labels[rows])
 
     def __getstate__(self):
-        return {**self.__dict__, "_tokens": None}
+        return {**self.__dict__, "_tokens": None, "_weights": None}
 
 
 def file_stamp(path):
@@ -142,12 +165,14 @@ def _digest(obj) -> str:
 
 
 def open_store(root: str, settings: dict, dataset, token_shape: tuple, dtype: str, batch_size: int,
-               is_main: bool = True, barrier=lambda: None) -> TokenStore:
+               is_main: bool = True, barrier=lambda: None, weight_shape: tuple | None = None) -> TokenStore:
     """The store for ``settings`` under ``root``: one folder per setting, so changing the model,
-    data, dtype or batch never reuses stale tokens. Rank 0 creates it before the others map it."""
+    data, dtype or batch never reuses stale tokens. Rank 0 creates it before the others map it.
+    ``weight_shape`` ``(M, n)``: the store also keeps M weight vectors per image (settings must
+    then name the methods and the selector)."""
     key = _digest(dict(settings, dtype=dtype, batch_size=batch_size))
     args = (os.path.join(root, f"{settings['split']}-{key}"), settings, len(dataset), token_shape, dtype,
-            batch_size, np.asarray(dataset.base.labels(), dtype=np.int64))
+            batch_size, np.asarray(dataset.base.labels(), dtype=np.int64), weight_shape)
     if is_main:
         TokenStore(*args)
     barrier()

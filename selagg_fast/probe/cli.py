@@ -65,8 +65,10 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
         "comma list of cls, avg, selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>] (the reference "
         "head's variants: 2-layer MLP scorer, self-attention on both or the map only, positional conditioning, "
         "prefix tokens pooled too, K branches; paper Table 4), ap<H>[_ln][_all] (attentive probe with H heads, "
-        "token LayerNorm; Table 6). Self-attention heads (selective_mlp_tanh_sa = SA-AbMILP) train with "
-        "--optimizer sgd: the paper found them unstable under LARS"))
+        "token LayerNorm; Table 6), and the non-trainable aggregations of Table 5: cls_attn (mean [cls] "
+        "attention of the probed block), cls_attn_min_entropy (its lowest-entropy head), center_attn (the central "
+        "patch's attention), external_cls_attn (--selector-model's [cls] attention). Self-attention heads "
+        "(selective_mlp_tanh_sa = SA-AbMILP) train with --optimizer sgd: the paper found them unstable under LARS"))
     g.add_argument("--lrs", default=d.lrs, help="base learning rates; each (head, lr) pair trains separately")
     g.add_argument("--optimizer", choices=["lars", "sgd"], default=d.optimizer,
                    help="lars: the linear-probe protocol; sgd: the low-shot / fine-grained protocol")
@@ -83,6 +85,14 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
                    help="auto: bf16 autocast on GPUs, fp32 on CPUs")
+    g = p.add_argument_group("selector (the external_cls_attn head)")
+    g.add_argument("--selector-model", help="a second frozen timm ViT whose last-block [cls] attention (heads "
+                                            "averaged, not renormalised) weighs the probed tokens; same patch grid")
+    g.add_argument("--selector-checkpoint", help="local weights of --selector-model (loaded as --checkpoint; "
+                                                 "--trust-checkpoint and --allow-key-mismatch apply to both)")
+    g.add_argument("--selector-random-init", action="store_true", help="random --selector-model (testing only)")
+    g.add_argument("--selector-model-kwargs", type=json_object, default={},
+                   help="JSON object passed to timm.create_model for --selector-model")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir, help="folder of the run's outputs")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")

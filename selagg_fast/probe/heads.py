@@ -21,7 +21,13 @@ from ..attentive import AttentivePooling
 from ..modules import SelectiveAggregation
 from ..ops import abmilp_pool
 
-HEAD_KINDS = ("cls", "avg", "selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>]", "ap<H>[_ln][_all]")
+HEAD_KINDS = ("cls", "avg", "selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>]", "ap<H>[_ln][_all]",
+              "cls_attn", "cls_attn_min_entropy", "center_attn", "external_cls_attn")
+# Non-trainable aggregations (issue 13, paper Table 5): the weight vector comes from the backbone's
+# (or the --selector-model's) attention, computed beside the tokens (probe/selector.py); only the
+# BatchNorm + Linear train. Head name -> the weights' method name.
+ATTENTION_HEADS = {"cls_attn": "cls_mean", "cls_attn_min_entropy": "cls_min_entropy", "center_attn": "center_mean",
+                   "external_cls_attn": "external_cls_mean"}
 _SELECTIVE_NAME = re.compile(r"selective(?:_mlp_(?P<act>tanh|relu))?(?:_(?P<sa>sa|samap))?(?P<pe>_pe)?"
                              r"(?P<all>_all)?(?:_k(?P<k>\d+))?")
 _AP_NAME = re.compile(r"ap(?P<h>\d+)(?P<ln>_ln)?(?P<all>_all)?")
@@ -47,7 +53,18 @@ class HeadSpec:
     def selective(self) -> bool:
         """Learned weights over the tokens (every Selective Aggregation variant and attentive probe):
         the head needs every token (a feature cache keeps them all) and has selection maps."""
-        return self.kind not in ("cls", "avg")
+        return self.kind not in ("cls", "avg") and not self.attention_weighted
+
+    @property
+    def attention_weighted(self) -> bool:
+        """Pools with fixed attention-derived weights (cls_attn & co.): needs every token and the
+        weights (ProbeHeads.forward's ``selection``), trains no aggregation parameter."""
+        return self.kind in ATTENTION_HEADS
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Needs every token (a feature cache keeps them all), not only [cls] and the patch mean."""
+        return self.selective or self.attention_weighted
 
     @property
     def attentive(self) -> bool:
@@ -75,10 +92,13 @@ def parse_heads(text: str, has_cls: bool = True) -> list:
             if int(ap["h"]) < 1:
                 raise ValueError(f"head {name!r}: the number of heads H must be >= 1")
             spec = HeadSpec(name, "ap_all" if ap["all"] else "ap", num_heads=int(ap["h"]), token_norm=bool(ap["ln"]))
-        elif name in ("cls", "avg"):
+        elif name in ("cls", "avg") or name in ATTENTION_HEADS:
             spec = HeadSpec(name, name)
         else:
             raise ValueError(f"unknown head {name!r}; choose from {', '.join(HEAD_KINDS)}")
+        if spec.kind in ("cls_attn", "cls_attn_min_entropy") and not has_cls:
+            raise ValueError(f"head {name!r} needs a [cls] token, and this model has none "
+                             "(use center_attn, or external_cls_attn with a --selector-model)")
         if spec.kind == "cls" and not has_cls:
             raise ValueError("head 'cls' needs a [cls] token, and this model has none "
                              "(use avg / selective)")
@@ -151,7 +171,6 @@ class LinearProbe(nn.Module):
         else:
             raise ValueError(f"classifier init {init!r}: choose paper or mae")
 
-
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(features.float()))
 
@@ -172,6 +191,9 @@ class ProbeHeads(nn.Module):
         self.specs, self.lrs = list(specs), [float(lr) for lr in lrs]
         self.dim, self.num_classes, self.num_prefix_tokens = dim, num_classes, num_prefix_tokens
         self.pairs = [(spec, lr) for spec in self.specs for lr in self.lrs]
+        # the attention-weighted heads' methods, in the order of forward's selection [B, M, N]
+        self.selection_methods = list(dict.fromkeys(ATTENTION_HEADS[s.kind] for s in self.specs
+                                                    if s.attention_weighted))
         self.aggregators = nn.ModuleDict()
         self.classifiers = nn.ModuleDict()
         for spec, lr in self.pairs:
@@ -244,7 +266,28 @@ class ProbeHeads(nn.Module):
                 features[key] = (agg.finish(piece) if isinstance(agg, AttentivePooling)
                                  else piece.reshape(B, agg.branches * self.dim))
 
-    def forward(self, tokens: torch.Tensor) -> dict:
+    def _attention_features(self, tokens: torch.Tensor, selection, features: dict) -> None:
+        # every method pooled once (one fused softmax-pool call, K = methods), shared by its lrs
+        if not self.selection_methods:
+            return
+        M = len(self.selection_methods)
+        if selection is None or selection.dim() != 3 or selection.shape[1] != M or \
+                selection.shape[0] != tokens.shape[0] or selection.shape[2] != tokens.shape[1] - self.num_prefix_tokens:
+            raise ValueError(f"ProbeHeads: heads {', '.join(s.name for s in self.specs if s.attention_weighted)} "
+                             f"need their weights: forward((tokens, selection [B, {M}, N])) for methods "
+                             f"{self.selection_methods}, got {None if selection is None else tuple(selection.shape)}")
+        from .selector import pool_attention
+        pooled = pool_attention(tokens, selection, self.selection_methods, self.num_prefix_tokens, self.backend)
+        for spec, lr in self.pairs:
+            if spec.attention_weighted:
+                features[self._key(spec, lr)] = pooled[:, self.selection_methods.index(ATTENTION_HEADS[spec.kind])]
+
+    def forward(self, tokens, selection=None) -> dict:
+        """``tokens [B, T, D]``; heads of fixed attention weights (cls_attn & co.) also need
+        ``selection [B, M, N]`` (float32, methods in ``selection_methods`` order), given as the
+        argument or as ``tokens = (tokens, selection)`` (the trainer's batches carry that pair)."""
+        if isinstance(tokens, (tuple, list)):
+            tokens, selection = tokens
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
             raise ValueError(f"ProbeHeads: expected tokens [B, T, {self.dim}], got {tuple(tokens.shape)}")
         features: dict = {}
@@ -257,6 +300,7 @@ class ProbeHeads(nn.Module):
             if spec.kind in shared:
                 features[self._key(spec, lr)] = shared[spec.kind]
         self._selective_features(tokens, features)
+        self._attention_features(tokens, selection, features)
         return {pair_name(s, lr): self.classifiers[self._key(s, lr)](features[self._key(s, lr)])
                 for s, lr in self.pairs}
 

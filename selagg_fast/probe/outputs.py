@@ -75,9 +75,11 @@ def format_results(results: dict) -> str:
     lrs = sorted({p["base_lr"] for p in results["pairs"]})
     heads = list(dict.fromkeys(p["head"] for p in results["pairs"]))
     by = {(p["head"], p["base_lr"]): p for p in results["pairs"]}
-    lines = [f"{'head':<16}" + "".join(f"{'lr ' + format(lr, 'g'):>12}" for lr in lrs) + f"{'best top-1':>12}{'top-5':>9}"]
+    w = max([16] + [len(h) + 1 for h in heads])  # long head names (cls_attn_min_entropy, selective_..._all)
+    lines = [f"{'head':<{w}}" + "".join(f"{'lr ' + format(lr, 'g'):>12}" for lr in lrs)
+             + f"{'best top-1':>12}{'top-5':>9}"]
     for h in heads:
         best = results["best_per_head"][h]
         cells = "".join(_cell(by[(h, lr)]["top1"], 12) if (h, lr) in by else f"{'':>12}" for lr in lrs)
-        lines.append(f"{h:<16}{cells}{_cell(best['top1'], 12)}{_cell(best['top5'], 9)}")
+        lines.append(f"{h:<{w}}{cells}{_cell(best['top1'], 12)}{_cell(best['top5'], 9)}")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from .cache import extract, file_stamp, open_store
 from .curves import plot_curves
 from .heads import LinearProbe, ProbeHeads, pair_name, parse_heads, probe_loss
 from .optim import build_optimizer, set_lr
+from .selector import attention_weights_for, batch_to, cache_settings, check_selector_flags
 from .outputs import append_metrics, atomic_json, atomic_save, summarize, truncate_metrics
 
 log = logging.getLogger("selagg_fast")
@@ -84,6 +85,11 @@ class ProbeConfig(BackboneSettings):
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    # external_cls_attn's second frozen backbone (probe/selector.py), flags as the backbone's
+    selector_model: str | None = None
+    selector_checkpoint: str | None = None
+    selector_random_init: bool = False
+    selector_model_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def lr_list(self) -> list:
         try:
@@ -98,9 +104,10 @@ class ProbeConfig(BackboneSettings):
 # Settings that change what a run computes; --resume refuses a run whose values differ.
 _RESUME_KEYS = ("model", "checkpoint", "return_block", "final_norm", "model_kwargs", "data", "train_list",
                 "heads", "lrs", "optimizer", "protocol", "epochs", "warmup_epochs", "batch_size", "accum_iter",
-                "momentum", "weight_decay", "augment", "precision", "seed", "cache_features", "cache_dtype")
+                "momentum", "weight_decay", "augment", "precision", "seed", "cache_features", "cache_dtype",
+                "selector_model", "selector_checkpoint", "selector_model_kwargs")
 # What a saved config without the key ran with (runs saved before the key existed).
-_SAVED_BEFORE = {"protocol": "mae"}
+_SAVED_BEFORE = {"protocol": "mae", "selector_model_kwargs": {}}
 
 
 def validate(cfg: ProbeConfig) -> None:
@@ -136,7 +143,8 @@ def validate(cfg: ProbeConfig) -> None:
     if cfg.cache_features and cfg.augment:
         raise ValueError("--cache-features trains without augmentation: add --no-augment")
     cfg.lr_list()
-    parse_heads(cfg.heads)  # names only here; 'cls' on a model without [cls] is refused once it is known
+    check_selector_flags(cfg, parse_heads(cfg.heads))  # names only here; 'cls' on a model without [cls] is
+    # refused once it is known, a --selector-model of another patch grid once both are built
     check_device(cfg.device)
     cfg.check_backbone()
 
@@ -181,7 +189,13 @@ class _Run:
         self.specs = parse_heads(cfg.heads, has_cls=self.info.has_cls)
         self.lrs = cfg.lr_list()
         # Without selective heads the cache keeps only [cls] and the patch mean per image.
-        self.compact = cfg.cache_features is not None and not any(s.selective for s in self.specs)
+        self.compact = cfg.cache_features is not None and not any(s.needs_tokens for s in self.specs)
+        # cls_attn & co.: their weights from this backbone's pass (and the selector's), beside the tokens
+        self.selection = attention_weights_for(cfg, self.backbone, self.specs, self.device)
+        if self.selection is not None and cfg.compile_backbone:
+            log.warning("--compile-backbone: not with attention-weighted heads (their hook reads the probed "
+                        "block's attention input); the backbone runs uncompiled")
+            self.forward_backbone = self.backbone
         self.head_prefix = int(self.info.has_cls) if self.compact else self.info.num_prefix_tokens
 
         if cfg.data == "synthetic":
@@ -219,14 +233,20 @@ class _Run:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor):
+        """The backbone's tokens; ``(tokens, weights [B, M, N] float32)`` with attention-weighted heads."""
+        weights = None
         with torch.no_grad(), self.autocast(), nvtx_range("backbone"):
-            tokens = self.forward_backbone(images)
+            if self.selection is not None:
+                tokens, weights = self.selection(self.forward_backbone, images)
+            else:
+                tokens = self.forward_backbone(images)
         if self.compact:
             parts = ([tokens[:, :1]] if self.info.has_cls else []) + \
                     [tokens[:, self.info.num_prefix_tokens:].mean(1, keepdim=True, dtype=torch.float32)]
             tokens = torch.cat([p.to(tokens.dtype) for p in parts], 1)
-        return tokens.to(self.autocast_dtype or torch.float32)
+        tokens = tokens.to(self.autocast_dtype or torch.float32)
+        return tokens if weights is None else (tokens, weights)
 
     # data ------------------------------------------------------------------------------------
     def _loader(self, dataset, **kw):
@@ -281,7 +301,7 @@ class _Run:
         loader = self._loader(store.batches(self._my_batches(split, epoch, store.valid_indices())), batch_size=None)
         for tokens, labels in loader:
             with nvtx_range("data"):
-                yield (tokens.to(self.device, non_blocking=True).to(self.autocast_dtype or torch.float32),
+                yield (batch_to(tokens, self.device, self.autocast_dtype or torch.float32),
                        labels.to(self.device, non_blocking=True), ())
 
     def batches(self, split: str, epoch: int):
@@ -303,6 +323,7 @@ class _Run:
         cfg = self.cfg
         with torch.no_grad():
             probe = self.tokens(torch.zeros(1, 3, self.info.img_size, self.info.img_size, device=self.device))
+        probe, weight_shape = (probe[0], tuple(probe[1].shape[1:])) if isinstance(probe, tuple) else (probe, None)
         for split, dataset in (("train", self.train_set), ("val", self.val_set)):
             settings = dict(
                 split=split, model=cfg.model, model_kwargs=cfg.model_kwargs, return_block=cfg.return_block,
@@ -311,8 +332,10 @@ class _Run:
                 train_list=cfg.train_list, num_samples=len(dataset),
                 synthetic=[cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.synthetic_classes, cfg.seed]
                 if cfg.data == "synthetic" else None)
+            if self.selection is not None:  # the cached weights' methods and selector
+                settings["attention_weights"] = cache_settings(cfg, self.selection.methods)
             store = open_store(cfg.cache_features, settings, dataset, tuple(probe.shape[1:]), cfg.cache_dtype,
-                               cfg.batch_size, is_main=self.dist.is_main, barrier=barrier)
+                               cfg.batch_size, is_main=self.dist.is_main, barrier=barrier, weight_shape=weight_shape)
             extract(store, dataset, self.tokens, self._loader, self.device, self.dist.rank, self.dist.world_size,
                     desc=f"extract {split} tokens", progress=cfg.progress and self.dist.is_main)
             barrier()

@@ -343,9 +343,9 @@ def abmilp_fwd_split_kernel(
             b_xt = _token_tile(p_x, o_t, m_t, stride_xt, o_own, m_own, TRANS=True)
         if not LOWP:
             b_xt = b_xt.to(tl.float32)
-        if STANDARDIZE:
-            b_p = b_p * b_rstd[:, None]
-            b_corr = b_corr * b_scale + tl.sum(b_p * b_mu[:, None], axis=0)
+        if STANDARDIZE:  # the mean's share from the same (16-bit on the GPU) weights the dot sees
+            b_p = (b_p * b_rstd[:, None]).to(b_xt.dtype)
+            b_corr = b_corr * b_scale + tl.sum(b_p.to(tl.float32) * b_mu[:, None], axis=0)
         b_acc = b_acc * b_scale[None, :] + _dot(b_xt, b_p.to(b_xt.dtype), LOWP, F32_PRECISION)  # [BC, BK]
         b_max = b_max_new
 
@@ -442,10 +442,10 @@ def abmilp_bwd_split_kernel(
                 b_xt = _token_tile(p_x, o_t, m_t, stride_xt, o_own, m_own, TRANS=True)  # [BC, BT]
             if not LOWP:
                 b_xt = b_xt.to(tl.float32)
-            if STANDARDIZE:
-                b_dsr = b_ds * b_rstd[:, None]
-                b_corr += tl.sum(b_dsr * b_mu[:, None], axis=0)
-                b_dw += _dot(b_xt, b_dsr.to(b_xt.dtype), LOWP, F32_PRECISION)  # [BC, BK]
+            if STANDARDIZE:  # the mean's share from the same (16-bit on the GPU) values the dot sees
+                b_dsr = (b_ds * b_rstd[:, None]).to(b_xt.dtype)
+                b_corr += tl.sum(b_dsr.to(tl.float32) * b_mu[:, None], axis=0)
+                b_dw += _dot(b_xt, b_dsr, LOWP, F32_PRECISION)  # [BC, BK]
             else:
                 b_dw += _dot(b_xt, b_ds.to(b_xt.dtype), LOWP, F32_PRECISION)  # [BC, BK]
             b_db += tl.sum(b_ds, axis=0)  # zero analytically: only its rounding noise (see the store)

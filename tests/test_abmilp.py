@@ -468,3 +468,18 @@ def test_standardize_without_grad_and_eps(poisoned):
     assert rel_err(pooled, ref_pooled) < 1e-5 and rel_err(weights, ref_weights) < 1e-5
     ref_plain = abmilp_pool_reference(x, w, b, num_prefix_tokens=1, standardize=True, eps=1e-2)
     assert rel_err(ref_plain, ref_pooled) < 1e-5  # the package reference agrees with the written-out one
+
+
+@requires_kernels
+def test_standardize_as_attentive_probing_calls_it(poisoned):
+    # the folded attentive-probing head: 12 heads' vectors u [H, D], no bias, frozen bf16 tokens
+    x = (torch.randn(3, 20, 48, device=DEVICE) * 2 + 1).to(torch.bfloat16)
+    u = (torch.randn(12, 48, device=DEVICE) * 0.3).requires_grad_(True)
+    pooled = abmilp_pool(x, u, None, num_prefix_tokens=1, standardize=True, eps=1e-6)
+    g = torch.randn(3, 12, 48, device=DEVICE)
+    (gu,) = torch.autograd.grad(pooled.float(), (u,), g)
+    u64 = u.detach().double().requires_grad_(True)
+    ref, _ = _standardized64(x.double(), u64, None, 1)
+    (gu_ref,) = torch.autograd.grad(ref, (u64,), g.double())
+    assert pooled.shape == (3, 12, 48) and pooled.dtype == torch.bfloat16
+    assert rel_err(pooled, ref) < TOL[torch.bfloat16] and rel_err(gu, gu_ref) < GRAD_TOL[torch.bfloat16]

@@ -32,6 +32,7 @@ def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     (root / "a_file").write_text("not a folder")
     (root / "garbage.pth").write_bytes(b"this is not a checkpoint")
+    (root / "garbage.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     (root / "stats_garbage.json").write_text("{not json")
     (root / "broken.png").write_bytes(b"\x89PNG truncated")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "good.png")
@@ -44,7 +45,7 @@ def paths(tmp_path_factory):
     (probe / "checkpoint.pt").write_bytes(b"garbage")
     (root / "images" / "val").mkdir(parents=True)
     return {k: str(v) for k, v in dict(
-        root=root, file=root / "a_file", garbage=root / "garbage.pth", stats_garbage=root / "stats_garbage.json",
+        root=root, file=root / "a_file", garbage=root / "garbage.pth", garbage_st=root / "garbage.safetensors", stats_garbage=root / "stats_garbage.json",
         broken=root / "broken.png", good=root / "good.png", boxes_txt=root / "boxes.txt",
         boxes_words=root / "boxes_words.csv", boxes_xml=root / "boxes_bad.xml", folder=root / "folder",
         probe=probe, images=root / "images", missing=root / "missing").items()}
@@ -94,6 +95,8 @@ CASES = [
     ("analyze--data-file", lambda p: _analyze(p["out"], "--data", p["file"]), "--data"),
     ("analyze--output-dir-file", lambda p: _analyze(p["file"]), "--output-dir"),
     ("analyze--checkpoint-garbage", lambda p: _analyze(p["out"], "--checkpoint", p["garbage"]), "--checkpoint"),
+    ("probe--checkpoint-garbage-safetensors", lambda p: _probe(p["out"], "--checkpoint", p["garbage_st"]),
+     "not a readable .safetensors"),
     # plot
     ("plot-run-missing", lambda p: ["plot", p["missing"], "--output", p["out"] + "/a.png"], "no stats.json"),
     ("plot-run-garbage", lambda p: ["plot", p["stats_garbage"], "--output", p["out"] + "/a.png"], "not a stats.json"),

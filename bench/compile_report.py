@@ -127,12 +127,13 @@ def main() -> None:
     except ImportError:
         pass
     from ..kernels.norms import token_norm_ratio_kernel
+    from ..ops._dispatch import token_tile
     for D in (768, 1280):  # the analysis' magnitude ratio: bf16 attention branch over a float32 residual
-        BD = 1 << (D - 1).bit_length()
+        tile = token_tile(D)  # as ops/norms.py launches it
         cases.append((f"norm ratio D={D}", token_norm_ratio_kernel,
                       dict(num_ptr="*bf16", den_ptr="*fp32", out_ptr="*fp32", stride_nb="i32", stride_nt="i32",
                            stride_db="i32", stride_dt="i32", T="i32", D="i32"),
-                      dict(BT=max(1, 8192 // BD), BD=BD), 4 if BD <= 1024 else 8))
+                      dict(BT=tile["BT"], BD=tile["BD"]), tile["num_warps"]))
     from ..kernels.columns import attention_columns_kernel
     from ..ops.columns import TILE
     for T in (197, 577):  # the analysis' per-block columns

@@ -61,15 +61,16 @@ def _abmilp_cases():
     from ..ops.abmilp import single_config, split_configs
     base = dict(x_ptr="*bf16", w_ptr="*fp32", bias_ptr="*fp32")
     multi = dict(w_ptr="*bf16")
-    fwd = dict(base, out_ptr="*bf16", out32_ptr="*fp32", lse_ptr="*fp32", s_ptr="*fp32",
-               stride_xb="i64", stride_xt="i64", P="i32", N="i32", D="i32")
-    bwd = dict(base, lse_ptr="*fp32", out32_ptr="*fp32", dout_ptr="*bf16", dx_ptr="*bf16", dw_ptr="*fp32",
+    fwd = dict(base, out_ptr="*bf16", out32_ptr="*fp32", lse_ptr="*fp32", s_ptr="*fp32", stats_ptr="*fp32",
+               stride_xb="i64", stride_xt="i64", P="i32", N="i32", D="i32", eps="fp32")
+    bwd = dict(base, stats_ptr="*fp32", lse_ptr="*fp32", out32_ptr="*fp32", dout_ptr="*bf16", dx_ptr="*bf16",
+               dw_ptr="*fp32",
                db_ptr="*fp32", stride_xb="i64", stride_xt="i64", stride_dxb="i64", stride_dxt="i64",
                stride_part="i32", B="i32", P="i32", N="i32", D="i32")
     # the K=1 backward reads the saved scores instead of the bias
-    bwd1 = dict(dict(x_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32",
-                     **{k: v for k, v in bwd.items() if k not in ("x_ptr", "w_ptr", "bias_ptr")}), eps="fp32")
-    fwd1 = dict(fwd, eps="fp32")
+    bwd1 = dict(x_ptr="*bf16", w_ptr="*fp32", s_ptr="*fp32",
+                **{k: v for k, v in bwd.items() if k not in ("x_ptr", "w_ptr", "bias_ptr")})
+    fwd1 = fwd
     dot = dict(LOWP=True, F32_PRECISION="tf32x3")
     for D in (384, 768, 1024, 1280):
         cfg = single_config(D)
@@ -79,15 +80,15 @@ def _abmilp_cases():
             for prefetch in (False, True):
                 yield (f"fwd K=1 D={D}" + (" prefetch" if prefetch else "") + tag, k.abmilp_fwd_single_kernel, fwd1,
                        dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=prefetch, STANDARDIZE=std,
-                            **tiles), cfg["num_warps"])
+                            STORE_STATS=std, **tiles), cfg["num_warps"])
             for dx in (False, True):
                 yield (f"bwd{'+dx' if dx else ''} K=1 D={D}{tag}", k.abmilp_bwd_single_kernel, bwd1,
                        dict(HAS_DX=dx, STANDARDIZE=std, **tiles), cfg["num_warps"])
     for bt, warps in ((2, 1), (4, 2)):  # the smallest programs of the K=1 autotune list, at ViT-B
         tiles = dict(BT=bt, BD=1024)
         yield (f"fwd K=1 D=768 BT={bt} {warps} warp(s)", k.abmilp_fwd_single_kernel, fwd1,
-               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=False, STANDARDIZE=False, **tiles),
-               warps)
+               dict(HAS_BIAS=True, STORE_F32=True, STORE_SCORES=False, PREFETCH=False, STANDARDIZE=False,
+                    STORE_STATS=False, **tiles), warps)
         yield (f"bwd K=1 D=768 BT={bt} {warps} warp(s)", k.abmilp_bwd_single_kernel, bwd1,
                dict(HAS_DX=False, STANDARDIZE=False, **tiles), warps)
     # the split kernels at every config of their autotune list (ViT-B, K=4: the probe trainer's
@@ -99,7 +100,7 @@ def _abmilp_cases():
         for cfg in configs if (D, dt) == (768, "bf16") else configs[:1]:
             def sig(base):
                 over = f32 if dt == "fp32" else {}
-                return {n: over.get(n, t) for n, t in dict(base, K="i32", eps="fp32", **multi).items()}
+                return {n: over.get(n, t) for n, t in dict(base, K="i32", **multi).items()}
             ce = dict(BT=cfg["BT"], BC=cfg["BC"], BK=cfg["BK"], WHOLE=cfg.get("WHOLE", False),
                       **(dict(LOWP=False, F32_PRECISION="tf32x3") if dt == "fp32" else dot))
             tag = f"K={K} D={D} {dt} split BC={cfg['BC']} BT={cfg['BT']}" + (" WHOLE" if cfg.get("WHOLE") else "") + (
@@ -110,7 +111,8 @@ def _abmilp_cases():
             for std in stds:
                 t = tag + (" std" if std else "")
                 yield (f"fwd {t}", k.abmilp_fwd_split_kernel, sig(fwd),
-                       dict(HAS_BIAS=True, STORE_F32=dt != "fp32", STORE_SCORES=False, STANDARDIZE=std, **ce),
+                       dict(HAS_BIAS=True, STORE_F32=dt != "fp32", STORE_SCORES=False, STANDARDIZE=std,
+                            STORE_STATS=std, **ce),
                        cfg["num_warps"], stages)
                 for dx in (False, True):
                     yield (f"bwd{'+dx' if dx else ''} {t}", k.abmilp_bwd_split_kernel, sig(bwd),

@@ -112,7 +112,7 @@ def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
     x = torch.randn(B, T, D, device=device, dtype=dtype)
     w = torch.randn(K, D, device=device) * D ** -0.5
     b = torch.zeros(K, device=device)
-    out, out32, lse, scores = abmilp_ops.abmilp_fwd(x, w, b, 1, store_f32=True, store_scores=K == 1)
+    out, out32, lse, scores, _ = abmilp_ops.abmilp_fwd(x, w, b, 1, store_f32=True, store_scores=K == 1)
     dout = torch.randn_like(out)
     BD = max(16, abmilp_ops.next_pow2(D))
     if K == 1:

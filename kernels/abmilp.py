@@ -16,7 +16,8 @@ g_k = dL/dout_k and c_k = g_k . out_k:
             mean_D(dz_t)         = sum_k a_tk gbar_k + ds_tk wbar_k      (gbar, wbar: means over D)
             mean_D(dz_t * xh_t)  = sum_k (a_tk gz_tk + ds_tk sw_tk) / D  (gz = g.xh, sw = w.xh)
 
-so the standardised backward needs no second pass over the features. db is zero analytically
+so the standardised backward needs no second pass over the features; it reads the mean and rstd
+the forward stored (stats [B, 2, N] float32, 8 bytes a token) instead of recomputing them. db is zero analytically
 (softmax is shift invariant per branch): every kernel writes zeros for it.
 
 K = 1 (``*_single_kernel``): one program owns one image (the backward: walks images i_p, i_p + G,
@@ -47,7 +48,8 @@ Legend: ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` register blocks [s
   b_out          pooled output;  b_c  c = g . out per branch
   b_gz           g . z_t per token (and branch);  b_ds  dL/ds per token (and branch)
   b_dz, b_dx     gradient w.r.t. z_t and x_t;  b_dw  weight-gradient partial
-  b_mu, b_rstd   per-token mean and 1/std (STANDARDIZE);  b_xc  x - mu (0 on masked features)
+  b_mu, b_rstd   per-token mean and 1/std (STANDARDIZE; stored by the forward with STORE_STATS
+                 for the backward);  b_xc  x - mu (0 on masked features)
   b_wsum, b_gsum sum_D w_k, sum_D g_k (fold the mean out of the dots)
   b_corr         sum_t p rstd mu (forward) / sum_t ds rstd mu (backward): the mean's share
 """
@@ -66,6 +68,21 @@ def _token_tile(p_x, o_t, m_t, stride_xt, o_d, m_d, TRANS: tl.constexpr = False)
 
 
 @triton.jit
+def _store_stats(stats_ptr, i_b, N, o_t, m_t, b_mu, b_rstd):
+    # the tokens' mean and rstd for the backward: stats [B, 2, N] float32
+    tl.store(stats_ptr + i_b * 2 * N + o_t, b_mu, mask=m_t)
+    tl.store(stats_ptr + i_b * 2 * N + N + o_t, b_rstd, mask=m_t)
+
+
+@triton.jit
+def _load_stats(stats_ptr, i_b, N, o_t, m_t):
+    # [BT] mean and rstd the forward stored (masked tokens: 0 and 1)
+    b_mu = tl.load(stats_ptr + i_b * 2 * N + o_t, mask=m_t, other=0.0)
+    b_rstd = tl.load(stats_ptr + i_b * 2 * N + N + o_t, mask=m_t, other=1.0)
+    return b_mu, b_rstd
+
+
+@triton.jit
 def _centre(b_x, m_d, D, eps):
     # [BT, BD] float32 whole tokens -> x - mu (0 on masked features) [BT, BD], mu [BT], rstd [BT]
     b_mu = tl.sum(b_x, axis=1) / D
@@ -75,11 +92,13 @@ def _centre(b_x, m_d, D, eps):
 
 
 @triton.jit
-def _single_tile(b_x, o_t, m_t, m_d, b_w, bias, b_max, b_sum, b_acc, s_ptr, i_b, N, D, eps,
-                 STORE_SCORES: tl.constexpr, STANDARDIZE: tl.constexpr):
+def _single_tile(b_x, o_t, m_t, m_d, b_w, bias, b_max, b_sum, b_acc, s_ptr, stats_ptr, i_b, N, D, eps,
+                 STORE_SCORES: tl.constexpr, STANDARDIZE: tl.constexpr, STORE_STATS: tl.constexpr):
     # one [BT, BD] float32 tile of tokens: scores, online-softmax update, weighted sum
     if STANDARDIZE:
-        b_xc, _, b_rstd = _centre(b_x, m_d, D, eps)
+        b_xc, b_mu, b_rstd = _centre(b_x, m_d, D, eps)
+        if STORE_STATS:
+            _store_stats(stats_ptr, i_b, N, o_t, m_t, b_mu, b_rstd)
         b_s = tl.sum(b_xc * b_w[None, :], axis=1) * b_rstd + bias  # [BT]
     else:
         b_s = tl.sum(b_x * b_w[None, :], axis=1) + bias  # [BT]
@@ -99,10 +118,11 @@ def _single_tile(b_x, o_t, m_t, m_d, b_w, bias, b_max, b_sum, b_acc, s_ptr, i_b,
 
 @triton.jit(do_not_specialize=["P", "N"])
 def abmilp_fwd_single_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr, stats_ptr,
     stride_xb, stride_xt, P, N, D, eps,
     HAS_BIAS: tl.constexpr, STORE_F32: tl.constexpr, STORE_SCORES: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, PREFETCH: tl.constexpr = False, STANDARDIZE: tl.constexpr = False,
+    STORE_STATS: tl.constexpr = False,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BD)
@@ -125,15 +145,16 @@ def abmilp_fwd_single_kernel(
             o_n = o_t + BT
             b_next = _token_tile(p_x, o_n, o_n < N, stride_xt, o_d, m_d)
             b_max, b_sum, b_acc = _single_tile(b_x.to(tl.float32), o_t, o_t < N, m_d, b_w, bias, b_max, b_sum,
-                                               b_acc, s_ptr, i_b, N, D, eps, STORE_SCORES, STANDARDIZE)
+                                               b_acc, s_ptr, stats_ptr, i_b, N, D, eps, STORE_SCORES, STANDARDIZE,
+                                               STORE_STATS)
             b_x = b_next
     else:
         for t0 in range(0, N, BT):
             o_t = t0 + tl.arange(0, BT)
             m_t = o_t < N
             b_x = _token_tile(p_x, o_t, m_t, stride_xt, o_d, m_d).to(tl.float32)  # [BT, BD]
-            b_max, b_sum, b_acc = _single_tile(b_x, o_t, m_t, m_d, b_w, bias, b_max, b_sum, b_acc, s_ptr, i_b, N,
-                                               D, eps, STORE_SCORES, STANDARDIZE)
+            b_max, b_sum, b_acc = _single_tile(b_x, o_t, m_t, m_d, b_w, bias, b_max, b_sum, b_acc, s_ptr, stats_ptr,
+                                               i_b, N, D, eps, STORE_SCORES, STANDARDIZE, STORE_STATS)
 
     b_out = b_acc / b_sum
     tl.store(out_ptr + i_b * D + o_d, b_out.to(out_ptr.dtype.element_ty), mask=m_d)
@@ -144,8 +165,8 @@ def abmilp_fwd_single_kernel(
 
 @triton.jit(do_not_specialize=["B", "P", "N"])
 def abmilp_bwd_single_kernel(
-    x_ptr, w_ptr, s_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
-    stride_xb, stride_xt, stride_dxb, stride_dxt, stride_part, B, P, N, D, eps,
+    x_ptr, w_ptr, s_ptr, stats_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+    stride_xb, stride_xt, stride_dxb, stride_dxt, stride_part, B, P, N, D,
     HAS_DX: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, STANDARDIZE: tl.constexpr = False,
 ):
     # Each program walks images i_p, i_p + G, ... and keeps its dw partial in registers, stored as
@@ -179,7 +200,8 @@ def abmilp_bwd_single_kernel(
             b_s = tl.load(s_ptr + i_b * N + o_t, mask=m_t, other=0.0)  # [BT]
             b_a = tl.where(m_t, tl.exp(b_s - lse), 0.0)
             if STANDARDIZE:
-                b_xc, _, b_rstd = _centre(b_x, m_d, D, eps)
+                b_mu, b_rstd = _load_stats(stats_ptr, i_b, N, o_t, m_t)
+                b_xc = tl.where(m_d[None, :], b_x - b_mu[:, None], 0.0)
                 b_gz = tl.sum(b_xc * b_g[None, :], axis=1) * b_rstd  # [BT]
                 b_ds = b_a * (b_gz - c)
                 b_dw += tl.sum((b_ds * b_rstd)[:, None] * b_xc, axis=0)
@@ -284,12 +306,12 @@ def _split_scores_stats(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, eps, BC: t
 
 @triton.jit(do_not_specialize=["P", "N"])
 def abmilp_fwd_split_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, out32_ptr, lse_ptr, s_ptr, stats_ptr,
     stride_xb, stride_xt, P, N, D, K, eps,
     HAS_BIAS: tl.constexpr, STORE_F32: tl.constexpr, STORE_SCORES: tl.constexpr,
     LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, WHOLE: tl.constexpr = False,
-    STANDARDIZE: tl.constexpr = False,
+    STANDARDIZE: tl.constexpr = False, STORE_STATS: tl.constexpr = False,
 ):
     # Program pid = image * NSPLIT + chunk: the chunk programs of one image are neighbours in
     # launch order, so they stream the image's tokens at the same time (L2 reuse).
@@ -329,6 +351,9 @@ def abmilp_fwd_split_kernel(
         else:
             b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
         if STANDARDIZE:
+            if STORE_STATS:
+                if i_c == 0:
+                    _store_stats(stats_ptr, i_b, N, o_t, m_t, b_mu, b_rstd)
             b_s = (b_s - b_mu[:, None] * b_wsum[None, :]) * b_rstd[:, None]
         b_s = tl.where(m_t[:, None], b_s + b_bias[None, :], float("-inf"))  # [BT, BK]
         if STORE_SCORES:
@@ -363,8 +388,8 @@ def abmilp_fwd_split_kernel(
 
 @triton.jit(do_not_specialize=["B", "P", "N"])
 def abmilp_bwd_split_kernel(
-    x_ptr, w_ptr, bias_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
-    stride_xb, stride_xt, stride_dxb, stride_dxt, stride_part, B, P, N, D, K, eps,
+    x_ptr, w_ptr, bias_ptr, stats_ptr, lse_ptr, out32_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+    stride_xb, stride_xt, stride_dxb, stride_dxt, stride_part, B, P, N, D, K,
     HAS_BIAS: tl.constexpr, HAS_DX: tl.constexpr,
     LOWP: tl.constexpr, F32_PRECISION: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, WHOLE: tl.constexpr = False,
@@ -421,17 +446,11 @@ def abmilp_bwd_split_kernel(
                 b_x = _token_tile(p_x, o_t, m_t, stride_xt, o_own, m_own)
                 b_s = _dot(b_x, tl.trans(b_w), LOWP, F32_PRECISION)
                 b_gz = _dot(b_x, tl.trans(b_go), LOWP, F32_PRECISION)
-                if STANDARDIZE:
-                    _, b_mu, b_rstd = _centre(b_x.to(tl.float32), m_own, D, eps)
             else:
-                if STANDARDIZE:
-                    b_s, b_mu, b_rstd = _split_scores_stats(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, eps, BC,
-                                                            LOWP, F32_PRECISION, BT, BK)
-                else:
-                    b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT,
-                                        BK)
+                b_s = _split_scores(p_x, o_t, m_t, stride_xt, w_ptr, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
                 b_gz = _split_scores(p_x, o_t, m_t, stride_xt, p_g, o_k, m_k, D, BC, LOWP, F32_PRECISION, BT, BK)
-            if STANDARDIZE:  # w . xh and g . xh
+            if STANDARDIZE:  # w . xh and g . xh, with the forward's statistics
+                b_mu, b_rstd = _load_stats(stats_ptr, i_b, N, o_t, m_t)
                 b_s = (b_s - b_mu[:, None] * b_wsum[None, :]) * b_rstd[:, None]
                 b_gz = (b_gz - b_mu[:, None] * b_gsum[None, :]) * b_rstd[:, None]
             b_a = tl.where(m_t[:, None] & m_k[None, :], tl.exp(b_s + b_bias[None, :] - b_lse[None, :]), 0.0)

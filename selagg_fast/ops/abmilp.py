@@ -142,7 +142,9 @@ def abmilp_fwd(x, weight, bias, P, *, store_f32: bool, store_scores: bool, stand
                eps: float = 1e-6):
     """Launch the forward. x [B, T, D] (unit last stride), weight [K, D], bias None or [K].
 
-    Returns out [B, K, D] in x.dtype, out32 (float32 copy or None), lse [B, K], scores [B, K, N] or None.
+    Returns out [B, K, D] in x.dtype, out32 (float32 copy or None), lse [B, K], scores [B, K, N] or
+    None, stats (with ``standardize`` and ``store_f32``: each pooled token's mean and rstd,
+    float32 [B, 2, N], for the backward; else None).
     """
     B, T, D = x.shape
     K = weight.shape[0]
@@ -152,13 +154,14 @@ def abmilp_fwd(x, weight, bias, P, *, store_f32: bool, store_scores: bool, stand
         _dispatch.empty((B, K, D), x.device, torch.float32) if store_f32 else None)
     lse = _dispatch.empty((B, K), x.device, torch.float32)
     scores = _dispatch.empty((B, K, N), x.device, torch.float32) if store_scores else None
+    stats = _dispatch.empty((B, 2, N), x.device, torch.float32) if standardize and store_f32 else None
     common = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight,
         out_ptr=out, out32_ptr=out32 if out32 is not None else out, lse_ptr=lse,
-        s_ptr=scores if scores is not None else lse,
+        s_ptr=scores if scores is not None else lse, stats_ptr=stats if stats is not None else lse,
         stride_xb=x.stride(0), stride_xt=x.stride(1), P=P, N=N, D=D, eps=float(eps),
         HAS_BIAS=bias is not None, STORE_F32=out32 is not None and out32 is not out,
-        STORE_SCORES=scores is not None, STANDARDIZE=standardize,
+        STORE_SCORES=scores is not None, STANDARDIZE=standardize, STORE_STATS=stats is not None,
     )
     if K == 1:
         cfg = single_config(D)
@@ -167,15 +170,15 @@ def abmilp_fwd(x, weight, bias, P, *, store_f32: bool, store_scores: bool, stand
     else:
         _launch_split(abmilp_fwd_split_kernel, B, x, K, dict(common, **_dot_operands(weight, x.dtype), K=K),
                       backward=False)
-    return out, out32, lse, scores
+    return out, out32, lse, scores, stats
 
 
-def abmilp_bwd(x, weight, bias, P, lse, out32, dout, *, need_dx: bool, scores=None, standardize: bool = False,
-               eps: float = 1e-6):
+def abmilp_bwd(x, weight, bias, P, lse, out32, dout, *, need_dx: bool, scores=None, stats=None):
     """Launch the backward. Returns dx (or None), dweight [K, D] float32, dbias [K] float32 (exact
     zeros: softmax is shift invariant per branch).
 
-    ``scores``: the forward's [B, 1, N] scores, which K = 1 needs (K > 1 recomputes them)."""
+    ``scores``: the forward's [B, 1, N] scores, which K = 1 needs (K > 1 recomputes them).
+    ``stats``: the forward's per-token mean and rstd [B, 2, N] when it standardised the tokens."""
     B, T, D = x.shape
     K = weight.shape[0]
     N = T - P
@@ -187,7 +190,8 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, *, need_dx: bool, scores=No
         x_ptr=x, w_ptr=weight, lse_ptr=lse, out32_ptr=out32, dout_ptr=dout, dx_ptr=dx if dx is not None else x,
         stride_xb=x.stride(0), stride_xt=x.stride(1),
         stride_dxb=dx.stride(0) if dx is not None else 0, stride_dxt=dx.stride(1) if dx is not None else 0,
-        B=B, P=P, N=N, D=D, eps=float(eps), HAS_DX=need_dx, STANDARDIZE=standardize,
+        B=B, P=P, N=N, D=D, HAS_DX=need_dx, STANDARDIZE=stats is not None,
+        stats_ptr=stats if stats is not None else lse,
     )
     if K == 1:  # the scores carry the bias
         cfg = single_config(D)
@@ -233,20 +237,22 @@ class AbmilpPoolFunction(torch.autograd.Function):
     - ``scores`` [B, K, N] float32 (the scores, bias included; ``exp(scores - lse)`` are the
       weights) when ``store_scores``, else an empty tensor.
 
-    Saves x, weight, bias, lse, the float32 output and, for K = 1, the float32 scores [B, 1, N]
+    Saves x, weight, bias, lse, the float32 output, for K = 1 the float32 scores [B, 1, N]
     (4 bytes a token: the backward then reduces over D once per token instead of twice; K > 1
-    recomputes them on the tensor cores). The bias gradient is exact zeros (shift invariance).
+    recomputes them on the tensor cores) and, with ``standardize``, each token's mean and rstd
+    (8 bytes a token: the backward does not recompute them). The bias gradient is exact zeros
+    (shift invariance).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_prefix_tokens, store_scores, standardize, eps):
         needs_grad = any(ctx.needs_input_grad[:3])
         keep_scores = needs_grad and weight.shape[0] == 1
-        out, out32, lse, scores = abmilp_fwd(x, weight, bias, num_prefix_tokens, store_f32=needs_grad,
-                                             store_scores=store_scores or keep_scores, standardize=standardize,
-                                             eps=eps)
-        ctx.save_for_backward(x, weight, bias, lse, out32, scores if keep_scores else None)
-        ctx.num_prefix_tokens, ctx.standardize, ctx.eps = num_prefix_tokens, standardize, eps
+        out, out32, lse, scores, stats = abmilp_fwd(x, weight, bias, num_prefix_tokens, store_f32=needs_grad,
+                                                    store_scores=store_scores or keep_scores,
+                                                    standardize=standardize, eps=eps)
+        ctx.save_for_backward(x, weight, bias, lse, out32, scores if keep_scores else None, stats)
+        ctx.num_prefix_tokens = num_prefix_tokens
         # lse / scores get no gradient: without this, autograd would fill zero tensors for them
         # every backward (a launch each, for nothing)
         ctx.set_materialize_grads(False)
@@ -257,10 +263,9 @@ class AbmilpPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse, _dscores):
-        x, weight, bias, lse, out32, scores = ctx.saved_tensors
+        x, weight, bias, lse, out32, scores, stats = ctx.saved_tensors
         dx, dw, db = abmilp_bwd(x, weight, bias, ctx.num_prefix_tokens, lse, out32, dout.to(x.dtype).contiguous(),
-                                need_dx=ctx.needs_input_grad[0], scores=scores, standardize=ctx.standardize,
-                                eps=ctx.eps)
+                                need_dx=ctx.needs_input_grad[0], scores=scores, stats=stats)
         dbias = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw.to(weight.dtype), dbias, None, None, None, None
 
@@ -351,8 +356,8 @@ def abmilp_pool(
     if torch.is_grad_enabled() and (x.requires_grad or w2.requires_grad or (b1 is not None and b1.requires_grad)):
         out, lse, scores = AbmilpPoolFunction.apply(x, w2, b1, num_prefix_tokens, return_weights, standardize, eps)
     else:  # nothing to differentiate: skip the autograd Function's bookkeeping (~10 us of host time)
-        out, _, lse, scores = abmilp_fwd(x, w2, b1, num_prefix_tokens, store_f32=False, store_scores=return_weights,
-                                         standardize=standardize, eps=eps)
+        out, _, lse, scores, _ = abmilp_fwd(x, w2, b1, num_prefix_tokens, store_f32=False,
+                                            store_scores=return_weights, standardize=standardize, eps=eps)
     if single:
         out = out.view(B, D)  # a view, not out[:, 0]: its backward is free (select's fills a zero tensor)
     if not return_weights:

@@ -118,7 +118,8 @@ def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
     if K == 1:
         # also the grid: image walkers per SM (4: ~2 images a program at ViT-B; 8: one, as the forward)
         configs = [dict(BT=bt, num_warps=nw, PROGRAMS_PER_SM=n)
-                   for bt, nw, n in itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8)) if bt * BD <= abmilp_ops.MAX_TILE_ELEMENTS]
+                   for bt, nw, n in itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8))
+                   if bt * BD <= abmilp_ops.MAX_TILE_ELEMENTS]
     else:
         configs = [dict(BC=bc, BT=bt, num_warps=nw, num_stages=2)
                     for bc, bt, nw in itertools.product((256, 1024), (16, 32), (4, 8)) if bc <= BD]

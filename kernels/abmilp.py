@@ -17,8 +17,8 @@ g_k = dL/dout_k and c_k = g_k . out_k:
             mean_D(dz_t * xh_t)  = sum_k (a_tk gz_tk + ds_tk sw_tk) / D  (gz = g.xh, sw = w.xh)
 
 so the standardised backward needs no second pass over the features; it reads the mean and rstd
-the forward stored (stats [B, 2, N] float32, 8 bytes a token) instead of recomputing them. db is zero analytically
-(softmax is shift invariant per branch): every kernel writes zeros for it.
+the forward stored (stats [B, 2, N] float32, 8 bytes a token) instead of recomputing them. db is
+zero analytically (softmax is shift invariant per branch): every kernel writes zeros for it.
 
 K = 1 (``*_single_kernel``): one program owns one image (the backward: walks images i_p, i_p + G,
 ...). Tiles hold whole tokens in float32: an online softmax (running max, running sum) and the
@@ -47,11 +47,15 @@ Legend: ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` register blocks [s
   b_gc, b_oc     one D-chunk of g and of the float32 output, for c = g . out
   b_out          pooled output;  b_c  c = g . out per branch
   b_gz           g . z_t per token (and branch);  b_ds  dL/ds per token (and branch)
-  b_dz, b_dx     gradient w.r.t. z_t and x_t;  b_dw  weight-gradient partial
+  b_dx           dz_t, then (STANDARDIZE) dx_t;  b_dw, b_db  weight / bias gradient partials
   b_mu, b_rstd   per-token mean and 1/std (STANDARDIZE; stored by the forward with STORE_STATS
-                 for the backward);  b_xc  x - mu (0 on masked features)
-  b_wsum, b_gsum sum_D w_k, sum_D g_k (fold the mean out of the dots)
-  b_corr         sum_t p rstd mu (forward) / sum_t ds rstd mu (backward): the mean's share
+                 for the backward);  b_xc  x - mu (0 on masked features);  b_xh, b_xo  x-hat and
+                 x of this program's features;  b_m2, b_delta  Chan's running squared deviations
+                 and chunk-mean difference;  n_seen, n_chunk  features merged so far / in a chunk
+  b_wsum, b_gsum sum_D w_k, sum_D g_k (fold the mean out of the dots);  wbar, gbar  their means
+  b_sw           w . x-hat (score without bias);  b_mean_dz, b_mean_dzx  mean_D(dz), mean_D(dz * x-hat)
+  b_dsr          ds * rstd (the dot's weights for dw);  b_corr  sum_t p rstd mu (forward) /
+                 sum_t ds rstd mu (backward): the mean's share taken out of the raw-token dots
 """
 import triton
 import triton.language as tl
@@ -172,7 +176,7 @@ def abmilp_bwd_single_kernel(
     # Each program walks images i_p, i_p + G, ... and keeps its dw partial in registers, stored as
     # row i_p of one [G, stride_part] buffer (dw, then db = 0), so that the launcher reduces both
     # with one sum. The forward's scores s [B, N] (bias included) are read back, so a token costs
-    # one reduction over D (<z, g>), not two.
+    # one reduction over D (<z, g>), not two; with STANDARDIZE also its mean and rstd.
     i_p = tl.program_id(0)
     G = tl.num_programs(0)
     o_d = tl.arange(0, BD)

@@ -452,7 +452,8 @@ def test_standardize_in_every_tile_layout(layout, dtype, launch_with, poisoned):
     # the statistics come from whole-token tiles (K = 1, WHOLE) or merge over feature chunks
     # (split: 16-wide chunks of D = 40 make two full chunks and a partial one)
     K = 1 if layout == "prefetch" else 3
-    launch_with(single=lambda cfg: dict(PREFETCH=True), split=_whole if layout == "whole" else lambda cfg, D: dict(BC=16))
+    launch_with(single=lambda cfg: dict(PREFETCH=True),
+                split=_whole if layout == "whole" else lambda cfg, D: dict(BC=16))
     x, w, b = make_inputs(3, 21, 40, K, torch.float32)
     x = (x * 0.5 - 20 + torch.randn(3, 21, 1, device=DEVICE) * 4).to(dtype)  # |mean| >> std
     _check_standardized(x, w, b, 1, dtype)

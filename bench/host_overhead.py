@@ -69,7 +69,8 @@ def main() -> None:
     out = torch.empty(B, 1, D, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(B, 1, device="cuda")
     raw_args = dict(x_ptr=x, w_ptr=w1, bias_ptr=w1, out_ptr=out, out32_ptr=out, lse_ptr=lse, s_ptr=lse,
-                    stride_xb=x.stride(0), stride_xt=x.stride(1), P=1, N=T - 1, D=D, HAS_BIAS=False,
+                    stats_ptr=lse, stride_xb=x.stride(0), stride_xt=x.stride(1), P=1, N=T - 1, D=D, eps=1e-6,
+                    HAS_BIAS=False,
                     STORE_F32=False, STORE_SCORES=False, BD=1024, BT=8, num_warps=4, PREFETCH=False)
 
     def pool_step():
@@ -77,7 +78,7 @@ def main() -> None:
 
     cases = {
         "pool fwd K=1 (public op)": lambda: abmilp_pool(x, w1, b, num_prefix_tokens=1),
-        "pool fwd K=1 (abmilp_fwd launcher)": lambda: abmilp_ops.abmilp_fwd(x, w1.view(1, D), None, 1, False, False),
+        "pool fwd K=1 (abmilp_fwd launcher)": lambda: abmilp_ops.abmilp_fwd(x, w1.view(1, D), None, 1, store_f32=False, store_scores=False),
         "pool fwd K=1 (bare kernel launch)": lambda: abmilp_fwd_single_kernel[(B,)](**raw_args),
         "pool fwd K=16 (public op)": lambda: abmilp_pool(x, w16, num_prefix_tokens=1),
         "pool fwd+bwd K=1 (public op)": pool_step,

@@ -74,7 +74,7 @@ def _reference_pooled(tokens, a, P, method):
 @pytest.mark.parametrize("kwargs, return_block", [
     (dict(TINY), None),                                             # [cls], the last block
     (dict(TINY, depth=3, reg_tokens=2, qk_norm=True), 2),           # registers, qk_norm, an inner block
-])
+], ids=["cls-last-block", "registers-qk_norm-block-2-of-3"])
 def test_pooled_features_match_float64_unfused_maps(kwargs, return_block):
     torch.manual_seed(0)
     backbone = create_backbone("vit_tiny_patch16_224", random_init=True, return_block=return_block, **kwargs)
@@ -182,7 +182,8 @@ def _probe_args(tmp_path, heads, model_kwargs, extra):
     ("avg", None, ["--selector-checkpoint", "x.pth"], "need --selector-model"),
     ("external_cls_attn", None, ["--selector-model", "vit_no_such_model", "--selector-random-init"],
      "--selector-model: unknown timm model"),
-])
+], ids=["selector-grid", "cls_attn-no-cls", "min_entropy-no-cls", "external-no-selector", "selector-without-head",
+        "selector-checkpoint-alone", "unknown-selector"])
 def test_refusals_are_one_error_line(tmp_path, capsys, heads, model_kwargs, extra, match):
     args = _probe_args(tmp_path, heads, model_kwargs, extra)
     assert main(args) == 2

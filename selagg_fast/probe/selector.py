@@ -15,8 +15,6 @@ stores them so a cached run runs neither backbone nor selector. Definitions:
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
@@ -25,10 +23,7 @@ from ..selection import attention_rows, capture_attention_rows, center_query, mo
 from .cache import file_stamp
 from .heads import ATTENTION_HEADS
 
-log = logging.getLogger("selagg_fast")
-
-# probe head name -> the weights it pools with (selection.METHODS, or the selector's [cls] row)
-HEAD_METHODS = ATTENTION_HEADS
+# the method name of the selector's [cls] row (heads.ATTENTION_HEADS: head name -> method)
 EXTERNAL = ATTENTION_HEADS["external_cls_attn"]
 
 
@@ -80,7 +75,7 @@ def build_selector(cfg, info, device):
 
 class AttentionWeights:
     """``(tokens, weights)`` of one backbone pass (plus one selector pass): weights float32
-    ``[B, M, N]`` for ``methods`` (names of :data:`HEAD_METHODS`' values).
+    ``[B, M, N]`` for ``methods`` (values of ``heads.ATTENTION_HEADS``).
 
     ``backbone``: the probe's frozen :class:`~selagg_fast.backbone.Backbone` (its last block is the
     probed one); ``selector``: a Backbone for :data:`EXTERNAL`, or None. The selector sees the

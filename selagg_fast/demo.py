@@ -43,6 +43,7 @@ def run_demo(args) -> dict:
           "30 epochs on cached tokens")
     cfg = demo_config(args.out)
     cfg.resume = True  # rerunning the demo continues (or just reports) the previous one
+    _check_previous(cfg, args.out)
     start = time.perf_counter()
     results_path = os.path.join(cfg.output_dir, "results.json")
     if os.path.exists(results_path) and _finished(cfg):
@@ -119,6 +120,19 @@ def format_selections(result: dict, trained_head: str = "selective") -> str:
     lines.append(f"entropy in nats; uniform weights over the N = {result['N']} patches: log N = "
                  f"{result['max_entropy']:.2f}")
     return "\n".join(lines)
+
+
+def _check_previous(cfg: ProbeConfig, out: str) -> None:
+    """A folder holding an older demo's run (other heads) cannot be continued: say so in one line."""
+    import json
+    path = os.path.join(cfg.output_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        heads = json.load(f).get("heads")
+    if heads != cfg.heads:
+        raise ValueError(f"--out {out} holds the run of an older demo (heads {heads}; this demo trains {cfg.heads}): "
+                         "delete it or choose another --out")
 
 
 def _finished(cfg: ProbeConfig) -> bool:

@@ -212,3 +212,11 @@ def test_demo_selection_table_formatting():
     assert "log N = 4.16" in lines[5]
     with pytest.raises(ValueError, match="no trained 'selective' head"):
         format_selections(dict(result, methods=methods[1:]))
+
+
+def test_demo_refuses_an_older_demo_folder(tmp_path, capsys):
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "config.json").write_text('{"heads": "cls,avg,selective"}')
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "holds the run of an older demo" in err[0], err

@@ -220,3 +220,23 @@ def test_demo_refuses_an_older_demo_folder(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "holds the run of an older demo" in err[0], err
+
+
+def test_center_attn_on_a_model_without_cls_and_a_non_square_grid():
+    # no [cls] (P = 0), a 4 x 6 grid: the central patch is row 1, column 2 (each side's own c)
+    torch.manual_seed(1)
+    backbone = create_backbone("vit_tiny_patch16_224", random_init=True, **dict(
+        TINY, img_size=(32, 48), class_token=False, global_pool="avg")).to(DEVICE)
+    assert backbone.info.patch_grid == (4, 6) and backbone.info.num_prefix_tokens == 0
+    specs = parse_heads("center_attn,avg", has_cls=False)
+    heads = ProbeHeads(specs, [0.1], 48, 3, 0).to(DEVICE)
+    assert heads.selection_methods == ["center_mean"]
+    images = torch.randn(3, 3, 32, 48, device=DEVICE)
+    with torch.no_grad():
+        tokens, weights = AttentionWeights(backbone, heads.selection_methods)(backbone, images)
+    ref_tokens, ref = _reference_weights(backbone.cpu(), images.cpu())
+    assert rel_err(weights[:, 0], ref["center_mean"]) < 1e-5
+    features = {}
+    heads._attention_features(tokens, weights, features)
+    expected = _reference_pooled(ref_tokens, ref["center_mean"], 0, "center_mean")
+    assert rel_err(features["center_attn@0_1"], expected) < 1e-5

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selagg-fast", description=__doc__, epilog=_EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="built-in demo: cls / avg / selective probes on synthetic data (~1 min on a CPU)")
+    p = sub.add_parser("demo", help="built-in demo: cls / avg / selective / attention-derived probes and the analysis tools on synthetic data (~1-2 min on a CPU)")
     p.add_argument("--out", default="selagg_demo", help="folder for the demo's cache and run")
     p.set_defaults(func=_demo)
 

@@ -194,6 +194,12 @@ def test_demo_finishes_and_selective_beats_avg(tmp_path):
     best = json.loads((tmp_path / "probe" / "results.json").read_text())["best_per_head"]
     assert best["selective"]["top1"] > best["avg"]["top1"] + 20, best
     assert "selective beats avg" in proc.stdout
+    # the token-selection table: the trained head's weights are more concentrated than [cls] attention's
+    compare = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert "token selections" in proc.stdout and (tmp_path / "compare" / "kld.png").exists()
+    entropy = dict(zip(compare["methods"], compare["entropy_mean"]))
+    assert entropy["selective@1"] < entropy["cls_mean"] - 0.3 <= compare["max_entropy"], entropy
+    assert compare["kl"][0][0] == 0 and min(compare["kl"][0][1:]) > 0.1, compare["kl"]
 
 
 def test_accum_iter_steps_every_n_batches_and_sgd(tmp_path, monkeypatch):

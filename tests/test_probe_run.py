@@ -253,7 +253,7 @@ def test_a_run_saved_before_protocols_resumes_as_it_ran(tmp_path):
 def test_a_diverged_pair_is_reported_as_such_and_the_others_train_on(tmp_path, caplog):
     healthy = run_probe(tiny_config(tmp_path / "ok", heads="avg", lrs="0.5,2.0", epochs=1))
     with caplog.at_level("WARNING", logger="selagg_fast"):
-        results = run_probe(tiny_config(tmp_path / "nan", heads="avg", lrs="0.5,1e30", epochs=1))
+        run_probe(tiny_config(tmp_path / "nan", heads="avg", lrs="0.5,1e30", epochs=1))
     assert "avg@1e+30 diverged" in caplog.text
     on_disk = _strict_json(tmp_path / "nan" / "results.json")
     rows = _strict_json(tmp_path / "nan" / "metrics.jsonl")

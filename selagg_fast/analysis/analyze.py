@@ -93,6 +93,14 @@ def write_outputs(out: str, run_name: str, meta: dict, summary: dict) -> dict:
 
 def validate_analyze(cfg: "AnalyzeConfig") -> None:
     """Every flag's value checked before a model is built or an image read."""
+    check_image_pass(cfg)
+    check_number("--seed", cfg.seed, minimum=0, integer=True)
+    cfg.check_backbone()
+
+
+def check_image_pass(cfg) -> None:
+    """The flags every pass over validation images has (analyze, compare): data, batching,
+    checkpoints of the running sums, precision, device."""
     if cfg.data is None:
         raise ValueError("--data is required: a folder of images (ImageNet val layout or flat), or 'synthetic'")
     if cfg.data != "synthetic":
@@ -101,11 +109,9 @@ def validate_analyze(cfg: "AnalyzeConfig") -> None:
     check_number("--limit", cfg.limit, minimum=1, integer=True, optional=True)
     check_number("--workers", cfg.workers, minimum=0, integer=True)
     check_number("--save-every", cfg.save_every, minimum=1, integer=True)
-    check_number("--seed", cfg.seed, minimum=0, integer=True)
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--precision {cfg.precision!r}: choose auto, bf16 or fp32")
     check_device(cfg.device)
-    cfg.check_backbone()
 
 
 def check_fresh_output(out: str, resume: bool, flag: str = "--output-dir") -> None:

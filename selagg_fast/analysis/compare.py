@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..backbone import BackboneSettings
-from ..data import IMAGENET_MEAN, IMAGENET_STD, analysis_images, check_data_folder, collate_skipping
-from ..distributed import all_reduce_sum, barrier, check_device, init_distributed
+from ..data import IMAGENET_MEAN, IMAGENET_STD, analysis_images, collate_skipping
+from ..distributed import all_reduce_sum, barrier, init_distributed
 from ..files import atomic_json, atomic_save, atomic_write, check_number, check_writable, load_torch_file
 from ..probe.heads import ProbeHeads, pair_name, parse_heads
 from ..selection import (CLS_METHODS, METHODS, capture_attention_rows, center_query, model_tokens,
                          weights_from_rows)
-from .analyze import load_partial
+from .analyze import check_image_pass, load_partial
 from .probe_maps import upsample
 
 log = logging.getLogger("selagg_fast")
@@ -127,18 +127,8 @@ def validate_compare(cfg: CompareConfig) -> None:
         raise ValueError("--probe is required: a `selagg-fast probe` output folder")
     if not os.path.isfile(os.path.join(cfg.probe, "checkpoint.pt")):
         _probe_state(cfg.probe)  # raises with the reason
-    if cfg.data is None:
-        raise ValueError("--data is required: a folder of images (ImageNet val layout or flat), or 'synthetic'")
-    if cfg.data != "synthetic":
-        check_data_folder(cfg.data)
-    check_number("--batch-size", cfg.batch_size, minimum=1, integer=True)
-    check_number("--limit", cfg.limit, minimum=1, integer=True, optional=True)
-    check_number("--workers", cfg.workers, minimum=0, integer=True)
-    check_number("--save-every", cfg.save_every, minimum=1, integer=True)
+    check_image_pass(cfg)
     check_number("--examples", cfg.examples, minimum=0, integer=True)
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--precision {cfg.precision!r}: choose auto, bf16 or fp32")
-    check_device(cfg.device)
     if cfg.selector_model is None and (cfg.selector_checkpoint or cfg.selector_random_init):
         raise ValueError("--selector-checkpoint / --selector-random-init need --selector-model")
     if cfg.selector_model is not None:

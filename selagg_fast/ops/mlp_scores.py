@@ -16,7 +16,6 @@ from ._dispatch import (
     check_same_device,
     choose_backend,
     dot_settings,
-    interpreter_active,
     launcher,
     next_pow2,
 )

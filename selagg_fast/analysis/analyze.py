@@ -12,20 +12,18 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..backbone import BackboneSettings
-from ..data import analysis_images, check_data_folder, collate_skipping
+from ..data import analysis_images, check_data_folder
 from ..distributed import barrier, check_device, init_distributed
-from ..files import atomic_json, atomic_save, atomic_write, check_number, check_writable, load_torch_file
+from ..files import atomic_json, atomic_write, check_number, check_writable
 from ..modules import record_attention_stats
 from ..reference import CLS_COLUMNS
+from .image_pass import ImagePass
 
 log = logging.getLogger("selagg_fast")
 
@@ -121,15 +119,6 @@ def check_fresh_output(out: str, resume: bool, flag: str = "--output-dir") -> No
         raise FileExistsError(f"{flag} {out} already holds stats.json: pass --resume or choose another {flag}")
 
 
-def load_partial(path: str, settings: dict) -> dict:
-    """A process's saved running sums, refused when the run's settings changed."""
-    state = load_torch_file(path, flag="--resume")  # written by this tool: plain types only
-    if state.get("settings") != settings:
-        raise ValueError(f"--resume: {os.path.dirname(path)} was started with other settings: "
-                         f"{state.get('settings')} vs {settings}")
-    return state
-
-
 def run_analyze(cfg: AnalyzeConfig) -> dict:
     validate_analyze(cfg)
     out = cfg.output_dir
@@ -145,48 +134,21 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     os.makedirs(out, exist_ok=True)
     run_name = cfg.name or os.path.basename(os.path.normpath(out))
 
-    n_batches = -(-len(dataset) // cfg.batch_size)
-    mine = list(range(dist_info.rank, n_batches, dist_info.world_size))
-    partial_path = os.path.join(out, f"partial.rank{dist_info.rank}.pt")
     settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, model_kwargs=cfg.model_kwargs,
                     return_block=cfg.return_block, data=cfg.data, limit=cfg.limit, images=len(dataset),
                     batch_size=cfg.batch_size, world_size=dist_info.world_size, magnitudes=cfg.magnitudes,
                     precision="bf16" if use_bf16 else "fp32")
-
     ctx = record_attention_stats(backbone.model, magnitudes=cfg.magnitudes)
-    done, unreadable = set(), 0
-    if cfg.resume and os.path.exists(partial_path):
-        state = load_partial(partial_path, settings)
-        ctx.recorder.load_state_dict(state["recorder"], device=device)
-        done, unreadable = set(state["done"]), state["unreadable"]
-        log.info("resuming %s: %d of this process's %d batches already summed", out, len(done), len(mine))
-
-    def save_partial():  # atomic: a failed write keeps the previous running sums
-        atomic_save(partial_path, dict(settings=settings, recorder=ctx.recorder.state_dict(), done=sorted(done),
-                                       unreadable=unreadable))
-
-    todo = [b for b in mine if b not in done]
-    bs = cfg.batch_size
-    loader = DataLoader(dataset, batch_sampler=[list(range(b * bs, min((b + 1) * bs, len(dataset)))) for b in todo],
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping)
-    bar = tqdm(total=len(dataset), initial=min(len(dataset), len(done) * bs * dist_info.world_size), unit="img",
-               desc=f"analyze {cfg.model}", disable=not (cfg.progress and dist_info.is_main), smoothing=0.1)
-    start, seen = time.perf_counter(), 0
+    pass_ = ImagePass(dataset, batch_size=cfg.batch_size, dist_info=dist_info, out=out, settings=settings,
+                      resume=cfg.resume, state=lambda: dict(recorder=ctx.recorder.state_dict()),
+                      load=lambda saved: ctx.recorder.load_state_dict(saved["recorder"], device=device),
+                      workers=cfg.workers, save_every=cfg.save_every, desc=f"analyze {cfg.model}",
+                      progress=cfg.progress)
     with ctx as recorder:
-        for n, (b, (images, _labels, _idx, skipped)) in enumerate(zip(todo, loader)):
-            unreadable += len(skipped)
-            if images is not None:
-                forward_batch(backbone, images, use_bf16)
-                seen += len(images)
-            done.add(b)
-            bar.update((len(skipped) + (0 if images is None else len(images))) * dist_info.world_size)
-            bar.set_postfix(img_s=f"{seen * dist_info.world_size / (time.perf_counter() - start):.0f}")
-            if (n + 1) % cfg.save_every == 0:
-                save_partial()
-    bar.close()
-    save_partial()
-    elapsed = time.perf_counter() - start
-    state = _gathered_state(recorder, unreadable)
+        for images in pass_.batches():
+            forward_batch(backbone, images, use_bf16)
+    seen, elapsed = pass_.seen, pass_.elapsed
+    state = _gathered_state(recorder, pass_.unreadable)
     stats = None
     if dist_info.is_main:
         recorder.load_state_dict(state)

@@ -16,22 +16,20 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..backbone import BackboneSettings
-from ..data import IMAGENET_MEAN, IMAGENET_STD, analysis_images, collate_skipping
+from ..data import IMAGENET_MEAN, IMAGENET_STD, analysis_images
 from ..distributed import all_reduce_sum, barrier, init_distributed
-from ..files import atomic_json, atomic_save, atomic_write, check_number, check_writable, load_torch_file
+from ..files import atomic_json, atomic_write, check_number, check_writable, load_torch_file
 from ..probe.heads import ProbeHeads, pair_name, parse_heads
 from ..selection import (CLS_METHODS, METHODS, capture_attention_rows, center_query, model_tokens,
                          weights_from_rows)
-from .analyze import check_image_pass, load_partial
+from .analyze import check_image_pass
+from .image_pass import ImagePass
 from .probe_maps import upsample
 
 log = logging.getLogger("selagg_fast")
@@ -332,51 +330,30 @@ def run_compare(cfg: CompareConfig) -> dict | None:
     dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
     os.makedirs(out, exist_ok=True)
 
-    n_batches = -(-len(dataset) // cfg.batch_size)
-    mine = list(range(dist_info.rank, n_batches, dist_info.world_size))
-    partial_path = os.path.join(out, f"partial.rank{dist_info.rank}.pt")
     settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, limit=cfg.limit, images=len(dataset),
                     batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
                     selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs],
                     precision="bf16" if use_bf16 else "fp32")
     sums = DivergenceSums(len(methods), device)
-    done, unreadable, examples = set(), 0, None
-    if cfg.resume and os.path.exists(partial_path):
-        saved = load_partial(partial_path, settings)
+    examples = {}  # the first batch's images and weights, for maps.png (saved with the sums)
+
+    def load(saved):
         sums.load_state_dict(saved["sums"])
-        done, unreadable, examples = set(saved["done"]), saved["unreadable"], saved["examples"]
-        log.info("resuming %s: %d of this process's %d batches already summed", out, len(done), len(mine))
+        examples.update(saved["examples"] or {})
 
-    def save_partial():  # atomic: a failed write keeps the previous running sums
-        atomic_save(partial_path, dict(settings=settings, sums=sums.state_dict(), done=sorted(done),
-                                       unreadable=unreadable, examples=examples))
-
-    todo = [b for b in mine if b not in done]
-    bs = cfg.batch_size
-    loader = DataLoader(dataset, batch_sampler=[list(range(b * bs, min((b + 1) * bs, len(dataset)))) for b in todo],
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping)
-    bar = tqdm(total=len(dataset), initial=min(len(dataset), len(done) * bs * dist_info.world_size), unit="img",
-               desc=f"compare {info.name}", disable=not (cfg.progress and dist_info.is_main), smoothing=0.1)
-    start, seen = time.perf_counter(), 0
-    for n, (b, (images, _labels, _idx, skipped)) in enumerate(zip(todo, loader)):
-        unreadable += len(skipped)
-        if images is not None:
-            images = images.to(device, non_blocking=True)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                weights = compute(images)
-            sums.update(weights)
-            if examples is None and dist_info.is_main and cfg.examples:
-                k = min(cfg.examples, len(images))
-                examples = dict(images=images[:k].float().cpu(), weights=weights[:k].float().cpu())
-            seen += len(images)
-        done.add(b)
-        bar.update((len(skipped) + (0 if images is None else len(images))) * dist_info.world_size)
-        bar.set_postfix(img_s=f"{seen * dist_info.world_size / (time.perf_counter() - start):.0f}")
-        if (n + 1) % cfg.save_every == 0:
-            save_partial()
-    bar.close()
-    save_partial()
-    elapsed = time.perf_counter() - start
+    pass_ = ImagePass(dataset, batch_size=cfg.batch_size, dist_info=dist_info, out=out, settings=settings,
+                      resume=cfg.resume, state=lambda: dict(sums=sums.state_dict(), examples=examples or None),
+                      load=load, workers=cfg.workers, save_every=cfg.save_every, desc=f"compare {info.name}",
+                      progress=cfg.progress)
+    for images in pass_.batches():
+        images = images.to(device, non_blocking=True)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            weights = compute(images)
+        sums.update(weights)
+        if not examples and dist_info.is_main and cfg.examples:
+            k = min(cfg.examples, len(images))
+            examples.update(images=images[:k].float().cpu(), weights=weights[:k].float().cpu())
+    unreadable, seen, elapsed = pass_.unreadable, pass_.seen, pass_.elapsed
     count = torch.tensor([float(unreadable)], dtype=torch.float64, device=device)
     all_reduce_sum(count)
     sums.all_reduce()
@@ -387,7 +364,7 @@ def run_compare(cfg: CompareConfig) -> dict | None:
         result = _result(cfg, state, info, methods, omitted, sums, int(count.item()),
                          seen * dist_info.world_size / max(elapsed, 1e-9))
         atomic_json(os.path.join(out, "compare.json"), result)
-        write_figures(out, result, examples)
+        write_figures(out, result, examples or None)
         if omitted:
             print(f"{info.name} has no [cls] token: methods {', '.join(omitted)} are left out")
     barrier()

@@ -369,3 +369,17 @@ def test_synthetic_images_are_deterministic_and_labelled():
     assert {ds[i][1] for i in range(20)} == {0, 1, 2, 3}
     val = SyntheticObjects(20, num_classes=4, img_size=32, seed=3, split="val")
     assert not np.array_equal(np.asarray(val[7][0]), np.asarray(a))
+
+
+def test_unreadable_count_spans_every_epoch():
+    # the paper protocol drops a different last partial batch each epoch: an epoch that did not meet
+    # an unreadable image must not reset the count, and a resumed run's count is a floor
+    from types import SimpleNamespace
+    from selagg_fast.probe.trainer import _Run
+    run = SimpleNamespace(unreadable={"train": 0, "val": 2}, unreadable_indices={"train": set(), "val": set()},
+                          distinct_count=lambda indices: len(set(indices)))
+    for epoch_indices, expected in (([5], 1), ([], 1), ([7, 5], 2)):
+        _Run.note_unreadable(run, "train", epoch_indices)
+        assert run.unreadable["train"] == expected
+    _Run.note_unreadable(run, "val", [1])
+    assert run.unreadable["val"] == 2

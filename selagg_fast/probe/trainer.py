@@ -176,6 +176,9 @@ class _Run:
         self.protocol = PROTOCOLS[cfg.protocol]
         self.stores = {}                          # split -> TokenStore, with --cache-features
         self.unreadable = {"train": 0, "val": 0}  # distinct unreadable images, all processes
+        # this invocation's unreadable indices per split: each epoch drops a different last partial
+        # batch (paper protocol), so one epoch alone can miss some; the count is over every epoch
+        self.unreadable_indices = {"train": set(), "val": set()}
         self.diverged = set()                     # pair names whose loss or parameters went non-finite
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -287,6 +290,11 @@ class _Run:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.control_group)
         return bool(flag.item())
 
+    def note_unreadable(self, split: str, indices) -> None:
+        """Add an epoch's unreadable indices; the count never drops below a resumed run's."""
+        self.unreadable_indices[split].update(int(i) for i in indices)
+        self.unreadable[split] = max(self.unreadable[split], self.distinct_count(self.unreadable_indices[split]))
+
     def distinct_count(self, indices) -> int:
         """How many distinct indices all processes saw (padding repeats some across processes)."""
         indices = set(int(i) for i in indices)
@@ -379,7 +387,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     all_reduce_sum(loss_sums)
     all_reduce_sum(seen)
     if not cfg.cache_features:  # cached tokens: the store counted them once at extraction
-        run.unreadable["train"] = run.distinct_count(unreadable)
+        run.note_unreadable("train", unreadable)
     elapsed = time.perf_counter() - start
     losses = (loss_sums / seen.clamp(min=1)).tolist()
     return dict(losses=dict(zip(names, losses)), images_per_s=images_done * run.dist.world_size / elapsed)
@@ -412,7 +420,7 @@ def evaluate(run: _Run, epoch: int) -> dict:
     all_reduce_sum(correct)
     all_reduce_sum(total)
     if not run.cfg.cache_features:
-        run.unreadable["val"] = run.distinct_count(unreadable)
+        run.note_unreadable("val", unreadable)
     acc = (100.0 * correct / total.clamp(min=1)).tolist()
     return {name: dict(top1=a[0], top5=a[1]) for name, a in zip(names, acc)}
 

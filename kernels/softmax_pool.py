@@ -39,10 +39,10 @@ def _row_lse(p_s, o_k, m_k, N, BK: tl.constexpr, BN: tl.constexpr):
         b_s = tl.load(p_s + o_k[:, None] * N + o_n[None, :], mask=m_k[:, None] & (o_n < N)[None, :],
                       other=float("-inf")).to(tl.float32)  # [BK, BN]
         b_s = tl.where(m_k[:, None], b_s, 0.0)  # padded branches: finite, never used
-        m_new = tl.maximum(b_max, tl.max(b_s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row is all -inf so far
-        b_sum = b_sum * tl.exp(b_max - m_safe) + tl.sum(tl.exp(b_s - m_safe[:, None]), axis=1)
-        b_max = m_new
+        b_max_new = tl.maximum(b_max, tl.max(b_s, axis=1))
+        b_max_safe = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)  # no -inf - -inf in all -inf rows
+        b_sum = b_sum * tl.exp(b_max - b_max_safe) + tl.sum(tl.exp(b_s - b_max_safe[:, None]), axis=1)
+        b_max = b_max_new
     return tl.where(b_max == float("-inf"), 0.0, b_max) + tl.log(tl.where(m_k, b_sum, 1.0))
 
 

@@ -277,8 +277,8 @@ class AttentionStatsRecorder:
             self.images += stats.self_attn.shape[0]
 
     def record_magnitude(self, block: int, residual: torch.Tensor, branch: torch.Tensor) -> None:
-        # ||attention branch|| / ||residual input|| per token; the exact ratio (no 1e-6 term). The
-        # two norms cost ~5% of a ViT-B forward as torch reductions (H200); the kernel reads each once
+        # ||attention branch|| / ||residual input|| per token; the exact ratio (no 1e-6 term); the
+        # kernel reads each tensor once (two torch norm reductions read them twice; bench/RESULTS.md)
         ratio = token_norm_ratio(branch, residual)  # [B, T] float32; one read of each on a GPU
         patch = ratio[:, self.num_prefix_tokens:].mean(-1, keepdim=True)
         # per-image values in float32, running sums in float64 (as the attention columns)

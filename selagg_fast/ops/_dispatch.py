@@ -114,8 +114,8 @@ def launcher(kernel, configs: list, key: list):
     )(kernel)
 
     # tuning key -> the config Triton's autotuner picked for it. Later launches with that key go
-    # straight to the kernel: the autotuner's wrapper costs ~20 us of host time a call, which is
-    # a fifth of the ViT-B K=1 forward and decides the eager timing when the host is the bottleneck.
+    # straight to the kernel: the autotuner's wrapper adds host time to every call, which decides
+    # the eager timing of a small kernel when the host is the bottleneck (bench/RESULTS.md, session 4).
     picked = {}
 
     def launch(grid, device, default: dict, **kwargs):

@@ -99,6 +99,10 @@ class SelectiveAggregation(nn.Module):
                  activation: str = "tanh", self_attention: str = "none", positional: bool = False,
                  grid_size=None, self_attention_heads: int = 1):
         super().__init__()
+        for name, value in (("dim", dim), ("branches", branches), ("num_prefix_tokens", num_prefix_tokens),
+                            ("depth", depth), ("self_attention_heads", self_attention_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"SelectiveAggregation: {name} must be an int, got {value!r}")
         if dim <= 0 or branches <= 0:
             raise ValueError(f"SelectiveAggregation: dim and branches must be positive, got {dim}, {branches}")
         if num_prefix_tokens < 0:
@@ -129,8 +133,9 @@ class SelectiveAggregation(nn.Module):
             self.attention_predictor = nn.Sequential(*layers, nn.Linear(dim, branches))
         if self_attention != "none":
             self.self_attn = HeadSelfAttention(dim, self_attention_heads)
-        if self.grid_size is not None:
-            # reference layout: a zero [cls] row with content "all" (here: num_prefix_tokens == 0)
+        if self.grid_size is not None and (self.positional or dim % 4 == 0):
+            # reference layout: a zero [cls] row with content "all" (here: num_prefix_tokens == 0); kept
+            # without positional conditioning only as the reference keeps it (a table D % 4 allows)
             self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid_size,
                                                                   cls_token=num_prefix_tokens == 0)[None])
         self.reset_parameters()

@@ -158,3 +158,15 @@ def test_bad_inputs_raise():
             variant(torch.randn(2, 10, D + 1, device=DEVICE))
     with pytest.raises(ValueError, match="no tokens left"):
         SelectiveAggregation(D, 1, 2, depth=2)(torch.randn(2, 2, D, device=DEVICE))
+    for bad in (dict(branches=2.5), dict(depth=True), dict(num_prefix_tokens=1.0)):
+        with pytest.raises(ValueError, match="must be an int"):
+            SelectiveAggregation(D, **bad)
+    SelectiveAggregation(30, grid_size=3)  # a grid without positional conditioning does not need D % 4
+
+
+def test_probe_heads_refuse_a_grid_that_cannot_fit_before_any_batch():
+    from selagg_fast.probe.heads import ProbeHeads, parse_heads
+    # a model with 5 prefix tokens (cls + 4 registers) and a 3x3 grid: content "all" pools 14 tokens
+    with pytest.raises(ValueError, match=r"grid 3x3 \(9 patches\) does not match the 14 pooled tokens"):
+        ProbeHeads(parse_heads("selective_pe_all"), [0.1], D, 4, num_prefix_tokens=5, grid_size=(3, 3))
+    ProbeHeads(parse_heads("selective_pe,selective_pe_all"), [0.1], D, 4, num_prefix_tokens=1, grid_size=(3, 3))

@@ -210,6 +210,9 @@ class ProbeHeads(nn.Module):
                     dim, spec.branches, prefix, depth=spec.depth, activation=spec.activation,
                     self_attention=spec.self_attention, positional=spec.positional,
                     grid_size=grid_size if spec.positional else None)
+                if spec.positional:  # a grid that cannot fit the pooled tokens: refused now, not at the first batch
+                    rows, cols = self.aggregators[key].grid_size
+                    self.aggregators[key]._pos_table(num_prefix_tokens + rows * cols - prefix)
             self.classifiers[key] = LinearProbe(dim * spec.branches, num_classes)
 
     @staticmethod

@@ -35,10 +35,13 @@ def _vit(model: nn.Module) -> nn.Module:
     """The timm VisionTransformer of ``model`` (itself, or a :class:`~selagg_fast.backbone.Backbone`'s)."""
     vit = getattr(model, "model", model) if not hasattr(model, "blocks") else model
     blocks = getattr(vit, "blocks", None)
+    # timm's vit Attention: one qkv Linear, q_norm / k_norm (Identity without qk_norm); BEiT-style
+    # attention (separate q/v biases, relative position bias) computes other logits
     if blocks is None or not hasattr(vit, "patch_embed") or not all(
-            hasattr(b, "attn") and isinstance(getattr(b.attn, "qkv", None), nn.Linear) for b in blocks):
-        raise TypeError("attention_selection: expected a timm VisionTransformer (model.blocks[i].attn.qkv) "
-                        f"or a selagg_fast Backbone, got {type(model).__name__}")
+            hasattr(b, "attn") and isinstance(getattr(b.attn, "qkv", None), nn.Linear)
+            and hasattr(b.attn, "q_norm") and hasattr(b.attn, "k_norm") for b in blocks):
+        raise TypeError("attention_selection: expected a timm VisionTransformer (model.blocks[i].attn with qkv, "
+                        f"q_norm, k_norm) or a selagg_fast Backbone, got {type(model).__name__}")
     return vit
 
 

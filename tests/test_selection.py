@@ -123,3 +123,10 @@ def test_rows_captured_beside_a_full_backbone_forward():
     assert capture.rows.shape == (2, 3, 2, 17)
     torch.testing.assert_close(capture.rows.double().cpu(), A[:, :, [0, 7]].cpu(), rtol=1e-4, atol=1e-7)
     assert not model.blocks[-1].attn._forward_pre_hooks
+
+
+def test_attention_of_another_kind_is_refused():
+    # BEiT's attention (q/v biases, relative position bias) computes other logits than qkv's rows
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=32).eval()
+    with pytest.raises(TypeError, match="expected a timm VisionTransformer"):
+        attention_selection(beit, torch.randn(1, 3, 32, 32), "cls_mean")

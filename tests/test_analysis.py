@@ -231,6 +231,26 @@ def test_maps_write_decodable_figures(tmp_path, tiny_probe):
         write_maps(str(run), files, str(tmp_path / "maps"), head="avg@2", device="cpu")
 
 
+def test_cls_map_is_the_last_blocks_cls_row(tiny_probe):
+    # ProbeMaps' [cls] map against the attention maps of an unfused float64 copy of the backbone
+    import copy
+    from selagg_fast.analysis.probe_maps import ProbeMaps
+    run, _, _ = tiny_probe
+    pm = ProbeMaps(str(run), device="cpu")
+    images = torch.randn(3, 3, pm.info.img_size, pm.info.img_size)
+    _, cls_map = pm.maps(images)
+    vit = copy.deepcopy(pm.backbone.model).double()
+    captured = {}
+    last = vit.blocks[-1].attn
+    last.fused_attn = False
+    last.attn_drop.register_forward_hook(lambda m, i, out: captured.setdefault("A", out))
+    with torch.no_grad():
+        vit.forward_features(images.double())
+    P = pm.info.num_prefix_tokens
+    expected = captured["A"][:, :, 0, P:].mean(1).reshape(cls_map.shape)  # mean over heads, not renormalised
+    torch.testing.assert_close(cls_map.double(), expected, rtol=1e-4, atol=1e-6)
+
+
 @requires_kernels
 def test_localize_end_to_end(tiny_probe):
     run, val, csv_path = tiny_probe

@@ -1,6 +1,7 @@
 """A finished probe run rebuilt for inspection: Selective Aggregation weights and [cls] attention maps."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from ..backbone import BackboneSettings
 from ..files import load_torch_file
 from ..probe.heads import ProbeHeads, parse_heads
+from ..selection import capture_attention_rows, weights_from_rows
 
 
 class ProbeMaps:
@@ -49,31 +51,21 @@ class ProbeMaps:
 
     @torch.no_grad()
     def maps(self, images: torch.Tensor):
-        captured = {}
-        attn = self.backbone.model.blocks[-1].attn
-        hook = attn.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
-        try:
+        # the tokens and the last run block's [cls] row from one pass (no attention map)
+        P = self.info.num_prefix_tokens
+        capture = capture_attention_rows(self.backbone, [0]) if self.info.has_cls else contextlib.nullcontext()
+        with capture as rows:
             tokens = self.backbone(images.to(self.device))
-        finally:
-            hook.remove()
         gh, gw = self.info.patch_grid
         B = len(images)
         selection = self.heads.selection_weights(tokens.float(), self.head)
         selection = selection.reshape(B, -1, selection.shape[-1]).mean(1)
         # selective_all pools prefix tokens too: the map shows the patch part
         selection = selection[:, -gh * gw:].reshape(B, gh, gw)
-        cls = _cls_attention(attn, captured["x"], self.info.num_prefix_tokens).reshape(B, gh, gw) \
-            if self.info.has_cls else None
+        cls = None
+        if self.info.has_cls:  # mean over heads of A_0j over the patch keys (min-max normalised when drawn)
+            cls = weights_from_rows(rows.rows, "cls_mean", P, 0, renormalize=False).reshape(B, gh, gw)
         return selection.float().cpu(), None if cls is None else cls.float().cpu()
-
-
-def _cls_attention(attn, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """[cls]-row attention ``A_0j`` over the patch keys, mean over heads: ``[B, N]`` (one row, never a map)."""
-    B, T, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)  # [B, H, 1, T]
-    return logits.softmax(-1)[:, :, 0, num_prefix_tokens:].mean(1)
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:

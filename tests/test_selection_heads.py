@@ -18,7 +18,8 @@ from selagg_fast.cli import main
 from selagg_fast.demo import format_selections
 from selagg_fast.distributed import init_distributed
 from selagg_fast.probe.heads import ProbeHeads, parse_heads
-from selagg_fast.probe.selector import AttentionWeights, build_selector, methods_of, pool_attention
+from selagg_fast.probe.heads import pool_attention
+from selagg_fast.probe.selector import AttentionWeights, build_selector, methods_of
 from selagg_fast.probe.trainer import ProbeConfig, _resolved, _Run, run_probe
 
 # 32 x 32 images, 8 x 8 patches: a 4 x 4 grid (N = 16); the central patch is row 1, column 1

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..attentive import AttentivePooling
 from ..modules import SelectiveAggregation
-from ..ops import abmilp_pool
+from ..ops import abmilp_pool, softmax_pool
 
 HEAD_KINDS = ("cls", "avg", "selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>]", "ap<H>[_ln][_all]",
               "cls_attn", "cls_attn_min_entropy", "center_attn", "external_cls_attn")
@@ -279,7 +279,6 @@ class ProbeHeads(nn.Module):
             raise ValueError(f"ProbeHeads: heads {', '.join(s.name for s in self.specs if s.attention_weighted)} "
                              f"need their weights: forward((tokens, selection [B, {M}, N])) for methods "
                              f"{self.selection_methods}, got {None if selection is None else tuple(selection.shape)}")
-        from .selector import pool_attention
         pooled = pool_attention(tokens, selection, self.selection_methods, self.num_prefix_tokens, self.backend)
         for spec, lr in self.pairs:
             if spec.attention_weighted:
@@ -323,6 +322,28 @@ class ProbeHeads(nn.Module):
                     _, w = agg(tokens, return_weights=True)
                 return w.reshape(tokens.shape[0], -1, w.shape[-1])
         raise KeyError(f"no head {name!r}; have {self.pair_names()}")
+
+
+def pool_attention(tokens: torch.Tensor, weights: torch.Tensor, methods, num_prefix_tokens: int,
+                   backend: str = "auto") -> torch.Tensor:
+    """Pooled features ``[B, M, D]`` float32 of the methods' weight vectors ``[B, M, N]``.
+
+    One fused softmax-weighted-sum over the tokens with ``log(weights)`` as scores (softmax of
+    ``log a`` is ``a / sum a``: no ``[B, N, D]`` temporary), then the reference's scaling per method:
+    ``sum_t a_t z_t`` for the [cls] methods, ``(1/N) sum_t a_t z_t`` for the central patch, and
+    ``(1/N) sum_t abar_t z_t = (sum abar / N) * sum_t renorm(abar)_t z_t`` for the external selector
+    (the per-image patch mass, which BatchNorm does not remove).
+    """
+    N = weights.shape[-1]
+    scores = weights.float().clamp_min(0).log()  # a zero weight: -inf, that token masked
+    pooled = softmax_pool(scores, tokens, num_prefix_tokens=num_prefix_tokens, backend=backend).float()
+    scale = torch.ones(weights.shape[:2], device=weights.device, dtype=torch.float32)
+    for i, m in enumerate(methods):
+        if m == "center_mean":
+            scale[:, i] = 1.0 / N
+        elif m == ATTENTION_HEADS["external_cls_attn"]:
+            scale[:, i] = weights[:, i].float().sum(-1) / N
+    return pooled * scale[..., None]
 
 
 def probe_loss(logits: dict, labels: torch.Tensor):

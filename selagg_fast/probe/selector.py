@@ -129,30 +129,6 @@ def cache_settings(cfg, methods) -> dict:
         model_kwargs=cfg.selector_model_kwargs, random_init=cfg.selector_random_init))
 
 
-def pool_attention(tokens: torch.Tensor, weights: torch.Tensor, methods, num_prefix_tokens: int,
-                   backend: str = "auto") -> torch.Tensor:
-    """Pooled features ``[B, M, D]`` float32 of the methods' weight vectors ``[B, M, N]``.
-
-    One fused softmax-weighted-sum over the tokens with ``log(weights)`` as scores (softmax of
-    ``log a`` is ``a / sum a``: no ``[B, N, D]`` temporary), then the reference's scaling per method:
-    ``sum_t a_t z_t`` for the [cls] methods, ``(1/N) sum_t a_t z_t`` for the central patch, and
-    ``(1/N) sum_t abar_t z_t = (sum abar / N) * sum_t renorm(abar)_t z_t`` for the external selector
-    (the per-image patch mass, which BatchNorm does not remove).
-    """
-    from ..ops import softmax_pool
-
-    N = weights.shape[-1]
-    scores = weights.float().clamp_min(0).log()  # a zero weight: -inf, that token masked
-    pooled = softmax_pool(scores, tokens, num_prefix_tokens=num_prefix_tokens, backend=backend).float()
-    scale = torch.ones(weights.shape[:2], device=weights.device, dtype=torch.float32)
-    for i, m in enumerate(methods):
-        if m == "center_mean":
-            scale[:, i] = 1.0 / N
-        elif m == EXTERNAL:
-            scale[:, i] = weights[:, i].float().sum(-1) / N
-    return pooled * scale[..., None]
-
-
 def methods_of(specs) -> list:
     """The weights' methods of a run's heads, in ProbeHeads' ``selection_methods`` order."""
     return list(dict.fromkeys(ATTENTION_HEADS[s.kind] for s in specs if s.attention_weighted))

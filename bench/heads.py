@@ -84,14 +84,8 @@ def _timm_pool(D: int, H: int) -> nn.Module:
     return AttentionPoolLatent(D, num_heads=H, mlp_ratio=4.0, qkv_bias=True, latent_len=1, norm_layer=nn.LayerNorm)
 
 
-def _selective_variant(D: int, name: str):
-    """E2's SelectiveAggregation variants; None (with the reason) while they are not there."""
-    kwargs = {"selective": {}, "mlp_tanh": dict(depth=2, activation="tanh"),
-              "sa_abmilp": dict(depth=2, activation="tanh", self_attention="both")}[name]
-    try:
-        return SelectiveAggregation(D, 1, P, **kwargs), None
-    except (TypeError, ValueError) as e:
-        return None, f"SelectiveAggregation({kwargs}) unavailable: {e}"
+VARIANTS = {"selective": {}, "mlp_tanh": dict(depth=2, activation="tanh"),
+            "sa_abmilp": dict(depth=2, activation="tanh", self_attention="both")}  # SelectiveAggregation kwargs
 
 
 class _Probe(nn.Module):
@@ -157,11 +151,7 @@ def _build(name: str, D: int, device, tokens, patches, compile_: bool, notes: li
             compiled = torch.compile(timm_head)
             providers["timm compiled"] = (lambda t, m=compiled: m(patches), timm_head)
         return providers
-    head, why = _selective_variant(D, name)
-    if head is None:
-        notes.append(f"{name}: {why}")
-        return providers
-    head = head.to(device)
+    head = SelectiveAggregation(D, 1, P, **VARIANTS[name]).to(device)
     providers["fused"] = (head, head)
     if name == "selective":
         eager_fn = (lambda t, m=head: abmilp_pool_eager(t, m.weight.view(D), m.bias.view(()), P))

@@ -19,15 +19,14 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..backbone import BackboneSettings
 from ..data import IMAGENET_MEAN, IMAGENET_STD, analysis_images
 from ..distributed import all_reduce_sum, barrier, init_distributed
 from ..files import atomic_json, atomic_write, check_number, check_writable, load_torch_file
 from ..probe.heads import ProbeHeads, pair_name, parse_heads
-from ..selection import (CLS_METHODS, METHODS, capture_attention_rows, center_query, model_tokens,
-                         weights_from_rows)
+from ..probe.selector import EXTERNAL, AttentionWeights, build_selector, selector_settings
+from ..selection import CLS_METHODS, METHODS, model_tokens
 from .analyze import check_image_pass
 from .image_pass import ImagePass
 from .probe_maps import upsample
@@ -130,15 +129,9 @@ def validate_compare(cfg: CompareConfig) -> None:
     if cfg.selector_model is None and (cfg.selector_checkpoint or cfg.selector_random_init):
         raise ValueError("--selector-checkpoint / --selector-random-init need --selector-model")
     if cfg.selector_model is not None:
-        _selector_settings(cfg).check_backbone()
+        selector_settings(cfg).check_backbone()
     if cfg.methods is not None and not [m for m in cfg.methods.split(",") if m.strip()]:
         raise ValueError("--methods: empty list")
-
-
-def _selector_settings(cfg: CompareConfig) -> BackboneSettings:
-    return BackboneSettings(model=cfg.selector_model, checkpoint=cfg.selector_checkpoint,
-                            random_init=cfg.selector_random_init, model_kwargs=dict(cfg.selector_model_kwargs),
-                            trust_checkpoint=cfg.trust_checkpoint)
 
 
 def _best_pairs(state: dict, heads: ProbeHeads) -> dict:
@@ -247,58 +240,27 @@ def write_figures(out: str, result: dict, examples: dict | None) -> list:
 
 
 class _Methods:
-    """Every method's ``[B, M, N]`` weights from one backbone pass (plus one selector pass)."""
+    """Every method's ``[B, M, N]`` weights from one backbone pass (plus one selector pass): the
+    attention methods through the probe's own :class:`~selagg_fast.probe.selector.AttentionWeights`
+    (the selector's row renormalised here: compare measures the weight vectors' shapes)."""
 
     def __init__(self, backbone, heads, methods: list, selector=None):
-        self.backbone, self.heads, self.methods, self.selector = backbone, heads, methods, selector
+        self.backbone, self.heads, self.methods = backbone, heads, methods
         P, _, grid = model_tokens(backbone)
-        self.P, self.N = P, grid[0] * grid[1]
-        needed = [m for m in methods if m in METHODS]
-        # the probed block's query rows: [cls] (token 0) and / or the central patch
-        self.queries = sorted({0 if m in CLS_METHODS else center_query(grid, P) for m in needed})
-        self.center = center_query(grid, P)
+        self.N = grid[0] * grid[1]
+        self.attention_methods = [EXTERNAL if m == SELECTOR else m for m in methods if m in METHODS or m == SELECTOR]
+        self.attention = AttentionWeights(backbone, self.attention_methods, selector)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        rows = None
-        if self.queries:
-            capture = capture_attention_rows(self.backbone, self.queries, block=-1)
-            with capture:
-                tokens = self.backbone(images)
-            rows = capture.rows
-        else:
-            tokens = self.backbone(images)
+        tokens, attention = self.attention(self.backbone, images)
         out = []
         for m in self.methods:
-            if m in METHODS:
-                query = self.queries.index(0 if m in CLS_METHODS else self.center)
-                w = weights_from_rows(rows, m, self.P, query)
-            elif m == SELECTOR:
-                w = self.selector(images)
-            else:  # a trained pair: branches / heads averaged, the patch part renormalised
+            if m in METHODS or m == SELECTOR:
+                w = attention[:, self.attention_methods.index(EXTERNAL if m == SELECTOR else m)]
+            else:  # a trained pair: branches / heads averaged, the patch part
                 w = self.heads.selection_weights(tokens, m).float().mean(1)[:, -self.N:]
-                w = w / w.sum(-1, keepdim=True)
-            out.append(w.float())
+            out.append(w.float() / w.float().sum(-1, keepdim=True))  # renormalised over the patches
         return torch.stack(out, 1)
-
-
-def _selector(cfg: CompareConfig, device, grid, img_size):
-    from ..selection import attention_rows
-    settings = _selector_settings(cfg)
-    model = settings.create_backbone().to(device)
-    P, has_cls, sgrid = model_tokens(model)
-    if not has_cls:
-        raise ValueError(f"--selector-model {cfg.selector_model}: has no [cls] token to select with")
-    if tuple(sgrid) != tuple(grid):
-        raise ValueError(f"--selector-model {cfg.selector_model}: patch grid {sgrid[0]}x{sgrid[1]} differs from the "
-                         f"probed model's {grid[0]}x{grid[1]}; the weights must cover the same patches")
-    size = model.info.img_size
-
-    def weights(images):
-        if size != img_size:
-            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
-        rows = attention_rows(model, images, [0], block=-1)  # the selector stops at its last attention
-        return weights_from_rows(rows, "cls_mean", P, 0)
-    return weights
 
 
 def run_compare(cfg: CompareConfig) -> dict | None:
@@ -325,7 +287,7 @@ def run_compare(cfg: CompareConfig) -> dict | None:
     selective_pairs = [pair_name(s, lr) for s, lr in heads.pairs if s.selective]
     methods, omitted = choose_methods(cfg.methods, info.has_cls, cfg.selector_model is not None, trained,
                                       selective_pairs)
-    selector = _selector(cfg, device, info.patch_grid, info.img_size) if SELECTOR in methods else None
+    selector = build_selector(cfg, info, device) if SELECTOR in methods else None
     compute = _Methods(backbone, heads, methods, selector)
     dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
     os.makedirs(out, exist_ok=True)

@@ -60,6 +60,8 @@ Legend: ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` register blocks [s
 import triton
 import triton.language as tl
 
+from .dots import dot as _dot
+
 
 @triton.jit
 def _token_tile(p_x, o_t, m_t, stride_xt, o_d, m_d, TRANS: tl.constexpr = False):
@@ -224,16 +226,6 @@ def abmilp_bwd_single_kernel(
                 tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
     tl.store(dw_ptr + i_p * stride_part + o_d, b_dw, mask=m_d)
     tl.store(db_ptr + i_p * stride_part, 0.0)
-
-
-@triton.jit
-def _dot(a, b, LOWP: tl.constexpr, F32_PRECISION: tl.constexpr):
-    # [M, R] x [R, N] -> float32. bf16/fp16 operands feed the tensor cores directly (the eager head
-    # does its Linear in bf16 under autocast too); float32 uses 3xTF32.
-    if LOWP:
-        return tl.dot(a, b)
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=F32_PRECISION)
 
 
 @triton.jit

@@ -19,14 +19,7 @@ Legend: ``b_a`` weights, ``b_gx`` g . x, ``b_c`` g . out, SINGLE: K = 1 without 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, LOWP: tl.constexpr, F32_PRECISION: tl.constexpr):
-    # float32 result; bf16/fp16 operands go to the tensor cores as they are, float32 via F32_PRECISION
-    if LOWP:
-        return tl.dot(a, b)
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=F32_PRECISION)
+from .dots import dot as _dot
 
 
 @triton.jit

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -59,3 +61,14 @@ class AtenOps(TorchDispatchMode):
 
 # ops that mean a zero-filled tensor was made: a kernel launch each on the GPU
 FILLS = {"zeros", "zero_", "fill_", "new_zeros", "zeros_like", "select_backward", "select_scatter"}
+
+
+def run_cli(args, nproc=None, env_extra=None, timeout=600) -> str:
+    """``selagg-fast ARGS`` in a subprocess (under torchrun with ``nproc`` processes); its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc else [sys.executable]
+    proc = subprocess.run(prefix + ["-m", "selagg_fast.cli"] + args, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout

@@ -2,14 +2,12 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import DEVICE, requires_kernels
+from conftest import DEVICE, requires_kernels, run_cli
 from PIL import Image
 from test_attention import unfused_reference_columns
 
@@ -114,13 +112,8 @@ def test_two_process_sharding_equals_one_process(tmp_path, tiny_checkpoint):
     args = ["analyze", "--model", "vit_tiny_patch16_224", "--checkpoint", path, "--model-kwargs", json.dumps(TINY),
             "--data", "synthetic", "--limit", "20", "--batch-size", "4", "--workers", "0", "--no-progress",
             "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for nproc, out in ((None, "one"), (2, "two")):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-            if nproc else [sys.executable]
-        proc = subprocess.run(launcher + ["-m", "selagg_fast.cli"] + args + ["--output-dir", str(tmp_path / out)],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_cli(args + ["--output-dir", str(tmp_path / out)], nproc=nproc)
     one = json.loads((tmp_path / "one" / "stats.json").read_text())
     two = json.loads((tmp_path / "two" / "stats.json").read_text())
     assert one["images"] == two["images"] == 20

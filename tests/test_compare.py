@@ -1,14 +1,11 @@
 """`selagg-fast compare`: running entropy / KL sums against float64, end to end on a tiny probe run."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, requires_kernels
+from conftest import DEVICE, requires_kernels, run_cli
 from PIL import Image
 
 from selagg_fast.analysis.compare import CompareConfig, DivergenceSums, run_compare
@@ -204,13 +201,8 @@ def test_two_process_sharding_equals_one_process(probe_run, tmp_path):
     root = probe_run
     args = ["compare", "--probe", str(root / "run"), "--data", str(root / "val"), "--batch-size", "3",
             "--workers", "0", "--no-progress", "--device", "cpu", "--examples", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for nproc, out in ((None, "one"), (2, "two")):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-            if nproc else [sys.executable]
-        proc = subprocess.run(launcher + ["-m", "selagg_fast.cli"] + args + ["--output-dir", str(tmp_path / out)],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_cli(args + ["--output-dir", str(tmp_path / out)], nproc=nproc)
     one = json.loads((tmp_path / "one" / "compare.json").read_text())
     two = json.loads((tmp_path / "two" / "compare.json").read_text())
     assert one["images"] == two["images"] == 10

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, run_cli
 
 from selagg_fast.probe.outputs import format_results
 from selagg_fast.probe.trainer import ProbeConfig, run_probe
@@ -157,16 +157,6 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         run_probe(tiny_config(tmp_path / "r", random_init=False, checkpoint=str(tmp_path / "bad.pth")))
 
 
-def _cli(args, nproc=None, env_extra=None, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc else [sys.executable]
-    cmd = prefix + ["-m", "selagg_fast.cli"] + args
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
 def _cli_args(out):
     return ["probe", "--model", "vit_tiny_patch16_224", "--random-init", "--model-kwargs", json.dumps(TINY),
             "--data", "synthetic", "--synthetic-train-size", "128", "--synthetic-val-size", "64",
@@ -175,8 +165,8 @@ def _cli_args(out):
 
 
 def test_two_process_torchrun_equals_one_process(tmp_path):
-    one = _cli(_cli_args(tmp_path / "one") + ["--batch-size", "32"])
-    two = _cli(_cli_args(tmp_path / "two") + ["--batch-size", "16"], nproc=2)
+    one = run_cli(_cli_args(tmp_path / "one") + ["--batch-size", "32"])
+    two = run_cli(_cli_args(tmp_path / "two") + ["--batch-size", "16"], nproc=2)
     assert "selective" in one and "selective" in two
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -270,9 +260,9 @@ def test_a_diverged_pair_is_reported_as_such_and_the_others_train_on(tmp_path, c
 
 def test_two_process_cache_extraction_equals_one_process(tmp_path):
     cached = ["--no-augment", "--cache-features", str(tmp_path / "cache"), "--cache-dtype", "fp32"]
-    _cli(_cli_args(tmp_path / "one") + ["--batch-size", "32"] + cached)
+    run_cli(_cli_args(tmp_path / "one") + ["--batch-size", "32"] + cached)
     # 2 processes fill disjoint batches of a fresh store (batch 16 gives a separate cache folder)
-    _cli(_cli_args(tmp_path / "two") + ["--batch-size", "16"] + cached, nproc=2)
+    run_cli(_cli_args(tmp_path / "two") + ["--batch-size", "16"] + cached, nproc=2)
     stores = sorted(d.name.split("-")[0] for d in (tmp_path / "cache").iterdir())
     assert stores == ["train", "train", "val", "val"]
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -286,7 +276,7 @@ def test_two_process_run_survives_an_all_unreadable_batch(tmp_path):
     data = _noise_image_folder(tmp_path / "data", 3, "train/a/bad.png")
     args = _cli_args(tmp_path / "out")
     args[args.index("synthetic")] = data
-    _cli(args + ["--batch-size", "1", "--epochs", "1", "--augment"], nproc=2, timeout=180)
+    run_cli(args + ["--batch-size", "1", "--epochs", "1", "--augment"], nproc=2, timeout=180)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["epochs_done"] == 1
     assert results["unreadable_images"] == {"train": 1, "val": 0}  # counted once over both processes

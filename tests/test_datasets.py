@@ -209,8 +209,8 @@ def _torchvision_reference(name, data, monkeypatch):
     as_dict = lambda paths, labels: {os.path.normpath(str(p)): int(y) for p, y in zip(paths, labels)}  # noqa: E731
     if name == "flowers102":
         splits = [tv.Flowers102(data, split=s) for s in ("train", "val", "test")]
-        return ({**as_dict(splits[0]._image_files, splits[0]._labels), **as_dict(splits[1]._image_files, splits[1]._labels)},
-                as_dict(splits[2]._image_files, splits[2]._labels))
+        train, val, test = (as_dict(d._image_files, d._labels) for d in splits)
+        return {**train, **val}, test
     if name == "places365":
         splits = [tv.Places365(data, split=s, small=True) for s in ("train-standard", "val")]
         return tuple(as_dict(*zip(*d.imgs)) for d in splits)

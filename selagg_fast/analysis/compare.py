@@ -294,8 +294,8 @@ def run_compare(cfg: CompareConfig) -> dict | None:
     dataset = analysis_dataset(cfg.dataset, cfg.data, info.img_size, cfg.limit)
     os.makedirs(out, exist_ok=True)
 
-    settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, dataset=cfg.dataset, limit=cfg.limit, images=len(dataset),
-                    batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
+    settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
+                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
                     selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs],
                     precision="bf16" if use_bf16 else "fp32")
     sums = DivergenceSums(len(methods), device)

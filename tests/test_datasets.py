@@ -352,6 +352,16 @@ def test_probe_run_records_dataset_and_classes(tmp_path):
     assert saved["config"]["dataset"] == "dtd" and "dataset" in _RESUME_KEYS  # --resume refuses another dataset
     with pytest.raises(FileNotFoundError, match="no images/ "):
         run_probe(ProbeConfig(**dict(cfg, dataset="cub200", output_dir=str(tmp_path / "other"))))
+    # the analysis tools read the evaluation split (3 images; --limit 2 of them)
+    from selagg_fast.analysis.analyze import AnalyzeConfig, run_analyze
+    from selagg_fast.analysis.compare import CompareConfig, run_compare
+    common = dict(data=data, dataset="dtd", workers=0, progress=False, device="cpu", batch_size=2)
+    stats = run_analyze(AnalyzeConfig(model=cfg["model"], random_init=True, model_kwargs=cfg["model_kwargs"],
+                                      output_dir=str(tmp_path / "analyze"), **common))
+    assert stats["images"] == 3 and stats["settings"]["dataset"] == "dtd"
+    compared = run_compare(CompareConfig(probe=str(tmp_path / "run"), limit=2, examples=0,
+                                         output_dir=str(tmp_path / "compare"), **common))
+    assert compared["images"] == 2
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path, capsys):

@@ -27,7 +27,6 @@ class Layout:
     data: str            # what --data names
     required: tuple      # paths under --data, checked in this order; a trailing "/" marks a folder
     read: Callable       # --data -> (training split, evaluation split)
-    splits: str          # the two splits, in words (--help and docs)
 
 
 def _table(root: str, name: str) -> dict:
@@ -123,7 +122,7 @@ def _flowers102(root: str):
     folder = os.path.join(root, "flowers-102")
     labels = loadmat(os.path.join(folder, "imagelabels.mat"), squeeze_me=True)["labels"].reshape(-1) - 1
     split_ids = loadmat(os.path.join(folder, "setid.mat"), squeeze_me=True)
-    classes = list(getattr(Flowers102, "classes", None) or [str(c) for c in range(1, int(labels.max()) + 2)])
+    classes = list(getattr(Flowers102, "classes", None) or [str(c) for c in range(1, 103)])  # names, else numbers
 
     def files(keys):
         ids = [int(i) for k in keys for i in np.asarray(split_ids[k]).reshape(-1)]
@@ -179,6 +178,8 @@ def _sun397(root: str):
     return files("Training_01.txt"), files("Testing_01.txt")
 
 
+# torchvision's classes keep a split's files and labels in private attributes (the same names from
+# torchvision 0.13 on); taking them over lets the package's ImageFiles read, skip and count the images
 def _torchvision(class_name: str, root: str, split: str, **kwargs):
     from torchvision import datasets
     try:
@@ -186,7 +187,8 @@ def _torchvision(class_name: str, root: str, split: str, **kwargs):
     except RuntimeError as err:  # "Dataset not found": a file the layout check does not name
         raise FileNotFoundError(f"--data {root}: torchvision.datasets.{class_name}: {err}") from None
     except KeyError as err:  # a label the class list lacks
-        raise ValueError(f"--data {root}: torchvision.datasets.{class_name}({split!r}): unknown class {err}") from None
+        raise ValueError(f"--data {root}: torchvision.datasets.{class_name}({split!r}): unknown class {err}") \
+            from None
 
 
 def _files(dataset, paths, labels, classes=None) -> ImageFiles:
@@ -230,43 +232,37 @@ def _imagefolder(root: str):
 
 
 DATASETS = {
-    "imagefolder": Layout("a folder with train/ and val/ holding one folder per class", (), _imagefolder,
-                          "train/ / val/"),
+    "imagefolder": Layout("a folder with train/ and val/ holding one folder per class", (), _imagefolder),
     "cub200": Layout("the released CUB_200_2011/ folder", (
-        "images/", "images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"), _cub200,
-        "train_test_split.txt 1 (5,994 images) / 0 (5,794)"),
+        "images/", "images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"), _cub200),
     "cifar100": Layout("the folder holding cifar-100-python/", (
-        "cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"), _cifar100,
-        "train (50,000) / test (10,000), fine labels"),
+        "cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"), _cifar100),
     "food101": Layout("the folder holding food-101/", (
-        "food-101/images/", "food-101/meta/train.json", "food-101/meta/test.json"), _food101,
-        "train (75,750) / test (25,250)"),
+        "food-101/images/", "food-101/meta/train.json", "food-101/meta/test.json"), _food101),
     "stanford_cars": Layout("the folder holding stanford_cars/ (with devkit/)", (
         "stanford_cars/devkit/cars_meta.mat", "stanford_cars/devkit/cars_train_annos.mat",
         "stanford_cars/cars_train/", "stanford_cars/cars_test_annos_withlabels.mat", "stanford_cars/cars_test/"),
-        _stanford_cars, "train (8,144) / test (8,041)"),
+        _stanford_cars),
     "fgvc_aircraft": Layout("the folder holding fgvc-aircraft-2013b/", (
         "fgvc-aircraft-2013b/data/images/", "fgvc-aircraft-2013b/data/variants.txt",
         "fgvc-aircraft-2013b/data/images_variant_trainval.txt", "fgvc-aircraft-2013b/data/images_variant_test.txt"),
-        _fgvc_aircraft, "trainval (6,667) / test (3,333), 100 variants"),
+        _fgvc_aircraft),
     "dtd": Layout("the folder holding dtd/dtd/", (
         "dtd/dtd/images/", "dtd/dtd/labels/train1.txt", "dtd/dtd/labels/val1.txt", "dtd/dtd/labels/test1.txt"),
-        _dtd, "train1 + val1 (3,760) / test1 (1,880)"),
+        _dtd),
     "oxford_pets": Layout("the folder holding oxford-iiit-pet/", (
         "oxford-iiit-pet/images/", "oxford-iiit-pet/annotations/trainval.txt",
-        "oxford-iiit-pet/annotations/test.txt"), _oxford_pets, "trainval (3,680) / test (3,669), 37 breeds"),
+        "oxford-iiit-pet/annotations/test.txt"), _oxford_pets),
     "flowers102": Layout("the folder holding flowers-102/", (
-        "flowers-102/jpg/", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"), _flowers102,
-        "train + val (2,040) / test (6,149)"),
+        "flowers-102/jpg/", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"), _flowers102),
     "sun397": Layout("the folder holding SUN397/ with the official partition files", (
-        "SUN397/ClassName.txt", "SUN397/Training_01.txt", "SUN397/Testing_01.txt"), _sun397,
-        "Training_01 (19,850) / Testing_01 (19,850)"),
+        "SUN397/ClassName.txt", "SUN397/Training_01.txt", "SUN397/Testing_01.txt"), _sun397),
     "places365": Layout("the Places365-Standard root (256x256 images and file lists)", (
         "categories_places365.txt", "places365_train_standard.txt", "places365_val.txt", "data_256_standard/",
-        "val_256/"), _places365, "train-standard (1,803,460) / val (36,500)"),
+        "val_256/"), _places365),
     "stl10": Layout("the folder holding stl10_binary/", (
         "stl10_binary/train_X.bin", "stl10_binary/train_y.bin", "stl10_binary/test_X.bin",
-        "stl10_binary/test_y.bin", "stl10_binary/class_names.txt"), _stl10, "train (5,000) / test (8,000)"),
+        "stl10_binary/test_y.bin", "stl10_binary/class_names.txt"), _stl10),
 }
 
 

@@ -343,13 +343,17 @@ def test_probe_run_records_dataset_and_classes(tmp_path):
     cfg = dict(model="vit_tiny_patch16_224", random_init=True,
                model_kwargs=dict(img_size=16, patch_size=8, depth=1, embed_dim=32, num_heads=2),
                data=data, dataset="dtd", heads="avg", lrs="0.1", epochs=1, warmup_epochs=0, batch_size=3,
-               workers=0, progress=False, device="cpu", output_dir=str(tmp_path / "run"))
+               workers=0, progress=False, device="cpu", output_dir=str(tmp_path / "run"),
+               cache_features=str(tmp_path / "cache"), augment=False)
     results = run_probe(ProbeConfig(**cfg))
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["classes"] == results["classes"] == CLASSES and list(on_disk)[-1] == "classes"
     assert on_disk["dataset"] == "dtd" and on_disk["train_images"] == 6 and on_disk["val_images"] == 3
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert saved["config"]["dataset"] == "dtd" and "dataset" in _RESUME_KEYS  # --resume refuses another dataset
+    for split in ("train", "val"):  # the cache key holds the dataset
+        (store,) = (tmp_path / "cache").glob(f"{split}-*")
+        assert json.loads((store / "meta.json").read_text())["fingerprint"]["dataset"] == "dtd"
     with pytest.raises(FileNotFoundError, match="no images/ "):
         run_probe(ProbeConfig(**dict(cfg, dataset="cub200", output_dir=str(tmp_path / "other"))))
     # the analysis tools read the evaluation split (3 images; --limit 2 of them)

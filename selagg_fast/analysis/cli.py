@@ -5,13 +5,14 @@ import os
 
 
 def add_analysis_commands(sub) -> None:
-    from ..probe.cli import add_backbone_arguments
+    from ..probe.cli import add_backbone_arguments, add_dataset_argument
 
     p = sub.add_parser("analyze", help="per-block, per-head attention statistics over an image folder")
     add_backbone_arguments(p)
     p.add_argument("--return-block", type=int, help="analyse blocks 1..N only; default: all blocks")
-    p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat) or 'synthetic' "
-                                  "(required; no default)")
+    p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat), a --dataset "
+                                  "folder (its evaluation split), or 'synthetic' (required; no default)")
+    add_dataset_argument(p)
     p.add_argument("--limit", type=int, help="analyse a seeded random subset of N images; default: all")
     p.add_argument("--batch-size", type=int, default=512, help="images per batch and process")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
@@ -64,12 +65,13 @@ def add_analysis_commands(sub) -> None:
 
 
 def add_compare_command(sub) -> None:
-    from ..probe.cli import json_object
+    from ..probe.cli import add_dataset_argument, json_object
 
     p = sub.add_parser("compare", help="trained vs attention-derived token selections: entropy, KL, maps")
     p.add_argument("--probe", required=True, help="a selagg-fast probe output folder")
-    p.add_argument("--data", required=True, help="image folder (DIR/val when present; class folders or flat) "
-                                                 "or 'synthetic'")
+    p.add_argument("--data", required=True, help="image folder (DIR/val when present; class folders or flat), "
+                                                 "a --dataset folder (its evaluation split), or 'synthetic'")
+    add_dataset_argument(p)
     p.add_argument("--methods", help="comma list: trained heads or pairs (selective, selective@0.1, ap4), "
                                      "cls_mean, cls_min_entropy, center_mean, selector_cls; default: every trained "
                                      "selective/attentive head (best lr) and every attention method the model allows")

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backbone import BackboneSettings
-from ..data import IMAGENET_MEAN, IMAGENET_STD, analysis_images
+from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..datasets import analysis_dataset
 from ..distributed import all_reduce_sum, barrier, init_distributed
 from ..files import atomic_json, atomic_write, check_number, check_writable, load_torch_file
 from ..probe.heads import ProbeHeads, pair_name, parse_heads
@@ -46,6 +47,7 @@ LABELS = {"cls_mean": "mean [cls] attn", "cls_min_entropy": "min-entropy [cls] a
 class CompareConfig:
     probe: str | None = None
     data: str | None = None
+    dataset: str = "imagefolder"
     methods: str | None = None
     limit: int | None = None
     batch_size: int = 256
@@ -289,11 +291,11 @@ def run_compare(cfg: CompareConfig) -> dict | None:
                                       selective_pairs)
     selector = build_selector(cfg, info, device) if SELECTOR in methods else None
     compute = _Methods(backbone, heads, methods, selector)
-    dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
+    dataset = analysis_dataset(cfg.dataset, cfg.data, info.img_size, cfg.limit)
     os.makedirs(out, exist_ok=True)
 
-    settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, limit=cfg.limit, images=len(dataset),
-                    batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
+    settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
+                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
                     selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs],
                     precision="bf16" if use_bf16 else "fp32")
     sums = DivergenceSums(len(methods), device)

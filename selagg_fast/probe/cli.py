@@ -34,6 +34,16 @@ def add_backbone_arguments(g, help_suffix: str = "") -> None:
                    help='JSON object passed to timm.create_model, e.g. \'{"img_size": 448}\'')
 
 
+def add_dataset_argument(g) -> None:
+    """--dataset, shared by probe, analyze and compare."""
+    from ..datasets import DATASETS
+    g.add_argument("--dataset", choices=list(DATASETS), default="imagefolder",
+                   help="layout of --data: imagefolder (train/ and val/ class folders), cub200 (the "
+                        "CUB_200_2011 folder itself), or torchvision's on-disk layout (--data is the root "
+                        "torchvision's class takes, e.g. the folder holding cifar-100-python/); the training "
+                        "and evaluation splits of each: docs/datasets.md")
+
+
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     d = ProbeConfig()
     g = p.add_argument_group("backbone")
@@ -45,7 +55,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-backbone", action="store_true",
                    help="torch.compile the frozen backbone: compiles on the first batches, faster forwards after")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="ImageFolder root with train/ and val/, or 'synthetic' (required; no default)")
+    g.add_argument("--data", help="the dataset's folder (see --dataset), or 'synthetic' (required; no default)")
+    add_dataset_argument(g)
     g.add_argument("--train-list", help="file listing the training images to use (e.g. the ImageNet-1%% split); "
                                         "default: every image under train/")
     g.add_argument("--synthetic-train-size", type=int, default=d.synthetic_train_size,

@@ -63,8 +63,9 @@ LAYOUTS = {
     "CAPI": Layout(
         convert=lambda state: _capi().capi_state_dict(state),
         text="flat: backbone.encoder.blocks.N.residual1.fn.q_proj ..., backbone.registers; decoder.*, mask_token"),
-    "iBOT": Layout(
+    "iBOT": Layout(  # its ViT is DINO's: the same forward-time interpolation
         nesting=("state_dict", "teacher"), prefixes=("module.", "backbone."), dropped=("head.", "masked_embed"),
+        pos_offset=0.1,
         text="{'state_dict': backbone keys} (checkpoint_teacher.pth)"),
     "DINO": Layout(
         nesting=("teacher",), prefixes=("module.", "backbone."), dropped=("head.",), pos_offset=0.1,

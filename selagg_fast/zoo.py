@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .files import CheckpointError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -192,8 +194,6 @@ def get_preset(name: str) -> Preset | None:
 def unnest(raw: dict, nesting: tuple, key: str | None, path: str) -> dict:
     """The dict the weights sit under: ``raw[key]`` when ``key`` (``--checkpoint-key``) is given,
     else the first of ``nesting`` present, else ``raw`` itself."""
-    from .files import CheckpointError
-
     if key is not None:
         if not isinstance(raw.get(key), dict):
             raise CheckpointError(f"--checkpoint-key {key}: {path} has no such dict of weights "

@@ -101,7 +101,7 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
         if not state:
             raise CheckpointError(f"{path}: no tensors found for {preset.name} (top-level keys: {sorted(raw)[:10]})")
         if getattr(model, "pos_embed", None) is not None:
-            state = zoo.resize_pos_embed(state, tuple(model.patch_embed.grid_size), layout.pos_offset)
+            state = zoo.resize_pos_embed(state, tuple(model.patch_embed.grid_size), layout)
         optional = layout.optional
     convert = _timm_converter(model)
     if convert is not None:

@@ -132,9 +132,10 @@ def _p(name, family, arch, files, paper=None, block=None, **kwargs) -> Preset:
 
 
 # SimMIM's ViT-B and BEiT-v2's pretraining encoder: one relative position bias shared by all
-# blocks, no absolute position embedding, layer scale; the final norm kept (no mean pooling).
+# blocks, no absolute position embedding, layer scale; the final norm kept ("token" pooling: timm
+# makes it the per-token norm rather than a norm of the mean).
 _BEIT_SHARED = dict(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
-                    use_fc_norm=False)
+                    global_pool="token")
 
 PRESETS = {p.name: p for p in [
     _p("mae_vit_small_patch16", "MAE", "vit_small_patch16_224", "not released (the paper trained it)",

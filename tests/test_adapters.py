@@ -243,3 +243,12 @@ def test_heads_adapter_takes_the_module_bias_and_merge():
     rows = torch.softmax(qk.q @ qk.k.transpose(-2, -1) * qk.scale + qk.bias, -1)
     torch.testing.assert_close(rows, A[:, :, [4, 1]])
     torch.testing.assert_close(adapter.finish(attn, A @ h.v, x), attn.merge_heads(A @ h.v))
+
+
+def test_statistics_inputs_take_the_dtype_the_layer_would_use():
+    # on CUDA under autocast timm's q/k LayerNorms give float32 beside a bf16 v: SDPA runs them in bf16
+    from selagg_fast.modules import _attention_dtype
+    q = torch.randn(1, 1, 3, 4)
+    assert {t.dtype for t in _attention_dtype(q, q, q.bfloat16())} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in _attention_dtype(q, q, q.bfloat16())} == {torch.bfloat16}

@@ -18,6 +18,7 @@ from selagg_fast import attention_selection, record_attention_stats
 from selagg_fast.attention_adapters import (HeadsAttention, TimmBeitAttention, TimmVitAttention, attention_adapter,
                                             token_layout)
 from selagg_fast.backbone import Backbone
+from selagg_fast.capi import CAPIViT
 from selagg_fast.selection import capture_attention_rows, center_query
 
 VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
@@ -48,8 +49,7 @@ def make_model(kind):
                 elif name.endswith("relative_position_bias_table"):
                     p.normal_(0, 1.0)
         return model.to(DEVICE).eval()
-    capi = pytest.importorskip("selagg_fast.capi")
-    return capi.CAPIViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_registers=4).to(DEVICE).eval()
+    return CAPIViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_registers=4).to(DEVICE).eval()
 
 
 def images_for(model, batch=3):
@@ -252,3 +252,22 @@ def test_statistics_inputs_take_the_dtype_the_layer_would_use():
     assert {t.dtype for t in _attention_dtype(q, q, q.bfloat16())} == {torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert {t.dtype for t in _attention_dtype(q, q, q.bfloat16())} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kind", ["beit-per-block", "capi"])
+def test_probe_attention_weights_on_a_backbone_of_each_family(kind):
+    # the probe's cls_attn / center_attn heads and compare read weights through AttentionWeights
+    from selagg_fast.probe.selector import AttentionWeights
+    model = make_model(kind)
+    images = images_for(model, 2)
+    P, has_cls, grid = token_layout(model)
+    A = float64_pass(model, images)[-1]["A"]
+    backbone = Backbone(model, kind)
+    methods = ["center_mean"] + (["cls_mean", "cls_min_entropy"] if has_cls else [])
+    with torch.no_grad():
+        plain = backbone(images)
+        tokens, weights = AttentionWeights(backbone, methods)(backbone, images)
+    torch.testing.assert_close(tokens, plain, rtol=0, atol=0)
+    for i, method in enumerate(methods):
+        torch.testing.assert_close(weights[:, i].double().cpu(), expected_weights(A, method, P, grid).cpu(),
+                                   rtol=1e-4, atol=1e-6, msg=method)

@@ -271,3 +271,17 @@ def test_probe_attention_weights_on_a_backbone_of_each_family(kind):
     for i, method in enumerate(methods):
         torch.testing.assert_close(weights[:, i].double().cpu(), expected_weights(A, method, P, grid).cpu(),
                                    rtol=1e-4, atol=1e-6, msg=method)
+
+
+@requires_kernels
+@pytest.mark.parametrize("kind", ["vit-qk-norm", "beit-per-block"])
+def test_statistics_under_bf16_autocast(kind):
+    # analyze's GPU precision: bf16 q, k, v beside a float32 relative position bias
+    model = make_model(kind)
+    images = images_for(model, 2)
+    with torch.no_grad(), record_attention_stats(model) as full:
+        model.forward_features(images)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16), record_attention_stats(model) as half:
+        model.forward_features(images)
+    for name, value in full.summary().items():
+        torch.testing.assert_close(half.summary()[name], value, rtol=0.05, atol=0.02, msg=name)

@@ -119,9 +119,10 @@ def expected_columns(A, P, has_cls):
 
 
 def test_each_family_has_its_adapter_and_layout():
-    expect = {"vit-registers": (TimmVitAttention, (5, True, (4, 4))), "vit-qk-norm": (TimmVitAttention, (1, True, (4, 4))),
-              "vit-no-cls": (TimmVitAttention, (2, False, (4, 4))), "beit-shared": (TimmBeitAttention, (1, True, (4, 4))),
-              "beit-per-block": (TimmBeitAttention, (1, True, (4, 4)))}
+    vit, beit = TimmVitAttention, TimmBeitAttention
+    expect = {"vit-registers": (vit, (5, True, (4, 4))), "vit-qk-norm": (vit, (1, True, (4, 4))),
+              "vit-no-cls": (vit, (2, False, (4, 4))), "beit-shared": (beit, (1, True, (4, 4))),
+              "beit-per-block": (beit, (1, True, (4, 4))), "capi": (HeadsAttention, (4, False, (4, 4)))}
     for kind, (adapter, layout) in expect.items():
         model = make_model(kind)
         assert isinstance(attention_adapter(model.blocks[0].attn), adapter), kind

@@ -91,23 +91,23 @@ def official_forward(sd, images, heads=HEADS, regs=REGS):
     return rms_norm(x), qs, attn_inputs
 
 
-def loaded_model(sd=None):
+def loaded_model(sd=None, device="cpu"):
     sd = official_state() if sd is None else sd
     model = CAPIViT(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS,
-                    num_registers=REGS).double().eval()
+                    num_registers=REGS).double().eval().to(device)
     model.load_state_dict(capi_state_dict(sd), strict=True)
     return model
 
 
-def test_tokens_match_official_forward_float64():
+def test_tokens_match_official_forward_float64(device):
     sd = official_state()
-    model = loaded_model(sd)
+    model = loaded_model(sd, device)
     # the model's own size, then other grids (recomputed RoPE coordinates), then back again
     for hw in [(IMG, IMG), (IMG, 42), (14, IMG), (70, 28), (IMG, IMG)]:
         images = torch.randn(2, 3, *hw, dtype=torch.float64)
         expected, _, _ = official_forward(sd, images)
         with torch.no_grad():
-            tokens = model.forward_features(images)
+            tokens = model.forward_features(images.to(device)).cpu()
         assert tokens.shape == expected.shape == (2, REGS + (hw[0] // PATCH) * (hw[1] // PATCH), D)
         torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-10, msg=f"images {hw}")
 
@@ -190,13 +190,13 @@ def test_registers_lead_then_patches_row_major():
         torch.testing.assert_close(tokens[0, REGS + r * 3 + c], conv[0, :, r, c], rtol=0, atol=1e-12)
 
 
-def test_bf16_model_stays_close():
+def test_bf16_model_stays_close(device):
     sd = official_state()
     images = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
     expected, _, _ = official_forward(sd, images)
-    model = loaded_model(sd).to(torch.bfloat16)
+    model = loaded_model(sd, device).to(torch.bfloat16)
     with torch.no_grad():
-        tokens = model(images.to(torch.bfloat16)).double()
+        tokens = model(images.to(device, torch.bfloat16)).double().cpu()
     assert (tokens - expected).norm() / expected.norm() < 0.02
 
 

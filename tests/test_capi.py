@@ -15,12 +15,12 @@ EPS = 1e-5
 
 def official_state(depth=DEPTH, dim=D, heads=HEADS, regs=REGS, dtype=torch.float64):
     """A random state dict laid out as a released CAPI file: ``backbone.``-prefixed encoder and decoder
-    keys, ``mask_token``, and a non-backbone training key. Norm weights and RoPE frequencies are
+    keys, ``mask_token``, and a stand-in for a non-backbone training key. Norm weights and RoPE frequencies are
     random (not the init values) so that a misplaced axis or weight shows up."""
     g = torch.Generator().manual_seed(1)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=dtype) * scale)
+        return torch.randn(*shape, generator=g, dtype=dtype) * scale
 
     sd = {"backbone.registers": rnd(1, regs, dim),
           "backbone.patch_embed.weight": rnd(dim, 3, PATCH, PATCH, scale=0.05),

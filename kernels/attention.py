@@ -14,17 +14,18 @@ over the keys with the patch keys' own running max (logits only, no values); oth
 ``[BM]`` minimum and a branch.
 
 Logit bias (``HAS_BIAS``, BEiT's relative position bias): ``bias[h]`` ``[T, T]`` is added to the
-scaled logits, in log2 units (times log2 e) like them, as one ``[BM, BN]`` tile next to each key
-block's logits, in every pass (the peeled first block, the key loop, the sink pass) and on the
-diagonal logit. The tile depends on the head only: every image of the batch reads the same
-``H * T * T`` values, which stay in L2, so the bias adds no per-image HBM traffic. Without it the
-kernel specialises to the unbiased code.
+scaled logits as one ``[BM, BN]`` tile next to each key block's logits, in every pass (the peeled
+first block, the key loop, the sink pass) and on the diagonal logit. The launcher hands it over in
+log2 units (times log2 e, like the logits) as float32, zero-padded to whole row and key blocks
+with 16-byte-aligned rows: every tile is one unmasked, vectorised load (a padded key's logit is
+masked anyway; a padded query row is never stored). The tile depends on the head only: every
+image of the batch reads the same ``H * T * T`` values, which stay in L2, so the bias adds no
+per-image HBM traffic. Without it the kernel specialises to the unbiased code.
 """
 import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
-LOG2E = tl.constexpr(1.4426950408889634)
 # patch mass relative to the shared max below which the one-pass entropy loses digits (2^-60: the
 # patch max sits >= 60 - log2(T) binades under m; float32 terms underflow 126 binades down)
 LP_EXACT = tl.constexpr(8.673617379884035e-19)
@@ -55,16 +56,9 @@ def _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST: tl.constexpr, F32_PRECISION
 
 
 @triton.jit
-def _bias_tile(p_b, o_m, o_n, T, stride_bt, MASK_N: tl.constexpr):
-    # bias[h] rows o_m x keys o_n in log2 units, float32 [BM, BN]. Query rows past T (the last
-    # row block) read row T - 1 instead of a masked load: their results are never stored.
-    o_r = tl.minimum(o_m, T - 1)
-    p = p_b + o_r[:, None] * stride_bt + o_n[None, :]
-    if MASK_N:
-        b = tl.load(p, mask=o_n[None, :] < T, other=0.0)
-    else:
-        b = tl.load(p)
-    return b.to(tl.float32) * LOG2E
+def _bias_tile(p_b, o_m, o_n, stride_bt):
+    # bias[h] rows o_m x keys o_n, float32 [BM, BN] in log2 units (padded: always in bounds)
+    return tl.load(p_b + o_m[:, None] * stride_bt + o_n[None, :])
 
 
 @triton.jit
@@ -89,7 +83,7 @@ def _patch_block(b_q, p_k, p_v, n0, m_i, l_i, lp_i, u_i, pre_i, b_acc, o_d, T, d
     o_n = n0 + tl.arange(0, BN)
     b_raw = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION, MASK_N, MASK_D)
     if HAS_BIAS:
-        b_s = b_raw * qk_scale + _bias_tile(p_b, o_m, o_n, T, stride_bt, MASK_N)
+        b_s = b_raw * qk_scale + _bias_tile(p_b, o_m, o_n, stride_bt)
         if MASK_N:
             b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
@@ -126,7 +120,7 @@ def _patch_sums_exact(b_q, p_k, o_d, T, P, d, stride_kt, qk_scale, p_b, o_m, str
         m_n = (o_n >= P) & (o_n < T)
         b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION, True, MASK_D) * qk_scale
         if HAS_BIAS:
-            b_s += _bias_tile(p_b, o_m, o_n, T, stride_bt, True)
+            b_s += _bias_tile(p_b, o_m, o_n, stride_bt)
         b_s = tl.where(m_n[None, :], b_s, -1.0e30)
         mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1))
         alpha = tl.exp2(b_mx - mx_new)
@@ -147,7 +141,8 @@ def attention_stats_fwd_kernel(
     UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     PEEL_TAIL: tl.constexpr = False, MASK_D: tl.constexpr = True, HAS_BIAS: tl.constexpr = False,
 ):
-    # bias_ptr: [H, T, T] logit bias with unit last stride when HAS_BIAS (else unused, may be None)
+    # bias_ptr: with HAS_BIAS, the float32 logit bias in log2 units, [H, >= every row block's end,
+    # >= every key block's end] with unit last stride (ops/attention.py pads it); else unused (None)
     # program (i_m, i_bh): query rows q_start + i_m * BM ... (the launcher may cover the last few
     # rows with a second, narrower launch: a 64-row block for ViT-B's 5 tail rows is 19% of the work)
     i_m = tl.program_id(0)
@@ -171,14 +166,13 @@ def attention_stats_fwd_kernel(
     b_kd = tl.load(p_k + o_m[:, None] * stride_kt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
     s_diag = tl.sum(b_q.to(tl.float32) * b_kd.to(tl.float32), axis=1) * qk_scale
     if HAS_BIAS:
-        o_r = tl.minimum(o_m, T - 1)  # rows past T are never stored
-        s_diag += tl.load(p_b + o_r * stride_bt + o_r).to(tl.float32) * LOG2E
+        s_diag += tl.load(p_b + o_m * stride_bt + o_m)
 
     # first key block: the only one holding prefix keys (P <= BN is checked by the launcher)
     o_n = tl.arange(0, BN)
     b_s = _qk(b_q, p_k, o_n, o_d, T, d, stride_kt, UPCAST, F32_PRECISION, True, MASK_D) * qk_scale  # [BM, BN], log2
     if HAS_BIAS:
-        b_s += _bias_tile(p_b, o_m, o_n, T, stride_bt, True)
+        b_s += _bias_tile(p_b, o_m, o_n, stride_bt)
     b_s = tl.where(o_n[None, :] < T, b_s, -1.0e30)
     m_i = tl.max(b_s, axis=1)  # [BM]
     b_p = tl.exp2(b_s - m_i[:, None])

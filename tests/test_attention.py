@@ -336,7 +336,8 @@ def test_logit_bias_sink_keeps_the_patch_entropy_exact(dtype, gap, poisoned):
     # every other query row: those tiles take the sink pass, which must add the bias too
     B, H, T, d, P, sink = 2, 2, 70, 32, 5, 3
     q, k, v = make_qkv(B, H, T, d, dtype, spread=1.0)
-    bias = make_bias(H, T, torch.float32)
+    bias = make_bias(H, T + 3, torch.float32)[:, 2:T + 2, 1:T + 1]  # a strided view is read in place
+    assert bias.shape == (H, T, T) and not bias.is_contiguous()
     rows = torch.arange(T, device=DEVICE) % 2 == 0
     bias[:, rows, sink] += gap
     out, stats = attention_with_stats(q, k, v, num_prefix_tokens=P, bias=bias, backend="triton")

@@ -70,9 +70,19 @@ def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float,
     return None
 
 
+def _log2_bias(bias: torch.Tensor, T: int) -> torch.Tensor:
+    """The kernel's view of a [H, T, T] logit bias: float32 times log2(e), zero-padded to whole row
+    blocks (BM <= 128) and key blocks (BN <= 64). Every tile is then one unmasked load with
+    16-byte-aligned rows (T = 197 rows are 788 bytes apart: scalar loads otherwise)."""
+    rows, cols = triton.cdiv(T, 128) * 128, triton.cdiv(T, 64) * 64
+    return F.pad(bias.float(), (0, cols - T, 0, rows - T)).mul_(LOG2E)
+
+
 def attention_stats_fwd(q, k, v, scale: float, P: int, bias: Optional[torch.Tensor] = None):
     """Launch the forward. Returns out [B, H, T, d] (a view of a [B, T, H, d] buffer) and the statistics."""
     B, H, T, d = q.shape
+    if bias is not None:
+        bias = _log2_bias(bias, T)
     out = _dispatch.empty((B, T, H, d), q.device, q.dtype).transpose(1, 2)
     # one [4, B, H, T] buffer: record_attention_stats reduces all four rows in one pass
     stats = _dispatch.empty((4, B, H, T), q.device, torch.float32).unbind(0)
@@ -214,8 +224,6 @@ def attention_with_stats(
             return attention_with_stats_reference(q, k, v, scale=scale, num_prefix_tokens=num_prefix_tokens,
                                                   bias=bias)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if bias is not None and bias.stride(-1) != 1:
-        bias = bias.contiguous()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
         out, *stats = AttentionWithStatsFunction.apply(q, k, v, scale, num_prefix_tokens, bias)
         return out, AttentionStats(*stats)

@@ -167,7 +167,8 @@ def test_attention_sink_keeps_the_patch_entropy_exact(T, P, sink, gap, dtype, po
                                                   compute_dtype=torch.float64)
     s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * scale
     lead = s[..., sink] - s[..., P:].amax(-1)  # [B, H, T]: the sink's lead over the best patch key
-    assert lead[..., rows].min() > gap and lead[..., ~rows].max() < 30
+    # the set-up itself: the sink leads by about `gap` (16-bit k rounds its logit by tenths of a nat)
+    assert lead[..., rows].min() > 0.99 * gap and lead[..., ~rows].max() < 30
     for t in (out, *stats):
         assert torch.isfinite(t).all()
     tol = 1e-4 if dtype == torch.float32 else 2e-3  # logits rounded alike on both sides: fp32 arithmetic only

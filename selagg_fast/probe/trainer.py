@@ -22,14 +22,15 @@ from tqdm import tqdm
 
 from ..backbone import BackboneSettings
 from ..data import collate_skipping, epoch_shard, split_batches, synthetic_datasets
-from ..datasets import check_layout, probe_datasets
+from ..datasets import check_layout, layout_files, probe_datasets, probe_splits
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
 from ..files import check_number, check_writable, load_torch_file
 from ..profiling import nvtx_range
-from .cache import extract, file_stamp, open_store
+from .cache import extract, file_stamp, open_store, source_files
 from .curves import plot_curves
 from .heads import LinearProbe, ProbeHeads, pair_name, parse_heads, probe_loss
 from .optim import build_optimizer, set_lr
+from .sizes import check_fits, head_sizes
 from .selector import attention_weights_for, batch_to, cache_settings, check_selector_flags
 from .outputs import append_metrics, atomic_json, atomic_save, summarize, truncate_metrics
 
@@ -80,6 +81,7 @@ class ProbeConfig(BackboneSettings):
     workers: int = 8
     cache_features: str | None = None
     cache_dtype: str = "bf16"
+    refresh_cache: bool = False
     output_dir: str = "probe_out"
     resume: bool = False
     stop_after_epochs: int | None = None
@@ -150,6 +152,8 @@ def validate(cfg: ProbeConfig) -> None:
             raise ValueError(f"{flag} {value!r}: choose {' or '.join(c for c in choices if c)}")
     if cfg.cache_features and cfg.augment:
         raise ValueError("--cache-features trains without augmentation: add --no-augment")
+    if cfg.refresh_cache and not cfg.cache_features:
+        raise ValueError("--refresh-cache: only with --cache-features DIR")
     cfg.lr_list()
     check_selector_flags(cfg, parse_heads(cfg.heads))  # names only here; 'cls' on a model without [cls] is
     # refused once it is known, a --selector-model of another patch grid once both are built
@@ -192,6 +196,8 @@ class _Run:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         torch.manual_seed(cfg.seed)
 
+        # the data's files first: a class-folder or --train-list error costs no backbone build
+        splits = None if cfg.data == "synthetic" else probe_splits(cfg.dataset, cfg.data, cfg.train_list)
         self.backbone = cfg.create_backbone().to(self.device)
         self.info = self.backbone.info
         # torch.compile of the frozen forward: compiled on the first batch (and again for the
@@ -215,7 +221,8 @@ class _Run:
                 seed=cfg.seed, augment=cfg.augment)
         else:
             self.train_set, self.val_set = probe_datasets(
-                cfg.dataset, cfg.data, self.info.img_size, cfg.train_list, augment=cfg.augment, seed=cfg.seed)
+                cfg.dataset, cfg.data, self.info.img_size, cfg.train_list, augment=cfg.augment, seed=cfg.seed,
+                splits=splits)
         self.num_classes = len(self.train_set.classes)
         if self.num_batches("train") == 0:
             raise ValueError(
@@ -224,6 +231,8 @@ class _Run:
                 "no step would run (lower --batch-size, or --protocol mae keeps the partial batch)")
 
         self.effective_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
+        check_fits(head_sizes(self.specs, self.lrs, self.info.embed_dim, self.num_classes, self.head_prefix,
+                              grid_size=self.info.patch_grid), cfg.heads, cfg.batch_size, self.device, cfg.output_dir)
         self.heads = ProbeHeads(self.specs, self.lrs, self.info.embed_dim, self.num_classes,
                                 self.head_prefix, grid_size=self.info.patch_grid).to(self.device)
         for module in self.heads.modules():
@@ -270,7 +279,10 @@ class _Run:
         partial batch under the paper protocol); validation takes every W-th image, unpadded."""
         if split == "train":
             mine = epoch_shard(indices, self.cfg.seed, epoch, self.dist.rank, self.dist.world_size)
-            return split_batches(mine.tolist(), self.cfg.batch_size, self.protocol.drop_last)
+            batches = split_batches(mine.tolist(), self.cfg.batch_size, self.protocol.drop_last)
+            if self._last_batch_too_small(len(mine)):
+                batches = batches[:-1]
+            return batches
         mine = np.asarray(indices)[self.dist.rank::self.dist.world_size]
         return split_batches(mine.tolist(), self.cfg.batch_size, drop_last=False)
 
@@ -323,6 +335,16 @@ class _Run:
     def batches(self, split: str, epoch: int):
         return (self.cached_batches if self.cfg.cache_features else self.live_batches)(split, epoch)
 
+    def _last_batch_too_small(self, per_rank: int, warn: bool = True) -> bool:
+        """A kept last training batch of one image in all (one process): BatchNorm cannot train on
+        it, so it is dropped (the image is seen in other epochs, in another order)."""
+        small = not self.protocol.drop_last and per_rank % self.cfg.batch_size == 1 and self.dist.world_size == 1
+        if small and warn and not getattr(self, "_warned_small_batch", False):
+            self._warned_small_batch = True
+            log.warning("the last training batch of each epoch holds 1 image (%d images, --batch-size %d): "
+                        "dropped, BatchNorm needs 2", per_rank, self.cfg.batch_size)
+        return small
+
     def num_batches(self, split: str) -> int:
         if split in self.stores:
             n = len(self.stores[split].valid_indices())
@@ -330,7 +352,9 @@ class _Run:
             n = len(self.train_set if split == "train" else self.val_set)
         if split == "train":
             per_rank = -(-n // self.dist.world_size)
-            return per_rank // self.cfg.batch_size if self.protocol.drop_last else -(-per_rank // self.cfg.batch_size)
+            if self.protocol.drop_last:
+                return per_rank // self.cfg.batch_size
+            return -(-per_rank // self.cfg.batch_size) - int(self._last_batch_too_small(per_rank, warn=False))
         return -(-len(range(self.dist.rank, n, self.dist.world_size)) // self.cfg.batch_size)
 
     # feature cache ---------------------------------------------------------------------------
@@ -354,12 +378,16 @@ class _Run:
             if self.selection is not None:  # the cached weights' methods and selector
                 settings["attention_weights"] = cache_settings(cfg, self.selection.methods)
             store = open_store(cfg.cache_features, settings, dataset, tuple(probe.shape[1:]), cfg.cache_dtype,
-                               cfg.batch_size, is_main=self.dist.is_main, barrier=barrier, weight_shape=weight_shape)
+                               cfg.batch_size, is_main=self.dist.is_main, barrier=barrier, weight_shape=weight_shape,
+                               sources=source_files(dataset, layout_files(cfg.dataset, cfg.data)),
+                               refresh=cfg.refresh_cache)
             extract(store, dataset, self.tokens, self._loader, self.device, self.dist.rank, self.dist.world_size,
                     desc=f"extract {split} tokens", progress=cfg.progress and self.dist.is_main)
             barrier()
             if not store.complete():
                 raise RuntimeError(f"feature cache {store.path}: extraction incomplete after all ranks finished")
+            if self.dist.is_main:
+                store.seal()
             self.unreadable[split] = store.num_unreadable()
             self.stores[split] = store
 

@@ -132,6 +132,7 @@ LINKS = {  # link (under the data root) -> target; the training samples expected
     "sibling class": ({"train/a/tob": "../b"}, None),
     "folder outside": ({"train/b/more": "../../../extra"}, [("b/more/x.png", 1)]),
     "file of another class": ({"train/a/2.png": "../b/0.png"}, None),
+    "class folder outside": ({"train/c": "../../extra"}, [("c/x.png", 2)]),
 }
 
 
@@ -155,7 +156,7 @@ def test_symlinks_are_followed_once(tmp_path, layout):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     plain = [("a/0.png", 0), ("a/1.png", 0), ("b/0.png", 1), ("b/1.png", 1)]
-    assert classes == ["a", "b"]
+    assert classes == sorted({"a", "b"} | {path.split("/")[0] for path, _ in extra or []})
     assert sorted((os.path.relpath(p, root / "train"), y) for p, y in samples) == sorted(plain + (extra or []))
     assert len(every) == 8 + len(extra or [])  # train and val, nothing counted twice
 
@@ -268,3 +269,19 @@ def test_heads_that_cannot_fit_are_refused_with_the_estimate(tmp_path, monkeypat
     monkeypatch.setattr(trainer, "build_optimizer", lambda *a: pytest.fail("the heads were built"))
     with pytest.raises(sizes.RunTooLargeError, match=rf"{heads}: {estimate.parameters:,} parameters.*{match}"):
         run_probe(_config(tmp_path, heads=heads, lrs=lrs))
+
+
+def test_probe_refuses_a_stale_cache_and_refreshes_it(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            _images(root / split / c, ["0.png", "1.png", "2.png"], size=32)
+    common = dict(data=str(root), augment=False, cache_features=str(tmp_path / "cache"), heads="avg,selective")
+    first = run_probe(_config(tmp_path, output_dir=str(tmp_path / "r1"), **common))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "val" / "b" / "1.png")
+    with pytest.raises(CacheError, match=r"stale: \S+val/b/1\.png changed since the tokens were extracted"):
+        run_probe(_config(tmp_path, output_dir=str(tmp_path / "r2"), **common))
+    again = run_probe(_config(tmp_path, output_dir=str(tmp_path / "r3"), refresh_cache=True, **common))
+    assert again["epochs_done"] == first["epochs_done"] == 1
+    with pytest.raises(ValueError, match="--refresh-cache: only with --cache-features"):
+        run_probe(_config(tmp_path, output_dir=str(tmp_path / "r4"), refresh_cache=True))

@@ -26,7 +26,7 @@ from ..datasets import check_layout, layout_files, probe_datasets, probe_splits
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
 from ..files import check_number, check_writable, load_torch_file
 from ..profiling import nvtx_range
-from .cache import extract, file_stamp, open_store, source_files
+from .cache import CacheError, extract, file_stamp, open_store, source_files
 from .curves import plot_curves
 from .heads import LinearProbe, ProbeHeads, pair_name, parse_heads, probe_loss
 from .optim import build_optimizer, set_lr
@@ -327,10 +327,13 @@ class _Run:
     def cached_batches(self, split: str, epoch: int):
         store = self.stores[split]
         loader = self._loader(store.batches(self._my_batches(split, epoch, store.valid_indices())), batch_size=None)
-        for tokens, labels in loader:
-            with nvtx_range("data"):
-                yield (batch_to(tokens, self.device, self.autocast_dtype or torch.float32),
-                       labels.to(self.device, non_blocking=True), ())
+        try:
+            for tokens, labels in loader:
+                with nvtx_range("data"):
+                    yield (batch_to(tokens, self.device, self.autocast_dtype or torch.float32),
+                           labels.to(self.device, non_blocking=True), ())
+        except CacheError as err:  # from a DataLoader worker: its message is the traceback's last line
+            raise CacheError(str(err).strip().splitlines()[-1].split("CacheError: ", 1)[-1]) from None
 
     def batches(self, split: str, epoch: int):
         return (self.cached_batches if self.cfg.cache_features else self.live_batches)(split, epoch)

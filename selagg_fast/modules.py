@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .branches import check_pooled, check_token_count, pool_branches, single_branch
 from .ops import abmilp_pool, mlp_scores, softmax_pool
 from .ops.columns import attention_column_sums, column_names
 from .ops.norms import token_norm_ratio
@@ -157,6 +158,37 @@ class SelectiveAggregation(nn.Module):
                      f"self_attention={self.self_attention!r}, positional={self.positional}")
         return text
 
+    @property
+    def standardize(self) -> bool:
+        return False
+
+    @property
+    def eps(self):
+        return None
+
+    @property
+    def out_features(self) -> int:
+        """Width of the flattened output: K * D."""
+        return self.branches * self.dim
+
+    def check_num_tokens(self, num_tokens: int) -> None:
+        """ValueError when ``num_tokens`` tokens (prefix included) cannot be pooled: nothing left
+        after the prefix, or a positional grid that does not fit the pooled tokens."""
+        check_token_count("SelectiveAggregation", num_tokens, self.num_prefix_tokens)
+        if self.positional:
+            self._pos_table(num_tokens - self.num_prefix_tokens)
+
+    def branch_weights(self):
+        """``(weight [K, D], bias [K])`` for the shared pooling call; None for the variants whose
+        scores are not linear in the tokens (MLP scorer, self-attention, positional), which pool
+        by themselves."""
+        return (self.weight, self.bias) if self.linear else None
+
+    def finish(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled ``[B, K, D]`` -> the output: ``[B, D]`` (a view) for K = 1, else ``[B, K, D]``."""
+        check_pooled("SelectiveAggregation", pooled, self.branches, self.dim)
+        return pooled.view(pooled.shape[0], self.dim) if self.branches == 1 else pooled
+
     def _pos_table(self, n: int) -> torch.Tensor:
         """The table rows for the ``n`` pooled tokens: [n, D]."""
         h, w = self.grid_size
@@ -174,19 +206,19 @@ class SelectiveAggregation(nn.Module):
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
             raise ValueError(f"SelectiveAggregation: expected tokens [B, T, {self.dim}], got {tuple(tokens.shape)}")
         if self.linear:
-            # K = 1 as views ([D], scalar): their backward is free, indexing's would fill zero tensors
-            weight = self.weight.view(self.dim) if self.branches == 1 else self.weight
-            bias = self.bias.view(()) if self.branches == 1 else self.bias
-            return abmilp_pool(tokens, weight, bias, num_prefix_tokens=self.num_prefix_tokens,
-                               return_weights=return_weights)
+            res = pool_branches(tokens, self.weight, self.bias, num_prefix_tokens=self.num_prefix_tokens,
+                                return_weights=return_weights)
+            if not return_weights:
+                return self.finish(res)
+            weights = res[1].view(res[1].shape[0], -1) if self.branches == 1 else res[1]
+            return self.finish(res[0]), weights
         P = self.num_prefix_tokens
         n = tokens.shape[1] - P
         if n <= 0:
             raise ValueError(f"SelectiveAggregation: no tokens left to pool: T={tokens.shape[1]} with "
                              f"num_prefix_tokens={P}")
         last = self.attention_predictor[-1]
-        w_out = last.weight.view(self.dim) if self.branches == 1 else last.weight
-        b_out = last.bias.view(()) if self.branches == 1 else last.bias
+        w_out, b_out = single_branch(last.weight, last.bias)
         if self.self_attention == "none":
             x, prefix, scorer_in = tokens, P, tokens
         else:

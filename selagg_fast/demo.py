@@ -1,7 +1,7 @@
 """`selagg-fast demo`: the main job on built-in defaults, small enough for a 2-core CPU.
 
 A small random-init ViT, the synthetic "object among clutter" data, and cls / avg /
-selective probes trained from cached tokens, accuracies printed side by side, with the
+selective / efficient (ep8) probes trained from cached tokens, accuracies printed side by side, with the
 non-trainable attention aggregations of the paper's Table 5 (cls_attn, cls_attn_min_entropy,
 center_attn) and one compact table of their weights' entropies and divergences from the
 trained selective head (``selagg-fast compare``). On a GPU the same command runs the fused kernels.
@@ -29,7 +29,7 @@ def demo_config(out: str) -> ProbeConfig:
     return ProbeConfig(
         model="vit_tiny_patch16_224", random_init=True, model_kwargs=DEMO_MODEL_KWARGS, data="synthetic",
         synthetic_train_size=4000, synthetic_val_size=1000,
-        heads=",".join(("cls", "avg", "selective", *ATTENTION_HEADS)), lrs="0.1,1.0",
+        heads=",".join(("cls", "avg", "selective", "ep8", *ATTENTION_HEADS)), lrs="0.1,1.0",
         epochs=30, warmup_epochs=3, batch_size=256, augment=False, workers=min(2, os.cpu_count() or 1),
         cache_features=os.path.join(out, "cache"), output_dir=os.path.join(out, "probe"), progress=False)
 
@@ -39,7 +39,8 @@ def run_demo(args) -> dict:
     fused = device == "cuda" or interpreter_active()
     print(f"selagg-fast demo on {device} ({'Triton kernels' if fused else 'PyTorch reference ops'}): "
           "random-init ViT-Tiny/8 on 64x64 synthetic images (label = a small object among clutter), "
-          "cls / avg / selective probes and the [cls] / central-patch attention aggregations, 2 base lrs each, "
+          "cls / avg / selective / efficient (ep8) probes and the [cls] / central-patch attention aggregations, "
+          "2 base lrs each, "
           "30 epochs on cached tokens")
     cfg = demo_config(args.out)
     cfg.resume = True  # rerunning the demo continues (or just reports) the previous one

@@ -65,7 +65,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
         "comma list of cls, avg, selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>] (the reference "
         "head's variants: 2-layer MLP scorer, self-attention on both or the map only, positional conditioning, "
         "prefix tokens pooled too, K branches; paper Table 4), ap<H>[_ln][_all] (attentive probe with H heads, "
-        "token LayerNorm; Table 6), and the non-trainable aggregations of Table 5: cls_attn (mean [cls] "
+        "token LayerNorm; Table 6), ep<Q>[_all] (efficient probing with Q queries), and the non-trainable aggregations of Table 5: cls_attn (mean [cls] "
         "attention of the probed block), cls_attn_min_entropy (its lowest-entropy head), center_attn (the central "
         "patch's attention), external_cls_attn (--selector-model's [cls] attention). Self-attention heads "
         "(selective_mlp_tanh_sa = SA-AbMILP) train with --optimizer sgd: the paper found them unstable under LARS"))

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selagg_fast import AttentivePooling, EfficientProbing, SelectiveAggregation, abmilp_pool
+from selagg_fast import AttentivePooling, EfficientProbing, SelectiveAggregation
+from selagg_fast.branches import pool_branches
 from selagg_fast.reference import abmilp_pool_eager
 
 from .common import bench_ms, environment, peak_extra_mib, print_banner, print_table, write_csv
@@ -319,8 +320,8 @@ def _grouped_step(mods, probes, tokens, labels, autocast):
 
     def step():
         with autocast():
-            u = torch.cat([m.folded_queries() for m in mods])
-            pooled = abmilp_pool(tokens, u, None, num_prefix_tokens=P)
+            u = torch.cat([m.branch_weights()[0] for m in mods])
+            pooled = pool_branches(tokens, u, None, num_prefix_tokens=P)
             loss = sum(F.cross_entropy(probe(m.finish(p)), labels)
                        for m, probe, p in zip(mods, probes, pooled.split(sizes, dim=1)))
         loss.backward()

@@ -53,7 +53,7 @@ def sincos_pos_embed_2d(dim: int, grid_size, cls_token: bool = False) -> torch.T
 class HeadSelfAttention(nn.Module):
     """The reference head's ``self_attn`` (timm's ``Attention`` layout): ``[q, k, v] = qkv(z)`` (no
     bias), per head ``softmax(q k^T / sqrt(d)) v`` with ``d = D / num_heads``, then ``proj`` (with
-    bias). One head of width D by default (shared/reference-semantics.md). Runs through
+    bias). One head of width D by default (the reference code's). Runs through
     ``F.scaled_dot_product_attention``."""
 
     def __init__(self, dim: int, num_heads: int = 1):
@@ -92,8 +92,12 @@ class SelectiveAggregation(nn.Module):
         positional: add MAE's fixed 2-D sin-cos table to the scorer's input (needs ``grid_size``).
         grid_size: the patch grid, ``g`` or ``(rows, cols)``; with it ``pos_embed`` is kept as
             the reference does (a buffer, with a zero [cls] row when ``num_prefix_tokens == 0``).
-        self_attention_heads: heads of the self-attention (1, as reference-semantics.md states;
+        self_attention_heads: heads of the self-attention (1, as the reference code has it;
             the same parameters and keys for any count that divides D).
+
+    The default head follows the pooling protocol (``selagg_fast.branches``): ``branch_weights()``
+    is ``(weight, bias)`` and ``finish`` the identity (a view for K = 1), so probe heads pool it in
+    one call with others; the variants' ``branch_weights()`` is None (they pool by themselves).
     """
 
     def __init__(self, dim: int, branches: int = 1, num_prefix_tokens: int = 1, *, depth: int = 1,
@@ -210,8 +214,8 @@ class SelectiveAggregation(nn.Module):
                                 return_weights=return_weights)
             if not return_weights:
                 return self.finish(res)
-            weights = res[1].view(res[1].shape[0], -1) if self.branches == 1 else res[1]
-            return self.finish(res[0]), weights
+            pooled, weights = res
+            return self.finish(pooled), weights[:, 0] if self.branches == 1 else weights
         P = self.num_prefix_tokens
         n = tokens.shape[1] - P
         if n <= 0:

@@ -199,6 +199,8 @@ def test_maps_pick_attentive_heads():
                                    {"head": "selective", "base_lr": 0.1, "top1": 50.0},
                                    {"head": "ap12_ln", "base_lr": 0.3, "top1": 60.0}]}}
     assert ProbeMaps._best_selective(state) == "ap12_ln@0.3"
+    state["results"]["pairs"].append({"head": "ep8", "base_lr": 1.0, "top1": 70.0})
+    assert ProbeMaps._best_selective(state) == "ep8@1"
 
 
 def test_new_heads_train_end_to_end(tmp_path):

@@ -131,6 +131,42 @@ class ImageFiles(Dataset):
             return None, label
 
 
+class ImageArrays(Dataset):
+    """Images held as one uint8 array ``[N, H, W, 3]`` (e.g. CIFAR, STL-10; a memory map is read
+    lazily) with their labels: the same ``(PIL image, label)`` items and ``labels()`` as ImageFiles."""
+
+    def __init__(self, images, labels, classes):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.targets, self.classes = images, [int(y) for y in labels], list(classes)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def labels(self) -> list:
+        return list(self.targets)
+
+    def __getitem__(self, index):
+        return Image.fromarray(np.ascontiguousarray(self.images[index])), self.targets[index]
+
+
+class ImageSubset(Dataset):
+    """The items ``indices`` of an ImageFiles / ImageArrays ``base``, with its classes."""
+
+    def __init__(self, base, indices):
+        self.base, self.indices, self.classes = base, [int(i) for i in indices], base.classes
+
+    def __len__(self):
+        return len(self.indices)
+
+    def labels(self) -> list:
+        labels = self.base.labels()
+        return [labels[i] for i in self.indices]
+
+    def __getitem__(self, index):
+        return self.base[self.indices[index]]
+
+
 def _image_folder(root: str, split: str):
     from torchvision.datasets.folder import IMG_EXTENSIONS
 

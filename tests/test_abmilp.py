@@ -384,11 +384,14 @@ def test_function_apply_returns_out_lse_and_scores(K, store_scores, poisoned):
     s64 = torch.einsum("btd,kd->bkt", z, w2.detach().double()) + b1.detach().double()[:, None]
     assert out.shape == (B, K, D) and out.dtype == torch.bfloat16 and out.requires_grad
     assert lse.shape == (B, K) and lse.dtype == torch.float32 and not lse.requires_grad
-    assert rel_err(lse, torch.logsumexp(s64, -1)) < 1e-6
+    # K > 1 scores are one GEMM: on a GPU bf16 tokens meet the weights rounded to bf16 on the tensor
+    # cores (as eager autocast's Linear); K = 1 and the interpreter compute them in float32
+    score_tol = 1e-6 if K == 1 or DEVICE == "cpu" else 4e-3
+    assert rel_err(lse, torch.logsumexp(s64, -1)) < score_tol
     assert rel_err(out, torch.einsum("bkt,btd->bkd", torch.softmax(s64, -1), z)) < TOL[torch.bfloat16]
     if store_scores:
         assert scores.shape == (B, K, T - P) and scores.dtype == torch.float32 and not scores.requires_grad
-        assert rel_err(scores, s64) < 1e-6
+        assert rel_err(scores, s64) < score_tol
     else:
         assert scores.numel() == 0
     out.float().sum().backward()
@@ -421,7 +424,9 @@ def _check_standardized(x, w, b, P, dtype, eps=1e-6):
     grads = torch.autograd.grad(pooled.float(), (x, w, b), g)
     ref_grads = torch.autograd.grad(ref_pooled, (x64, w64, b64), g.double())
     if x.shape[1] - P == 1:  # one pooled token: the weight gradient is zero, the kernel's is rounding noise
-        assert grads[1].double().abs().max().item() < 1e-4
+        # (of g . z - g . pooled, each of size |g| |z| ~ sqrt(D), in the tokens' precision on a GPU)
+        noise = 1e-4 if dtype == torch.float32 else GRAD_TOL[dtype] * x.shape[-1] ** 0.5
+        assert grads[1].double().abs().max().item() < noise
     else:
         assert rel_err(grads[1], ref_grads[1]) < GRAD_TOL[dtype], "weight"
     assert rel_err(grads[0], ref_grads[0]) < GRAD_TOL[dtype], "x"

@@ -49,12 +49,25 @@ def reference64(params, P, activation, g=None):
     return s, [None if t is None else next(grads) for t in p64]
 
 
-def check_grads(got, exp, params, dtype, P):
-    for name, a, e, p in zip(NAMES, got, exp, params):
+def eager_grads(params, P, activation, g, dtype):
+    """Eager PyTorch's gradients computed in ``dtype`` (the yardstick for 16-bit kernels)."""
+    p16 = [None if t is None else t.detach().requires_grad_(True) for t in params]
+    s = mlp_scores_reference(*p16, activation=activation, num_prefix_tokens=P, compute_dtype=dtype)
+    live = [t for t in p16 if t is not None]
+    grads = iter(torch.autograd.grad(s, live, g))
+    return [None if t is None else next(grads) for t in p16]
+
+
+def check_grads(got, exp, params, dtype, P, eager=None):
+    # 16-bit: within GRAD_TOL, or within twice eager PyTorch's own error in that dtype (ReLU's
+    # derivative flips where a bf16 pre-activation rounds across zero, in eager code too)
+    eager = eager or [None] * len(NAMES)
+    for name, a, e, p, ea in zip(NAMES, got, exp, params, eager):
         if p is None:
             continue
         assert a.dtype == p.dtype and a.shape == p.shape, name
-        assert rel_err(a, e) < GRAD_TOL[dtype], name
+        tol = GRAD_TOL[dtype] if ea is None else max(GRAD_TOL[dtype], 2 * rel_err(ea, e))
+        assert rel_err(a, e) < tol, name
     if P:
         assert torch.equal(got[0][:, :P], torch.zeros_like(got[0][:, :P]))
 
@@ -73,7 +86,8 @@ def test_scores_and_every_gradient(shape, dtype, activation, poisoned):
     g = torch.randn(s.shape, device=DEVICE)
     ref, ref_grads = reference64(params, P, activation, g)
     assert rel_err(s, ref) < TOL[dtype]
-    check_grads(torch.autograd.grad(s, params, g), ref_grads, params, dtype, P)
+    eager = eager_grads(params, P, activation, g, dtype) if dtype != torch.float32 else None
+    check_grads(torch.autograd.grad(s, params, g), ref_grads, params, dtype, P, eager)
 
 
 @requires_kernels

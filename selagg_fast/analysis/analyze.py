@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..backbone import BackboneSettings
-from ..data import analysis_images, check_data_folder
+from ..datasets import analysis_dataset, check_layout
 from ..distributed import barrier, check_device, init_distributed
 from ..files import atomic_json, atomic_write, check_number, check_writable
 from ..modules import record_attention_stats
@@ -31,6 +31,7 @@ log = logging.getLogger("selagg_fast")
 @dataclass
 class AnalyzeConfig(BackboneSettings):
     data: str | None = None
+    dataset: str = "imagefolder"
     limit: int | None = None
     batch_size: int = 512
     workers: int = 8
@@ -100,9 +101,12 @@ def check_image_pass(cfg) -> None:
     """The flags every pass over validation images has (analyze, compare): data, batching,
     checkpoints of the running sums, precision, device."""
     if cfg.data is None:
-        raise ValueError("--data is required: a folder of images (ImageNet val layout or flat), or 'synthetic'")
+        raise ValueError("--data is required: a folder of images (ImageNet val layout or flat, or see --dataset), "
+                         "or 'synthetic'")
     if cfg.data != "synthetic":
-        check_data_folder(cfg.data)
+        check_layout(cfg.dataset, cfg.data)
+    elif cfg.dataset != "imagefolder":
+        raise ValueError(f"--data synthetic: generated images, not --dataset {cfg.dataset}")
     check_number("--batch-size", cfg.batch_size, minimum=1, integer=True)
     check_number("--limit", cfg.limit, minimum=1, integer=True, optional=True)
     check_number("--workers", cfg.workers, minimum=0, integer=True)
@@ -130,14 +134,14 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     torch.manual_seed(cfg.seed)
     backbone = cfg.create_backbone().to(device)
     info = backbone.info
-    dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
+    dataset = analysis_dataset(cfg.dataset, cfg.data, info.img_size, cfg.limit)
     os.makedirs(out, exist_ok=True)
     run_name = cfg.name or os.path.basename(os.path.normpath(out))
 
     settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, model_kwargs=cfg.model_kwargs,
-                    return_block=cfg.return_block, data=cfg.data, limit=cfg.limit, images=len(dataset),
-                    batch_size=cfg.batch_size, world_size=dist_info.world_size, magnitudes=cfg.magnitudes,
-                    precision="bf16" if use_bf16 else "fp32")
+                    return_block=cfg.return_block, data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
+                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
+                    magnitudes=cfg.magnitudes, precision="bf16" if use_bf16 else "fp32")
     ctx = record_attention_stats(backbone.model, magnitudes=cfg.magnitudes)
     pass_ = ImagePass(dataset, batch_size=cfg.batch_size, dist_info=dist_info, out=out, settings=settings,
                       resume=cfg.resume, state=lambda: dict(recorder=ctx.recorder.state_dict()),

@@ -5,13 +5,14 @@ import os
 
 
 def add_analysis_commands(sub) -> None:
-    from ..probe.cli import add_backbone_arguments
+    from ..probe.cli import add_backbone_arguments, add_dataset_argument
 
     p = sub.add_parser("analyze", help="per-block, per-head attention statistics over an image folder")
     add_backbone_arguments(p)
-    p.add_argument("--return-block", type=int, help="analyse blocks 1..N only; default: all blocks")
-    p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat) or 'synthetic' "
-                                  "(required; no default)")
+    p.add_argument("--return-block", type=int, help="analyse blocks 1..N only (counted from 1); default: all blocks")
+    p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat), a --dataset "
+                                  "folder (its evaluation split), or 'synthetic' (required; no default)")
+    add_dataset_argument(p)
     p.add_argument("--limit", type=int, help="analyse a seeded random subset of N images; default: all")
     p.add_argument("--batch-size", type=int, default=512, help="images per batch and process")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
@@ -64,12 +65,13 @@ def add_analysis_commands(sub) -> None:
 
 
 def add_compare_command(sub) -> None:
-    from ..probe.cli import json_object
+    from ..probe.cli import add_dataset_argument, json_object
 
     p = sub.add_parser("compare", help="trained vs attention-derived token selections: entropy, KL, maps")
     p.add_argument("--probe", required=True, help="a selagg-fast probe output folder")
-    p.add_argument("--data", required=True, help="image folder (DIR/val when present; class folders or flat) "
-                                                 "or 'synthetic'")
+    p.add_argument("--data", required=True, help="image folder (DIR/val when present; class folders or flat), "
+                                                 "a --dataset folder (its evaluation split), or 'synthetic'")
+    add_dataset_argument(p)
     p.add_argument("--methods", help="comma list: trained heads or pairs (selective, selective@0.1, ap4), "
                                      "cls_mean, cls_min_entropy, center_mean, selector_cls; default: every trained "
                                      "selective/attentive head (best lr) and every attention method the model allows")
@@ -83,12 +85,15 @@ def add_compare_command(sub) -> None:
     p.add_argument("--examples", type=int, default=4, help="images shown in maps.png")
     p.add_argument("--resume", action="store_true", help="continue from the partial sums in --output-dir")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint the running sums every N batches")
-    p.add_argument("--selector-model", help="another timm ViT whose last-block [cls] attention selects the probed "
-                                            "model's patches (same patch grid), e.g. DINO for MAE")
+    p.add_argument("--selector-model", help="another ViT (a preset or a timm name) whose last-block [cls] attention "
+                                            "selects the probed model's patches (same patch grid), e.g. "
+                                            "dino_vit_base_patch16 for MAE")
     p.add_argument("--selector-checkpoint", help="local weights of --selector-model")
+    p.add_argument("--selector-checkpoint-key", help="the dict of --selector-checkpoint the weights sit under "
+                                                     "(default: the preset's layout)")
     p.add_argument("--selector-random-init", action="store_true", help="random --selector-model (testing only)")
     p.add_argument("--selector-model-kwargs", type=json_object, default={},
-                   help="JSON object passed to timm.create_model for --selector-model")
+                   help="JSON object overriding --selector-model's architecture arguments")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load backbone checkpoints with full unpickling (runs any code they hold)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when present")

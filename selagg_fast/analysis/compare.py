@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backbone import BackboneSettings
-from ..data import IMAGENET_MEAN, IMAGENET_STD, analysis_images
+from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..datasets import analysis_dataset
 from ..distributed import all_reduce_sum, barrier, init_distributed
 from ..files import atomic_json, atomic_write, check_number, check_writable, load_torch_file
 from ..probe.heads import ProbeHeads, pair_name, parse_heads
 from ..probe.selector import EXTERNAL, AttentionWeights, build_selector, selector_settings
-from ..selection import CLS_METHODS, METHODS, model_tokens
+from ..attention_adapters import token_layout
+from ..selection import CLS_METHODS, METHODS
 from .analyze import check_image_pass
 from .image_pass import ImagePass
 from .probe_maps import upsample
@@ -46,6 +48,7 @@ LABELS = {"cls_mean": "mean [cls] attn", "cls_min_entropy": "min-entropy [cls] a
 class CompareConfig:
     probe: str | None = None
     data: str | None = None
+    dataset: str = "imagefolder"
     methods: str | None = None
     limit: int | None = None
     batch_size: int = 256
@@ -60,6 +63,7 @@ class CompareConfig:
     trust_checkpoint: bool = False
     selector_model: str | None = None
     selector_checkpoint: str | None = None
+    selector_checkpoint_key: str | None = None
     selector_random_init: bool = False
     selector_model_kwargs: dict = field(default_factory=dict)
 
@@ -126,8 +130,10 @@ def validate_compare(cfg: CompareConfig) -> None:
         _probe_state(cfg.probe)  # raises with the reason
     check_image_pass(cfg)
     check_number("--examples", cfg.examples, minimum=0, integer=True)
-    if cfg.selector_model is None and (cfg.selector_checkpoint or cfg.selector_random_init):
-        raise ValueError("--selector-checkpoint / --selector-random-init need --selector-model")
+    if cfg.selector_model is None and (cfg.selector_checkpoint or cfg.selector_random_init
+                                       or cfg.selector_checkpoint_key):
+        raise ValueError("--selector-checkpoint / --selector-checkpoint-key / --selector-random-init need "
+                         "--selector-model")
     if cfg.selector_model is not None:
         selector_settings(cfg).check_backbone()
     if cfg.methods is not None and not [m for m in cfg.methods.split(",") if m.strip()]:
@@ -246,7 +252,7 @@ class _Methods:
 
     def __init__(self, backbone, heads, methods: list, selector=None):
         self.backbone, self.heads, self.methods = backbone, heads, methods
-        P, _, grid = model_tokens(backbone)
+        P, _, grid = token_layout(backbone)
         self.N = grid[0] * grid[1]
         self.attention_methods = [EXTERNAL if m == SELECTOR else m for m in methods if m in METHODS or m == SELECTOR]
         self.attention = AttentionWeights(backbone, self.attention_methods, selector)
@@ -289,12 +295,13 @@ def run_compare(cfg: CompareConfig) -> dict | None:
                                       selective_pairs)
     selector = build_selector(cfg, info, device) if SELECTOR in methods else None
     compute = _Methods(backbone, heads, methods, selector)
-    dataset = analysis_images(cfg.data, info.img_size, cfg.limit)
+    dataset = analysis_dataset(cfg.dataset, cfg.data, info.img_size, cfg.limit)
     os.makedirs(out, exist_ok=True)
 
-    settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, limit=cfg.limit, images=len(dataset),
-                    batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
-                    selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs],
+    settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
+                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
+                    selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs]
+                    + ([cfg.selector_checkpoint_key] if cfg.selector_checkpoint_key else []),
                     precision="bf16" if use_bf16 else "fp32")
     sums = DivergenceSums(len(methods), device)
     examples = {}  # the first batch's images and weights, for maps.png (saved with the sums)

@@ -63,7 +63,8 @@ def summarize(pairs_metrics: list, diverged=(), **info) -> dict:
         held = best.get(p["head"])
         if held is None or (p["top1"] is not None and (held["top1"] is None or p["top1"] > held["top1"])):
             best[p["head"]] = p
-    return json_safe(dict(info, pairs=pairs, best_per_head=best))
+    classes = info.pop("classes", None)  # last: a long list would push the accuracies down the file
+    return json_safe(dict(info, pairs=pairs, best_per_head=best, **({} if classes is None else {"classes": classes})))
 
 
 def _cell(value, width: int) -> str:

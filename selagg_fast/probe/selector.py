@@ -11,7 +11,7 @@ renormalised (its patch mass scales each image's pooled feature, as the referenc
 Weights travel beside the tokens as one float32 ``[B, M, N]`` tensor, methods in
 :attr:`AttentionWeights.methods` order (ProbeHeads' ``selection_methods``); the feature cache
 stores them so a cached run runs neither backbone nor selector. Definitions:
-``shared/reference-semantics.md``, "Non-trainable token aggregations".
+docs/statistics.md, "Attention selections".
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import BackboneSettings
-from ..selection import attention_rows, capture_attention_rows, center_query, model_tokens, weights_from_rows
+from ..attention_adapters import token_layout
+from ..selection import attention_rows, capture_attention_rows, center_query, weights_from_rows
 from .cache import file_stamp
 from .heads import ATTENTION_HEADS
 
@@ -32,6 +33,7 @@ def selector_settings(cfg) -> BackboneSettings | None:
     if getattr(cfg, "selector_model", None) is None:
         return None
     return BackboneSettings(model=cfg.selector_model, checkpoint=cfg.selector_checkpoint,
+                            checkpoint_key=getattr(cfg, "selector_checkpoint_key", None),
                             random_init=cfg.selector_random_init, model_kwargs=dict(cfg.selector_model_kwargs or {}),
                             allow_key_mismatch=getattr(cfg, "allow_key_mismatch", False),
                             trust_checkpoint=getattr(cfg, "trust_checkpoint", False))
@@ -42,9 +44,10 @@ def check_selector_flags(cfg, specs) -> None:
     external = any(s.kind == "external_cls_attn" for s in specs)
     settings = selector_settings(cfg)
     if settings is None:
-        if cfg.selector_checkpoint is not None or cfg.selector_random_init or cfg.selector_model_kwargs:
-            raise ValueError("--selector-checkpoint / --selector-random-init / --selector-model-kwargs need "
-                             "--selector-model")
+        if (cfg.selector_checkpoint is not None or cfg.selector_random_init or cfg.selector_model_kwargs
+                or getattr(cfg, "selector_checkpoint_key", None) is not None):
+            raise ValueError("--selector-checkpoint / --selector-checkpoint-key / --selector-random-init / "
+                             "--selector-model-kwargs need --selector-model")
         if external:
             raise ValueError("head 'external_cls_attn' needs a selector: pass --selector-model NAME and "
                              "--selector-checkpoint FILE (a second frozen ViT with the same patch grid)")
@@ -63,7 +66,7 @@ def build_selector(cfg, info, device):
     """The frozen selector backbone, refused unless it has a [cls] token and ``info``'s patch grid."""
     settings = selector_settings(cfg)
     model = settings.create_backbone().to(device)
-    _, has_cls, grid = model_tokens(model)
+    _, has_cls, grid = token_layout(model)
     if not has_cls:
         raise ValueError(f"--selector-model {cfg.selector_model}: has no [cls] token to select with")
     if tuple(grid) != tuple(info.patch_grid):
@@ -87,7 +90,7 @@ class AttentionWeights:
         self.backbone, self.methods, self.selector = backbone, list(methods), selector
         if EXTERNAL in self.methods and selector is None:
             raise ValueError("external_cls_attn needs a selector backbone")
-        P, has_cls, grid = model_tokens(backbone)
+        P, has_cls, grid = token_layout(backbone)
         self.P, self.grid = P, grid
         own = [m for m in self.methods if m != EXTERNAL]
         if not has_cls and any(m in ("cls_mean", "cls_min_entropy") for m in own):
@@ -126,6 +129,7 @@ def cache_settings(cfg, methods) -> dict:
     return dict(methods=list(methods), selector=None if getattr(cfg, "selector_model", None) is None else dict(
         model=cfg.selector_model, checkpoint=cfg.selector_checkpoint,
         checkpoint_stat=file_stamp(cfg.selector_checkpoint),
+        **({"checkpoint_key": cfg.selector_checkpoint_key} if getattr(cfg, "selector_checkpoint_key", None) else {}),
         model_kwargs=cfg.selector_model_kwargs, random_init=cfg.selector_random_init))
 
 

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..backbone import BackboneSettings
-from ..data import (check_data_folder, collate_skipping, epoch_shard, image_folder_datasets, split_batches,
-                    synthetic_datasets)
+from ..data import collate_skipping, epoch_shard, split_batches, synthetic_datasets
+from ..datasets import check_layout, probe_datasets
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
 from ..files import check_number, check_writable, load_torch_file
 from ..profiling import nvtx_range
@@ -60,6 +60,7 @@ class ProbeConfig(BackboneSettings):
     before the protocol was recorded); ``momentum`` then follows the protocol and optimizer."""
     compile_backbone: bool = False
     data: str | None = None
+    dataset: str = "imagefolder"
     train_list: str | None = None
     synthetic_train_size: int = 4000
     synthetic_val_size: int = 1000
@@ -88,6 +89,7 @@ class ProbeConfig(BackboneSettings):
     # external_cls_attn's second frozen backbone (probe/selector.py), flags as the backbone's
     selector_model: str | None = None
     selector_checkpoint: str | None = None
+    selector_checkpoint_key: str | None = None
     selector_random_init: bool = False
     selector_model_kwargs: dict = dataclasses.field(default_factory=dict)
 
@@ -102,18 +104,20 @@ class ProbeConfig(BackboneSettings):
 
 
 # Settings that change what a run computes; --resume refuses a run whose values differ.
-_RESUME_KEYS = ("model", "checkpoint", "return_block", "final_norm", "model_kwargs", "data", "train_list",
+_RESUME_KEYS = ("model", "checkpoint", "checkpoint_key", "return_block", "final_norm", "model_kwargs", "data",
+                "dataset", "train_list",
                 "heads", "lrs", "optimizer", "protocol", "epochs", "warmup_epochs", "batch_size", "accum_iter",
                 "momentum", "weight_decay", "augment", "precision", "seed", "cache_features", "cache_dtype",
-                "selector_model", "selector_checkpoint", "selector_model_kwargs")
+                "selector_model", "selector_checkpoint", "selector_checkpoint_key", "selector_model_kwargs")
 # What a saved config without the key ran with (runs saved before the key existed).
-_SAVED_BEFORE = {"protocol": "mae", "selector_model_kwargs": {}}
+_SAVED_BEFORE = {"protocol": "mae", "selector_model_kwargs": {}, "dataset": "imagefolder", "checkpoint_key": None,
+                 "selector_checkpoint_key": None}
 
 
 def validate(cfg: ProbeConfig) -> None:
     """Every flag's value, checked before any model is built or any data read (one error each)."""
     if cfg.data is None:
-        raise ValueError("--data is required: an ImageFolder root with train/ and val/, or 'synthetic'")
+        raise ValueError("--data is required: the dataset's folder (see --dataset), or 'synthetic'")
     for name in ("epochs", "batch_size", "accum_iter"):
         check_number(f"--{name.replace('_', '-')}", getattr(cfg, name), minimum=1, integer=True)
     check_number("--stop-after-epochs", cfg.stop_after_epochs, minimum=1, integer=True, optional=True)
@@ -128,8 +132,12 @@ def validate(cfg: ProbeConfig) -> None:
         check_number("--synthetic-classes", cfg.synthetic_classes, minimum=2, integer=True)
         if cfg.synthetic_classes > 16:
             raise ValueError(f"--synthetic-classes {cfg.synthetic_classes}: must be 2 to 16")
+        if cfg.dataset != "imagefolder":
+            raise ValueError(f"--data synthetic: generated images, not --dataset {cfg.dataset}")
     else:
-        check_data_folder(cfg.data)
+        check_layout(cfg.dataset, cfg.data)
+        if cfg.train_list is not None and cfg.dataset != "imagefolder":
+            raise ValueError(f"--train-list: only with --dataset imagefolder, not {cfg.dataset}")
         if cfg.train_list is not None and not os.path.isfile(cfg.train_list):
             what = "is a folder, not a list file" if os.path.isdir(cfg.train_list) else "no such file"
             raise (ValueError if os.path.isdir(cfg.train_list) else FileNotFoundError)(
@@ -206,8 +214,8 @@ class _Run:
                 self.info.img_size, cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.synthetic_classes,
                 seed=cfg.seed, augment=cfg.augment)
         else:
-            self.train_set, self.val_set = image_folder_datasets(
-                cfg.data, self.info.img_size, cfg.train_list, augment=cfg.augment, seed=cfg.seed)
+            self.train_set, self.val_set = probe_datasets(
+                cfg.dataset, cfg.data, self.info.img_size, cfg.train_list, augment=cfg.augment, seed=cfg.seed)
         self.num_classes = len(self.train_set.classes)
         if self.num_batches("train") == 0:
             raise ValueError(
@@ -337,9 +345,12 @@ class _Run:
                 split=split, model=cfg.model, model_kwargs=cfg.model_kwargs, return_block=cfg.return_block,
                 final_norm=cfg.final_norm, compact=self.compact, precision=str(self.autocast_dtype),
                 checkpoint=cfg.checkpoint, checkpoint_stat=file_stamp(cfg.checkpoint), data=cfg.data,
+                **({"checkpoint_key": cfg.checkpoint_key} if cfg.checkpoint_key is not None else {}),
                 train_list=cfg.train_list, num_samples=len(dataset),
                 synthetic=[cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.synthetic_classes, cfg.seed]
                 if cfg.data == "synthetic" else None)
+            if cfg.dataset != "imagefolder":  # imagefolder stores keep the key they were extracted under
+                settings["dataset"] = cfg.dataset
             if self.selection is not None:  # the cached weights' methods and selector
                 settings["attention_weights"] = cache_settings(cfg, self.selection.methods)
             store = open_store(cfg.cache_features, settings, dataset, tuple(probe.shape[1:]), cfg.cache_dtype,
@@ -486,10 +497,10 @@ def _epoch(run: _Run, epoch: int) -> tuple:
     _find_diverged(run, train["losses"], epoch)
     results = summarize(
         [(spec.name, lr, metrics[pair_name(spec, lr)]) for spec, lr in run.heads.pairs], diverged=run.diverged,
-        model=cfg.model, checkpoint=cfg.checkpoint, protocol=cfg.protocol, optimizer=cfg.optimizer,
+        model=cfg.model, checkpoint=cfg.checkpoint, dataset=cfg.dataset, protocol=cfg.protocol, optimizer=cfg.optimizer,
         momentum=cfg.momentum, epochs_done=epoch + 1, val_images=len(run.val_set),
         train_images=len(run.train_set), num_classes=run.num_classes, unreadable_images=dict(run.unreadable),
-        train_images_per_s=train["images_per_s"])
+        train_images_per_s=train["images_per_s"], classes=run.train_set.classes)
     return train, metrics, results
 
 

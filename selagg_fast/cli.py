@@ -41,13 +41,29 @@ def _demo(args) -> None:
     run_demo(args)
 
 
+def command_line(argv: list) -> str:
+    """This invocation as a shell command: ``selagg-fast ARGS``, under ``torchrun`` with the
+    process count it ran with."""
+    import shlex
+    words = ["selagg-fast", *argv]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = f" --nnodes={world // local}" if world != local else ""
+        return f"torchrun{nodes} --nproc_per_node={local} -m selagg_fast.cli " + shlex.join(argv)
+    return shlex.join(words)
+
+
 def _probe(args) -> None:
     from .probe.cli import config_from_args
+    from .probe.knn_run import format_knn
     from .probe.outputs import format_results
     from .probe.trainer import run_probe
-    results = run_probe(config_from_args(args))
+    results = run_probe(config_from_args(args), command=command_line(args.argv))
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))
+        if results.get("knn"):
+            print(format_knn(results["knn"]))
         print(f"top-1 / top-5 of every pair: {args.output_dir}/results.json; per epoch: metrics.jsonl, curves.png")
 
 
@@ -100,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
     except SystemExit as exit_:  # --help (0) or a value argparse refused (2, its message printed)
         return exit_.code if isinstance(exit_.code, int) else 2
     from .distributed import shutdown_distributed

@@ -91,3 +91,76 @@ def test_bad_input_is_refused(change, error, match):
     kw.update(change)
     with pytest.raises(error, match=match):
         knn_eval(**kw)
+
+
+TINY = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}'
+
+
+def _probe_args(out, *extra):
+    return ["probe", "--model", "vit_tiny_patch16_224", "--random-init", "--model-kwargs", TINY, "--data", "synthetic",
+            "--synthetic-train-size", "96", "--synthetic-val-size", "40", "--synthetic-classes", "4", "--heads", "cls",
+            "--lrs", "0.5", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--no-progress", "--device",
+            DEVICE, "--knn", "--knn-k", "3,10,40", "--knn-temperatures", "0.07,0.5", "--output-dir", str(out), *extra]
+
+
+def _knn_of(out):
+    return json.loads((out / "results.json").read_text())["knn"]
+
+
+def _pairs(knn):
+    return {name: [(p["k"], p["T"], round(p["top1"], 6), round(p["top5"], 6)) for p in v["pairs"]]
+            for name, v in knn["variants"].items()}
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory):
+    """One process, augmented training epochs: k-NN runs its own validation-transform pass."""
+    out = tmp_path_factory.mktemp("knn") / "live"
+    return out, run_cli(_probe_args(out, "--batch-size", "32"))
+
+
+def test_probe_knn_from_cache_equals_the_live_pass_and_votes_on_cls(tmp_path, live_run):
+    out = run_cli(_probe_args(tmp_path / "cached", "--batch-size", "32", "--no-augment", "--cache-features",
+                              str(tmp_path / "cache"), "--cache-dtype", "fp32"))
+    live, cached = _knn_of(live_run[0]), _knn_of(tmp_path / "cached")
+    assert "k-NN cls raw" in live_run[1] and "k-NN cls final_norm" in out
+    assert live["representation"] == "cls" and live["source"] == "validation-transform pass"
+    assert cached["source"] == "feature cache" and (live["train_images"], live["val_images"]) == (96, 40)
+    assert set(live["variants"]) == {"raw", "final_norm"} and len(live["variants"]["raw"]["pairs"]) == 6
+    for name in live["variants"]:  # the same features either way, so the same votes
+        for a, b in zip(_pairs(live)[name], _pairs(cached)[name]):
+            assert a[:2] == b[:2] and a[2:] == pytest.approx(b[2:], abs=1e-6)
+    best = max((p for v in live["variants"].values() for p in v["pairs"]), key=lambda p: p["top1"])
+    assert live["best"]["top1"] == best["top1"]
+    # independently: [cls] of the cached tokens through knn_eval gives the 'raw' numbers
+    stores = {p.name.split("-")[0]: p for p in (tmp_path / "cache").iterdir()}
+    feats = {}
+    for split, path in stores.items():
+        meta = json.loads((path / "meta.json").read_text())
+        tokens = np.memmap(path / "tokens.bin", dtype=np.float32, mode="r",
+                           shape=(meta["num_samples"], *meta["token_shape"]))
+        feats[split] = (torch.from_numpy(np.array(tokens[:, 0])), torch.from_numpy(np.load(path / "labels.npy")))
+    want = knn_eval(*feats["train"], *feats["val"], ks=[3, 10, 40], temperatures=[0.07, 0.5], num_classes=4)
+    for k, t, top1, top5 in _pairs(cached)["raw"]:
+        assert (top1, top5) == pytest.approx(want[(k, t)], abs=1e-6)
+    config = json.loads((tmp_path / "cached" / "config.json").read_text())
+    assert config["command"].startswith("selagg-fast probe --model") and "--knn" in config["command"]
+
+
+def test_probe_knn_two_processes_equal_one(tmp_path, live_run):
+    run_cli(_probe_args(tmp_path / "two", "--batch-size", "16"), nproc=2)
+    one, two = _knn_of(live_run[0]), _knn_of(tmp_path / "two")
+    assert two["train_images"] == 96 and two["val_images"] == 40
+    for name in one["variants"]:
+        for a, b in zip(_pairs(one)[name], _pairs(two)[name]):
+            assert a[:2] == b[:2] and a[2:] == pytest.approx(b[2:], abs=1e-6)
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["command"].startswith("torchrun --nproc_per_node=2 -m selagg_fast.cli probe")
+
+
+def test_probe_knn_refuses_bad_k_lists(tmp_path, capsys):
+    from selagg_fast.cli import main
+    assert main(_probe_args(tmp_path / "bad", "--batch-size", "32", "--knn-k", "5,97")) == 2
+    assert "k 97 is more than the 96 training images" in capsys.readouterr().err
+    assert main(_probe_args(tmp_path / "bad", "--knn-k", "5,x")) == 2
+    assert "--knn-k '5,x'" in capsys.readouterr().err

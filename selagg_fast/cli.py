@@ -1,4 +1,4 @@
-"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, compare, models, bench}."""
+"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, compare, models, report, bench}."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,12 @@ def _probe(args) -> None:
         print(f"top-1 / top-5 of every pair: {args.output_dir}/results.json; per epoch: metrics.jsonl, curves.png")
 
 
+def _report(args) -> None:
+    from .probe.report import write_report
+    md, csv_path = write_report(args.runs, args.output)
+    print(f"wrote {md} and {csv_path} ({len(args.runs)} run(s))")
+
+
 _EPILOG = ("Errors (a bad flag value or path, an unwritable output folder, a full disk, an unsafe checkpoint) "
            "are one line on stderr and exit status 2; SELAGG_TRACEBACK=1 shows where one was raised.")
 
@@ -111,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="the paper's backbones by name (--model presets): family, architecture, "
                                       "official file, layout, probed block, the paper's top-1")
     p.set_defaults(func=_models)
+
+    p = sub.add_parser("report", help="one row per probing run (k-NN, linear, Selective, AP, EP top-1, the command "
+                                      "line, the paper's numbers): a Markdown table and the same as CSV")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`selagg-fast probe` output folders")
+    p.add_argument("--output", required=True, metavar="FILE.md",
+                   help="the Markdown file; the CSV is written beside it as FILE.csv")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
     p.add_argument("what", choices=["abmilp", "attention", "probe", "heads", "analyze", "compare", "knn", "sweep", "all"],

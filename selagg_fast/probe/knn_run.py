@@ -69,10 +69,13 @@ def representation(tokens: torch.Tensor, has_cls: bool, num_prefix: int, compact
 
 
 def final_norm_of(backbone, already_normed: bool):
-    """The backbone's final norm as an fp32 copy, or None when it has none (an Identity) or the
-    tokens are normed already."""
+    """The backbone's final norm as an fp32 copy, or None when it has none (an Identity, a family
+    without one), its checkpoint left it at init, or the tokens are normed already."""
     norm = getattr(backbone.model, "norm", None)
     if already_normed or norm is None or isinstance(norm, torch.nn.Identity):
+        return None
+    if not getattr(backbone, "final_norm_loaded", True):
+        log.info("k-NN: the checkpoint has no final norm: the 'raw' variant only")
         return None
     return copy.deepcopy(norm).float().eval()
 

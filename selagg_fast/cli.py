@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
     p.add_argument("what", choices=["abmilp", "attention", "probe", "heads", "analyze", "compare", "knn", "sweep", "all"],
                    help="which benchmark (sweep: the launch-configuration sweep, not part of all)")
-    p.add_argument("--quick", action="store_true", help="ViT-B shape only (knn: 10,000 training rows on a CPU)")
+    p.add_argument("--quick", action="store_true", help="ViT-B shape only (knn: 2,000 training rows on a CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile)")
     p.add_argument("--out", default="bench/out", help="folder for CSV results")
     p.set_defaults(func=_bench)

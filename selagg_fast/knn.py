@@ -111,6 +111,8 @@ def knn_counts(train_features, train_labels, test_features, test_labels, *, ks, 
         sim, idx = _nearest(query, train_features, inv_norm, max_k, train_rows)
         neighbour_labels = train_labels[idx]                     # [n, max_k], nearest first
         same = neighbour_labels == target[:, None]
+        # rank of the nearest neighbour of the target's class (max_k when none): voted for within k
+        first_same = torch.where(same.any(1), same.int().argmax(1), max_k)
         for j, t in enumerate(temperatures):
             # exp((s - s_max) / T): the same ranking as exp(s / T), finite for any small T
             weights = ((sim - sim[:, :1]) / t).exp_()
@@ -120,7 +122,7 @@ def knn_counts(train_features, train_labels, test_features, test_labels, *, ks, 
                 votes.scatter_add_(1, neighbour_labels[:, done:k], weights[:, done:k])
                 done = k
                 top = votes.topk(min(5, k, num_classes), dim=1).indices
-                voted = same[:, :k].any(1)
+                voted = first_same < k
                 hits[i, j, 0] += (top[:, 0] == target).sum()
                 hits[i, j, 1] += ((top == target[:, None]).any(1) & voted).sum()
     return hits.cpu(), ks, temperatures

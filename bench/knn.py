@@ -103,8 +103,8 @@ def run(quick: bool = False, csv_path: str = "bench/out/knn.csv") -> list:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     ours_s, ours = _timed(ours_fn)
-    if not cuda:  # the median of 3 calls: a shared CPU is noisy
-        ours_s = sorted([ours_s, _timed(ours_fn)[0], _timed(ours_fn)[0]])[1]
+    if not cuda:  # the median of 5 calls: a shared CPU is noisy
+        ours_s = sorted([ours_s] + [_timed(ours_fn)[0] for _ in range(4)])[2]
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else float("nan")
     rows.append(dict(size=size, device=where, pipeline="knn_eval: one pass, all 21 (k, T)", settings=21,
                      seconds=ours_s, measured="yes", speedup=1.0, peak_MiB=peak))

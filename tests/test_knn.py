@@ -143,6 +143,11 @@ def test_probe_knn_from_cache_equals_the_live_pass_and_votes_on_cls(tmp_path, li
     want = knn_eval(*feats["train"], *feats["val"], ks=[3, 10, 40], temperatures=[0.07, 0.5], num_classes=4)
     for k, t, top1, top5 in _pairs(cached)["raw"]:
         assert (top1, top5) == pytest.approx(want[(k, t)], abs=1e-6)
+    # 'final_norm': the ViT's final LayerNorm (at init: weight 1, bias 0, timm's eps 1e-6) on [cls]
+    normed = {s: (torch.nn.functional.layer_norm(f, f.shape[1:], eps=1e-6), y) for s, (f, y) in feats.items()}
+    want = knn_eval(*normed["train"], *normed["val"], ks=[3, 10, 40], temperatures=[0.07, 0.5], num_classes=4)
+    for k, t, top1, top5 in _pairs(cached)["final_norm"]:
+        assert (top1, top5) == pytest.approx(want[(k, t)], abs=1e-6)
     config = json.loads((tmp_path / "cached" / "config.json").read_text())
     assert config["command"].startswith("selagg-fast probe --model") and "--knn" in config["command"]
 

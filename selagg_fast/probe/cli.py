@@ -117,6 +117,16 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--selector-random-init", action="store_true", help="random --selector-model (testing only)")
     g.add_argument("--selector-model-kwargs", type=json_object, default={},
                    help="JSON object overriding --selector-model's architecture arguments")
+    g = p.add_argument_group("k-NN (DINO's weighted vote on the linear probe's representation)")
+    g.add_argument("--knn", action="store_true",
+                   help="also report weighted k-NN top-1/top-5 of [cls] (the patch mean without [cls]), raw and "
+                        "after the backbone's final norm, for every --knn-k x --knn-temperatures in one pass; "
+                        "features from --cache-features, else one validation-transform pass before training")
+    g.add_argument("--knn-k", default=d.knn_k, help="comma list of neighbour counts")
+    g.add_argument("--knn-temperatures", default=d.knn_temperatures, help="comma list of vote temperatures T "
+                                                                          "(weight exp(similarity / T))")
+    g.add_argument("--knn-memory-gb", type=float, default=d.knn_memory_gb,
+                   help="working memory of one similarity block (chunk sizes follow from it)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir, help="folder of the run's outputs")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")

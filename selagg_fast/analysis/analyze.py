@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,11 @@ import torch.distributed as dist
 from ..backbone import BackboneSettings
 from ..datasets import analysis_dataset, check_layout
 from ..distributed import barrier, check_device, init_distributed
-from ..files import atomic_json, atomic_write, check_number, check_writable, output_lock, refuse_existing_run
+from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
+                     refuse_existing_run)
 from ..modules import record_attention_stats
 from ..reference import CLS_COLUMNS
-from .image_pass import ImagePass
+from .image_pass import INTERRUPTED, ImagePass
 
 log = logging.getLogger("selagg_fast")
 
@@ -132,7 +134,10 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     validate_analyze(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
-        return _run_analyze(cfg, is_main)
+        try:
+            return _run_analyze(cfg, is_main)
+        except KeyboardInterrupt as err:
+            raise Interrupted(INTERRUPTED, signum=getattr(err, "signum", signal.SIGINT)) from None
 
 
 def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:

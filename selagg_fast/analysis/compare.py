@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 
 import torch
@@ -25,14 +26,14 @@ from ..backbone import BackboneSettings
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..datasets import analysis_dataset
 from ..distributed import all_reduce_sum, barrier, init_distributed
-from ..files import (atomic_json, atomic_write, check_number, check_writable,
-                     output_lock, refuse_existing_run)
+from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
+                     refuse_existing_run)
 from ..probe.heads import ProbeHeads, pair_name, parse_heads
 from ..probe.selector import EXTERNAL, AttentionWeights, build_selector, selector_settings
 from ..attention_adapters import token_layout
 from ..selection import CLS_METHODS, METHODS
 from .analyze import check_image_pass
-from .image_pass import ImagePass
+from .image_pass import INTERRUPTED, ImagePass
 from .probe_maps import diverged_pairs, probe_run_state, refuse_diverged, upsample
 
 log = logging.getLogger("selagg_fast")
@@ -280,7 +281,10 @@ def run_compare(cfg: CompareConfig) -> dict | None:
     validate_compare(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
-        return _run_compare(cfg, is_main)
+        try:
+            return _run_compare(cfg, is_main)
+        except KeyboardInterrupt as err:
+            raise Interrupted(INTERRUPTED, signum=getattr(err, "signum", signal.SIGINT)) from None
 
 
 def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -588,7 +589,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
             return _run_locked(cfg, is_main)
         except KeyboardInterrupt as err:
             raise Interrupted(f"interrupted after epoch {_epochs_saved(cfg.output_dir)} of {cfg.epochs}; "
-                              "continue with --resume", signum=getattr(err, "signum", 2)) from None
+                              "continue with --resume", signum=getattr(err, "signum", signal.SIGINT)) from None
 
 
 def _epochs_saved(out: str) -> int:

@@ -1,5 +1,6 @@
-"""What every command reads and writes: output folders checked before any work, atomic writes
-that leave the previous file intact when a write fails, strict JSON, and safe checkpoint loading.
+"""What every command reads and writes: output folders checked before any work and locked while a
+run uses them, atomic writes that leave the previous file intact when a write fails, strict JSON,
+safe checkpoint loading, and interrupts (SIGINT / SIGTERM) that end a command cleanly.
 
 Every failure here raises :class:`OutputError` (an ``OSError``) or :class:`CheckpointError` (a
 ``ValueError``) with a one-line message naming the path; the CLI prints it and exits with status 2.
@@ -10,6 +11,7 @@ import argparse
 import collections
 import contextlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -225,14 +227,13 @@ def output_lock(folder: str, flag: str = "--output-dir"):
             raise OutputError(f"{flag} {folder}: another selagg-fast run{holder} is using it; wait for it to "
                               f"finish or choose another {flag}") from None
         except OSError as err:  # e.g. ENOLCK on a share without a lock manager: run, but say so
-            import logging
             logging.getLogger("selagg_fast").warning(
                 "%s %s: cannot lock it (%s); make sure no other run uses it", flag, folder, _reason(err))
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield folder
     finally:
-        os.close(fd)  # releases the lock; the empty-able file stays (removing it would race a waiter)
+        os.close(fd)  # releases the lock; the file stays (removing it would race a run opening it)
 
 
 def _lock_holder(fd: int) -> str:
@@ -249,7 +250,8 @@ def refuse_existing_run(folder: str, run_files, resume: bool, flag: str = "--out
     import glob
     if resume or not os.path.isdir(folder):
         return
-    found = [os.path.basename(p) for name in run_files for p in sorted(glob.glob(os.path.join(glob.escape(folder), name)))]
+    found = [os.path.basename(p) for name in run_files
+             for p in sorted(glob.glob(os.path.join(glob.escape(folder), name)))]
     if found:
         raise FileExistsError(f"{flag} {folder} already holds a run ({', '.join(found)}): pass --resume to continue "
                               f"it, or choose another {flag}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -139,11 +140,18 @@ def main(argv=None) -> int:
             raise
         signum = getattr(e, "signum", signal.SIGINT)
         message = str(e) if isinstance(e, Interrupted) and str(e) else "interrupted"
+        _release_frames(e)  # progress bars of the interrupted loop close now, not after the message
         print(f"selagg-fast {args.command}: {message}", file=sys.stderr)
         return 128 + int(signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     finally:
         shutdown_distributed(synchronize=finished)  # under torchrun: no rank exits with gloo threads alive
     return 0
+
+
+def _release_frames(err: BaseException) -> None:
+    while err is not None:
+        err.__traceback__, err = None, err.__context__
+    gc.collect()
 
 
 def traceback_wanted() -> bool:

@@ -402,7 +402,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     all_reduce_sum(seen)
     if seen.item() == 0:  # every batch unreadable: a loss of 0.0 and untrained heads are no result
         raise ValueError(f"--data {cfg.data}: no training step ran in epoch {epoch + 1}: no training image could "
-                         f"be read ({len(set(unreadable))} unreadable here); nothing was trained")
+                         f"be read ({max(len(set(unreadable)), run.unreadable['train'])} unreadable); nothing was trained")
     if not cfg.cache_features:  # cached tokens: the store counted them once at extraction
         run.note_unreadable("train", unreadable)
     elapsed = time.perf_counter() - start

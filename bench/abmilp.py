@@ -1,4 +1,9 @@
-"""`selagg-fast bench abmilp`: fused AbMILP pooling vs the eager reference and torch.compile."""
+"""`selagg-fast bench abmilp`: fused AbMILP pooling vs the eager reference and torch.compile.
+
+K = 1, 4, 16 and 32 branches (32: efficient probing's default queries, issue 20). On a GPU the
+run ends with issue 20's prediction to check: at ViT-B the K = 32 fused forward within 2x the
+K = 1 forward (the tokens are read once for all branches).
+"""
 from __future__ import annotations
 
 import torch
@@ -64,7 +69,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
             "x_vs_compile"]
     rows = []
     for name, B, T, D in shapes:
-        ks = (1, 4, 16) if cuda else (1,)
+        ks = (1, 4, 16, 32) if cuda else (1,)
         x = torch.randn(B, T, D, device=device, dtype=dtype)
         head_w = (torch.randn(NUM_CLASSES, D, device=device) * D ** -0.5).requires_grad_(True)
         head_b = torch.zeros(NUM_CLASSES, device=device, requires_grad=True)
@@ -130,4 +135,10 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
                             " (tokens frozen; pool_graph = pool fwd+bwd alone, probe = pool+BN+Linear+CE "
                             "fwd+bwd, *_graph = replayed as a CUDA graph)"))
             write_csv(csv_path, rows)
+    if cuda:
+        fwd = {r["K"]: r["ms"] for r in rows if r["shape"] == "ViT-B" and r["provider"] == "fused" and r["mode"] == "fwd"}
+        if 1 in fwd and 32 in fwd:
+            ratio = fwd[32] / fwd[1]
+            print(f"\nIssue 20 prediction (ViT-B, fused fwd): K=32 / K=1 = {ratio:.2f}  <= 2  "
+                  f"{'met' if ratio <= 2 else 'MISSED'}")
     return rows

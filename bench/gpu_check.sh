@@ -39,7 +39,7 @@ cat "$WORK/versions.txt" "$WORK/gpu.txt" >>"$SUMMARY"
 REPO=$(cd "$OLDPWD" && pwd)
 
 # wanted NAME: whether this run includes step NAME (ONLY unset: the default steps)
-wanted() { case ",${ONLY:-abmilp,attention,probe,heads,analyze,compare,overhead,tests}," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+wanted() { case ",${ONLY:-abmilp,attention,probe,heads,analyze,compare,knn,overhead,tests}," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # full NAME: every shape and peer for NAME (FULL=1: for all; FULL=probe,abmilp: for those)
 full() { case ",${FULL:-0}," in *",1,"*|*",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # bench NAME TITLE_REGEX TIMEOUT [ARGS...]: run one benchmark, keep its table in the summary
@@ -62,6 +62,7 @@ bench probe "Probe training step" 110 $(quick probe)
 bench heads "Heads probe step" 150 $(quick heads)  # issue 12: AP / variants vs timm; quick compiles ap12 peers only
 bench analyze "Analyze throughput" 90 --quick
 bench compare "Compare throughput" 90  # issue 13: compare's per-batch work vs a plain forward
+bench knn "k-NN sweep" 150  # issue 20: all 21 (k, T) at 1.28 M x 50 k ViT-B features (<= 60 s) vs the peer's calls
 if wanted overhead; then  # host time per call vs GPU time (~30 s)
   timeout "$(budget 90 60)" python3 -m selagg_fast.bench.host_overhead >"$WORK/overhead.log" 2>&1
   echo "overhead exit $? after ${SECONDS}s"

@@ -1,5 +1,7 @@
 """selagg_fast: fused Selective Aggregation and streaming attention statistics for ViTs."""
 from .attentive import AttentivePooling
+from .efficient import EfficientProbing
+from .knn import knn_eval
 from .modules import AttentionStatsRecorder, SelectiveAggregation, record_attention_stats
 from .ops import AbmilpPoolFunction, AttentionWithStatsFunction, abmilp_pool, attention_with_stats
 from .ops import MlpScoresFunction, SoftmaxPoolFunction, mlp_scores, softmax_pool
@@ -9,7 +11,8 @@ from .selection import attention_selection
 __version__ = "0.1.0"
 
 __all__ = [
-    "AbmilpPoolFunction", "AttentionStats", "AttentivePooling", "AttentionStatsRecorder", "AttentionWithStatsFunction",
-    "SelectiveAggregation", "abmilp_pool", "attention_selection", "attention_with_stats", "record_attention_stats",
+    "AbmilpPoolFunction", "AttentionStats", "AttentivePooling", "EfficientProbing", "AttentionStatsRecorder",
+    "AttentionWithStatsFunction", "SelectiveAggregation", "abmilp_pool", "attention_selection", "attention_with_stats",
+    "knn_eval", "record_attention_stats",
     "__version__", "MlpScoresFunction", "SoftmaxPoolFunction", "mlp_scores", "softmax_pool",
 ]

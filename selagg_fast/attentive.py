@@ -7,7 +7,7 @@ every token (it cancels in the softmax). Head h's output is ``W_v,h p_h + b_v,h`
 weights ``u_h`` followed by tiny per-head matrices on ``[B, H, D]``: no key or value of any
 token is computed. A token LayerNorm ``z = γ ∘ x̂ + β`` folds too: the pool standardises the
 tokens on the fly with weights ``γ ∘ u_h``, and ``γ ∘ p + β`` follows the pool.
-See ``shared/reference-semantics.md`` ("Attentive probing", "The fold").
+See docs/api.md ("AttentivePooling", "The pooling protocol").
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import abmilp_pool
+from .branches import check_token_count, pool_branches
 
 NAME = "AttentivePooling"
 TOKEN_NORM_EPS = 1e-6
@@ -57,7 +57,8 @@ class AttentivePooling(nn.Module):
     ``forward(tokens [B, T, D], return_weights=False)`` pools tokens ``num_prefix_tokens..T-1``
     and returns ``[B, D]`` (and the float32 attention weights ``[B, H, N]``). It equals timm's
     module on the patch tokens, gradients included, but never computes keys or values:
-    ``forward = finish(abmilp_pool(tokens, folded_queries(), ...))``.
+    ``forward = finish(pool_branches(tokens, *branch_weights(), ...))`` (the pooling protocol of
+    ``selagg_fast.branches``: H branches, no bias, finished on ``[B, H, D]``).
     """
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, token_norm: bool = False,
@@ -103,6 +104,19 @@ class AttentivePooling(nn.Module):
     def eps(self) -> Optional[float]:
         return self.token_norm.eps if self.token_norm is not None else None
 
+    @property
+    def out_features(self) -> int:
+        return self.dim
+
+    def check_num_tokens(self, num_tokens: int) -> None:
+        """ValueError when ``num_tokens`` tokens leave nothing to pool."""
+        check_token_count(NAME, num_tokens, self.num_prefix_tokens)
+
+    def branch_weights(self):
+        """``(folded_queries() [H, D], None)``: the branches of the shared pooling call (the key
+        bias cancels in the softmax)."""
+        return self.folded_queries(), None
+
     def folded_queries(self) -> torch.Tensor:
         """The pool's weights ``[H, D]``: ``u_h = W_k,hᵀ q_h / √d`` (times γ with ``token_norm``).
 
@@ -142,9 +156,8 @@ class AttentivePooling(nn.Module):
             raise TypeError(f"{NAME}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
             raise ValueError(f"{NAME}: tokens must be [B, T, D={self.dim}], got shape {tuple(tokens.shape)}")
-        res = abmilp_pool(tokens, self.folded_queries(), None, num_prefix_tokens=self.num_prefix_tokens,
-                          standardize=self.standardize, eps=self.eps if self.standardize else TOKEN_NORM_EPS,
-                          return_weights=return_weights, backend=backend)
+        res = pool_branches(tokens, *self.branch_weights(), num_prefix_tokens=self.num_prefix_tokens,
+                            standardize=self.standardize, eps=self.eps, return_weights=return_weights, backend=backend)
         pooled, weights = res if return_weights else (res, None)
         out = self.finish(pooled)
         return (out, weights) if return_weights else out

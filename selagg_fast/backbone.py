@@ -240,6 +240,7 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     check_backbone_settings(name, checkpoint, random_init, return_block, model_kwargs, checkpoint_key)
     preset = zoo.get_preset(name)
     model = build_model(name, **model_kwargs)
+    at_init = None
     if checkpoint is not None:
         at_init = load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint,
                                   preset=preset, key=checkpoint_key)
@@ -255,7 +256,11 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     if preset is not None and preset.block is not None and return_block is None:
         log.info("%s: the paper probes block %d (--return-block %d); probing the last block",
                  name, preset.block, preset.block)
-    return Backbone(model, name, return_block=return_block, final_norm=final_norm)
+    backbone = Backbone(model, name, return_block=return_block, final_norm=final_norm)
+    # a file without the final norm (MAE fine-tuned, MaskFeat) leaves it at init: k-NN's final-norm
+    # variant is then skipped rather than computed with an untrained norm
+    backbone.final_norm_loaded = checkpoint is None or not any(k.startswith("norm.") for k in at_init or ())
+    return backbone
 
 
 def check_backbone_settings(name: str, checkpoint: str | None, random_init: bool, return_block: int | None,

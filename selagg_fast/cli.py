@@ -1,4 +1,4 @@
-"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, compare, models, bench}."""
+"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, compare, models, report, bench}."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,9 @@ def _bench(args) -> None:
     if args.what in ("compare", "all"):
         from .bench import compare
         compare.run(quick=args.quick, csv_path=f"{args.out}/compare.csv")
+    if args.what in ("knn", "all"):
+        from .bench import knn
+        knn.run(quick=args.quick, csv_path=f"{args.out}/knn.csv")
 
 
 def _models(args) -> None:
@@ -48,14 +51,36 @@ def _demo(args) -> None:
     run_demo(args)
 
 
+def command_line(argv: list) -> str:
+    """This invocation as a shell command: ``selagg-fast ARGS``, under ``torchrun`` with the
+    process count it ran with."""
+    import shlex
+    words = ["selagg-fast", *argv]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = f" --nnodes={world // local}" if world != local else ""
+        return f"torchrun{nodes} --nproc_per_node={local} -m selagg_fast.cli " + shlex.join(argv)
+    return shlex.join(words)
+
+
 def _probe(args) -> None:
     from .probe.cli import config_from_args
+    from .probe.knn_run import format_knn
     from .probe.outputs import format_results
     from .probe.trainer import run_probe
-    results = run_probe(config_from_args(args))
+    results = run_probe(config_from_args(args), command=command_line(args.argv))
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))
+        if results.get("knn"):
+            print(format_knn(results["knn"]))
         print(f"top-1 / top-5 of every pair: {args.output_dir}/results.json; per epoch: metrics.jsonl, curves.png")
+
+
+def _report(args) -> None:
+    from .probe.report import write_report
+    md, csv_path = write_report(args.runs, args.output)
+    print(f"wrote {md} and {csv_path} ({len(args.runs)} run(s))")
 
 
 _EPILOG = ("Errors (a bad flag value or path, an unwritable output folder, a full disk, an unsafe checkpoint) "
@@ -95,10 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
                                       "official file, layout, probed block, the paper's top-1")
     p.set_defaults(func=_models)
 
+    p = sub.add_parser("report", help="one row per probing run (k-NN, linear, Selective, AP, EP top-1, the command "
+                                      "line, the paper's numbers): a Markdown table and the same as CSV")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`selagg-fast probe` output folders")
+    p.add_argument("--output", required=True, metavar="FILE.md",
+                   help="the Markdown file; the CSV is written beside it as FILE.csv")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
-    p.add_argument("what", choices=["abmilp", "attention", "probe", "heads", "analyze", "compare", "sweep", "all"],
+    p.add_argument("what", choices=["abmilp", "attention", "probe", "heads", "analyze", "compare", "knn", "sweep", "all"],
                    help="which benchmark (sweep: the launch-configuration sweep, not part of all)")
-    p.add_argument("--quick", action="store_true", help="ViT-B shape only")
+    p.add_argument("--quick", action="store_true", help="ViT-B shape only (knn: 2,000 training rows on a CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile)")
     p.add_argument("--out", default="bench/out", help="folder for CSV results")
     p.set_defaults(func=_bench)
@@ -111,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         show_traceback = traceback_wanted()
         args = build_parser().parse_args(argv)
+        args.argv = argv
     except SystemExit as exit_:  # --help (0) or a value argparse refused (2, its message printed)
         return exit_.code if isinstance(exit_.code, int) else 2
     except ValueError as e:

@@ -1,7 +1,7 @@
 """`selagg-fast demo`: the main job on built-in defaults, small enough for a 2-core CPU.
 
 A small random-init ViT, the synthetic "object among clutter" data, and cls / avg /
-selective probes trained from cached tokens, accuracies printed side by side, with the
+selective / efficient (ep8) probes trained from cached tokens, accuracies printed side by side, with the
 non-trainable attention aggregations of the paper's Table 5 (cls_attn, cls_attn_min_entropy,
 center_attn) and one compact table of their weights' entropies and divergences from the
 trained selective head (``selagg-fast compare``). On a GPU the same command runs the fused kernels.
@@ -29,9 +29,10 @@ def demo_config(out: str) -> ProbeConfig:
     return ProbeConfig(
         model="vit_tiny_patch16_224", random_init=True, model_kwargs=DEMO_MODEL_KWARGS, data="synthetic",
         synthetic_train_size=4000, synthetic_val_size=1000,
-        heads=",".join(("cls", "avg", "selective", *ATTENTION_HEADS)), lrs="0.1,1.0",
+        heads=",".join(("cls", "avg", "selective", "ep8", *ATTENTION_HEADS)), lrs="0.1,1.0",
         epochs=30, warmup_epochs=3, batch_size=256, augment=False, workers=min(2, os.cpu_count() or 1),
-        cache_features=os.path.join(out, "cache"), output_dir=os.path.join(out, "probe"), progress=False)
+        cache_features=os.path.join(out, "cache"), output_dir=os.path.join(out, "probe"), progress=False,
+        knn=True)  # DINO's weighted k-NN of [cls] from the same cached tokens: 21 (k, T) settings, one pass
 
 
 def run_demo(args) -> dict:
@@ -39,8 +40,8 @@ def run_demo(args) -> dict:
     fused = device == "cuda" or interpreter_active()
     print(f"selagg-fast demo on {device} ({'Triton kernels' if fused else 'PyTorch reference ops'}): "
           "random-init ViT-Tiny/8 on 64x64 synthetic images (label = a small object among clutter), "
-          "cls / avg / selective probes and the [cls] / central-patch attention aggregations, 2 base lrs each, "
-          "30 epochs on cached tokens")
+          "cls / avg / selective / efficient (ep8) probes and the [cls] / central-patch attention aggregations, "
+          "2 base lrs each, 30 epochs on cached tokens, and k-NN of [cls]")
     cfg = demo_config(args.out)
     cfg.resume = True  # rerunning the demo continues (or just reports) the previous one
     _check_previous(cfg, args.out)
@@ -57,6 +58,9 @@ def run_demo(args) -> dict:
     print(f"selective beats avg by {best['selective']['top1'] - best['avg']['top1']:+.1f} and cls by "
           f"{best['selective']['top1'] - best['cls']['top1']:+.1f} top-1 points "
           f"({time.perf_counter() - start:.0f} s; outputs in {cfg.output_dir})")
+    if results.get("knn"):  # a demo folder from before k-NN has none
+        from .probe.knn_run import format_knn
+        print(format_knn(results["knn"]) + f"  (linear [cls]: {best['cls']['top1']:.2f})")
     _analysis(cfg, args.out)
     print(f"demo done in {time.perf_counter() - start:.0f} s")
     return results

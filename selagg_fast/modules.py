@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .branches import check_pooled, check_token_count, pool_branches, single_branch
 from .ops import abmilp_pool, mlp_scores, softmax_pool
 from .ops.columns import attention_column_sums, column_names
 from .ops.norms import token_norm_ratio
@@ -52,7 +53,7 @@ def sincos_pos_embed_2d(dim: int, grid_size, cls_token: bool = False) -> torch.T
 class HeadSelfAttention(nn.Module):
     """The reference head's ``self_attn`` (timm's ``Attention`` layout): ``[q, k, v] = qkv(z)`` (no
     bias), per head ``softmax(q k^T / sqrt(d)) v`` with ``d = D / num_heads``, then ``proj`` (with
-    bias). One head of width D by default (shared/reference-semantics.md). Runs through
+    bias). One head of width D by default (the reference code's). Runs through
     ``F.scaled_dot_product_attention``."""
 
     def __init__(self, dim: int, num_heads: int = 1):
@@ -91,8 +92,12 @@ class SelectiveAggregation(nn.Module):
         positional: add MAE's fixed 2-D sin-cos table to the scorer's input (needs ``grid_size``).
         grid_size: the patch grid, ``g`` or ``(rows, cols)``; with it ``pos_embed`` is kept as
             the reference does (a buffer, with a zero [cls] row when ``num_prefix_tokens == 0``).
-        self_attention_heads: heads of the self-attention (1, as reference-semantics.md states;
+        self_attention_heads: heads of the self-attention (1, as the reference code has it;
             the same parameters and keys for any count that divides D).
+
+    The default head follows the pooling protocol (``selagg_fast.branches``): ``branch_weights()``
+    is ``(weight, bias)`` and ``finish`` the identity (a view for K = 1), so probe heads pool it in
+    one call with others; the variants' ``branch_weights()`` is None (they pool by themselves).
     """
 
     def __init__(self, dim: int, branches: int = 1, num_prefix_tokens: int = 1, *, depth: int = 1,
@@ -157,6 +162,37 @@ class SelectiveAggregation(nn.Module):
                      f"self_attention={self.self_attention!r}, positional={self.positional}")
         return text
 
+    @property
+    def standardize(self) -> bool:
+        return False
+
+    @property
+    def eps(self):
+        return None
+
+    @property
+    def out_features(self) -> int:
+        """Width of the flattened output: K * D."""
+        return self.branches * self.dim
+
+    def check_num_tokens(self, num_tokens: int) -> None:
+        """ValueError when ``num_tokens`` tokens (prefix included) cannot be pooled: nothing left
+        after the prefix, or a positional grid that does not fit the pooled tokens."""
+        check_token_count("SelectiveAggregation", num_tokens, self.num_prefix_tokens)
+        if self.positional:
+            self._pos_table(num_tokens - self.num_prefix_tokens)
+
+    def branch_weights(self):
+        """``(weight [K, D], bias [K])`` for the shared pooling call; None for the variants whose
+        scores are not linear in the tokens (MLP scorer, self-attention, positional), which pool
+        by themselves."""
+        return (self.weight, self.bias) if self.linear else None
+
+    def finish(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled ``[B, K, D]`` -> the output: ``[B, D]`` (a view) for K = 1, else ``[B, K, D]``."""
+        check_pooled("SelectiveAggregation", pooled, self.branches, self.dim)
+        return pooled.view(pooled.shape[0], self.dim) if self.branches == 1 else pooled
+
     def _pos_table(self, n: int) -> torch.Tensor:
         """The table rows for the ``n`` pooled tokens: [n, D]."""
         h, w = self.grid_size
@@ -174,19 +210,19 @@ class SelectiveAggregation(nn.Module):
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
             raise ValueError(f"SelectiveAggregation: expected tokens [B, T, {self.dim}], got {tuple(tokens.shape)}")
         if self.linear:
-            # K = 1 as views ([D], scalar): their backward is free, indexing's would fill zero tensors
-            weight = self.weight.view(self.dim) if self.branches == 1 else self.weight
-            bias = self.bias.view(()) if self.branches == 1 else self.bias
-            return abmilp_pool(tokens, weight, bias, num_prefix_tokens=self.num_prefix_tokens,
-                               return_weights=return_weights)
+            res = pool_branches(tokens, self.weight, self.bias, num_prefix_tokens=self.num_prefix_tokens,
+                                return_weights=return_weights)
+            if not return_weights:
+                return self.finish(res)
+            pooled, weights = res
+            return self.finish(pooled), weights[:, 0] if self.branches == 1 else weights
         P = self.num_prefix_tokens
         n = tokens.shape[1] - P
         if n <= 0:
             raise ValueError(f"SelectiveAggregation: no tokens left to pool: T={tokens.shape[1]} with "
                              f"num_prefix_tokens={P}")
         last = self.attention_predictor[-1]
-        w_out = last.weight.view(self.dim) if self.branches == 1 else last.weight
-        b_out = last.bias.view(()) if self.branches == 1 else last.bias
+        w_out, b_out = single_branch(last.weight, last.bias)
         if self.self_attention == "none":
             x, prefix, scorer_in = tokens, P, tokens
         else:

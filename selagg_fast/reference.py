@@ -41,15 +41,17 @@ def abmilp_pool_reference(
         w = w.to(compute_dtype)
     if standardize:
         z = torch.nn.functional.layer_norm(z, z.shape[-1:], eps=eps)
-    scores = torch.einsum("btd,kd->bkt", z, w)  # [B, K, N]
+    # bmm on the strided token view, one GEMM per image: einsum would first copy the tokens
+    scores = torch.bmm(z, w.t().expand(z.shape[0], -1, -1))  # [B, N, K]
     if bias is not None:
-        scores = scores + bias.reshape(-1, 1).to(scores.dtype)
-    attn = torch.softmax(scores, dim=-1)
-    pooled = torch.einsum("bkt,btd->bkd", attn, z).to(x.dtype)
+        scores = scores + bias.reshape(-1).to(scores.dtype)
+    attn = torch.softmax(scores, dim=1)
+    pooled = torch.bmm(attn.transpose(1, 2), z).to(x.dtype)  # [B, K, D]
+    attn = attn.transpose(1, 2)  # [B, K, N]
     if single:
         pooled, attn = pooled[:, 0], attn[:, 0]
     if return_weights:
-        return pooled, attn.float() if attn.dtype != torch.float64 else attn
+        return pooled, (attn.float() if attn.dtype != torch.float64 else attn).contiguous()
     return pooled
 
 

@@ -5,7 +5,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICE, rel_err
-from selagg_fast import AttentivePooling, abmilp_pool
+from selagg_fast import AttentivePooling, EfficientProbing, SelectiveAggregation
+from selagg_fast.branches import pool_branches
 
 timm_pool = pytest.importorskip("timm.layers.attention_pool")
 
@@ -169,16 +170,22 @@ def test_state_dicts_swap_both_ways():
 
 
 def test_grouped_pool_call_matches_forward():
-    """Several modules' folded queries as branches of ONE abmilp_pool call (the probe heads' grouping)."""
+    """Several modules' branch weights as branches of ONE pooling call (the probe heads' grouping),
+    through the pooling protocol: attentive heads beside a linear selective head and efficient probes."""
     D, P = 192, 1
-    mods = [AttentivePooling(D, H, num_prefix_tokens=P).to(DEVICE) for H in (1, 3, 12)]
+    mods = [AttentivePooling(D, H, num_prefix_tokens=P) for H in (1, 3, 12)]
+    mods += [SelectiveAggregation(D, 2, P), EfficientProbing(D, 4, num_prefix_tokens=P), EfficientProbing(D, 1)]
+    mods = [m.to(DEVICE) for m in mods]
     x = torch.randn(2, 10, D, device=DEVICE)
-    u = torch.cat([m.folded_queries() for m in mods])
-    pooled = abmilp_pool(x, u, None, num_prefix_tokens=P)
-    outs = [m.finish(p) for m, p in zip(mods, pooled.split([m.num_heads for m in mods], dim=1))]
-    for m, out in zip(mods, outs):
-        assert m.folded_queries().shape == (m.num_heads, D) and not m.standardize
+    weights, biases = zip(*[m.branch_weights() for m in mods])
+    bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
+    pooled = pool_branches(x, torch.cat(weights), bias, num_prefix_tokens=P)
+    for m, p in zip(mods, pooled.split([w.shape[0] for w in weights], dim=1)):
+        assert not m.standardize and m.eps is None
+        out = m.finish(p)
         torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-6)
+        assert out.reshape(2, -1).shape[1] == m.out_features
+    assert SelectiveAggregation(D, 1, P, depth=2).branch_weights() is None  # pools by itself
 
 
 @pytest.mark.parametrize("kwargs, message", [

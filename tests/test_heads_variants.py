@@ -1,5 +1,5 @@
-"""Probe heads for the reference head's variants and attentive probing: names, one shared pooling
-call per token-normalisation setting, features against independent references, selection maps,
+"""Probe heads for the reference head's variants, attentive and efficient probing: names, one shared
+pooling call per token-normalisation setting (at most the kernels' K branches a call), features against independent references, selection maps,
 and a tiny end-to-end run."""
 import json
 import os
@@ -9,10 +9,11 @@ import torch
 from conftest import DEVICE, rel_err
 from torch import nn
 
-import selagg_fast.probe.heads as heads_module
+import selagg_fast.branches as branches_module
 from selagg_fast.analysis.probe_maps import ProbeMaps
 from selagg_fast.probe.heads import HeadSpec, ProbeHeads, parse_heads
 from selagg_fast.reference import abmilp_pool_reference
+from test_efficient import PeerEfficientProbing
 
 timm_pool = pytest.importorskip("timm.layers.attention_pool")
 
@@ -28,7 +29,8 @@ def _bn_linear(probe, features):
 
 def test_parse_variant_names():
     specs = {s.name: s for s in parse_heads(
-        "selective_mlp_tanh,selective_mlp_relu,selective_mlp_tanh_sa_all,selective_samap_pe_k2,ap12,ap1_ln_all")}
+        "selective_mlp_tanh,selective_mlp_relu,selective_mlp_tanh_sa_all,selective_samap_pe_k2,ap12,ap1_ln_all,"
+        "ep32,ep1_all")}
     assert specs["selective_mlp_tanh"] == HeadSpec("selective_mlp_tanh", "selective", depth=2, activation="tanh")
     assert specs["selective_mlp_relu"].activation == "relu"
     sa = specs["selective_mlp_tanh_sa_all"]
@@ -37,12 +39,14 @@ def test_parse_variant_names():
     assert (pe.depth, pe.self_attention, pe.positional, pe.branches) == (1, "map", True, 2)
     assert (specs["ap12"].kind, specs["ap12"].num_heads, specs["ap12"].token_norm) == ("ap", 12, False)
     assert (specs["ap1_ln_all"].kind, specs["ap1_ln_all"].token_norm) == ("ap_all", True)
+    assert specs["ep32"] == HeadSpec("ep32", "ep", num_queries=32) and specs["ep32"].efficient
+    assert (specs["ep1_all"].kind, specs["ep1_all"].num_queries, specs["ep1_all"].pools_prefix) == ("ep_all", 1, True)
     assert all(s.selective for s in specs.values())  # every one needs all tokens (feature cache)
     assert not any(s.selective for s in parse_heads("cls,avg"))
 
 
 @pytest.mark.parametrize("name", ["selective_mlp_gelu", "selective_sa_mlp_tanh", "ap", "apx", "ap2_ln_ln",
-                                  "ap2_k2", "selective_pe_sa", "attn"])
+                                  "ap2_k2", "selective_pe_sa", "attn", "ep", "ep4_ln", "ep_all"])
 def test_unknown_head_names(name):
     with pytest.raises(ValueError, match=f"unknown head {name!r}"):
         parse_heads(f"avg,{name}")
@@ -51,6 +55,10 @@ def test_unknown_head_names(name):
 def test_impossible_heads():
     with pytest.raises(ValueError, match="H must be >= 1"):
         parse_heads("ap0")
+    with pytest.raises(ValueError, match="Q must be >= 1"):
+        parse_heads("ep0_all")
+    with pytest.raises(ValueError, match=r"num_queries \* d_out = 5 \* 1 does not divide dim=32"):
+        ProbeHeads(parse_heads("ep5"), [0.1], D, C, P)
     with pytest.raises(ValueError, match="K must be >= 1"):
         parse_heads("selective_mlp_relu_k0")
     with pytest.raises(ValueError, match="twice"):
@@ -74,19 +82,31 @@ def _timm_ap(agg):
     return ref, ln
 
 
-HEADS = "selective,selective_k2,ap2,ap4_ln,ap1_ln,selective_all,ap2_all,selective_mlp_relu,selective_pe"
+HEADS = "selective,selective_k2,ap2,ap4_ln,ap1_ln,selective_all,ap2_all,selective_mlp_relu,selective_pe,ep4,ep2_all"
 
 
-def test_one_pooling_call_per_setting_and_features_match(monkeypatch):
+def _counting_pool(monkeypatch):
+    """Record (weight shape, bias shape, prefix, standardize) of every fused pooling call."""
     calls = []
-    real = heads_module.abmilp_pool
+    real = branches_module.abmilp_pool
 
     def counting(x, weight, bias=None, **kw):
         calls.append((tuple(weight.shape), None if bias is None else tuple(bias.shape), kw.get("num_prefix_tokens"),
                       kw.get("standardize", False)))
         return real(x, weight, bias, **kw)
 
-    monkeypatch.setattr(heads_module, "abmilp_pool", counting)
+    monkeypatch.setattr(branches_module, "abmilp_pool", counting)
+    return calls
+
+
+def _peer_ep(agg):
+    ref = PeerEfficientProbing(agg.dim, agg.num_queries, agg.d_out).double()
+    ref.load_state_dict(agg.state_dict())
+    return ref
+
+
+def test_one_pooling_call_per_setting_and_features_match(monkeypatch):
+    calls = _counting_pool(monkeypatch)
     lrs = [0.1, 0.3]
     heads = ProbeHeads(parse_heads(HEADS), lrs, D, C, P, grid_size=G).to(DEVICE).train()
     with torch.no_grad():  # attentive parameters off their initial values (zero biases, unit LayerNorms)
@@ -95,10 +115,11 @@ def test_one_pooling_call_per_setting_and_features_match(monkeypatch):
                 p.add_(0.2 * torch.randn_like(p))
     tokens = torch.randn(6, P + G * G, D, device=DEVICE)
     logits = heads(tokens)
-    # (prefix 1, plain): selective 1 + selective_k2 2 + ap2 2 branches, x 2 lrs; a zero bias for ap2's
-    # (prefix 1, standardised): ap4_ln 4 + ap1_ln 1, x 2 lrs, no bias; (prefix 0, plain): selective_all + ap2_all
-    assert sorted(calls, key=str) == sorted([((10, D), (10,), 1, False), ((10, D), None, 1, True),
-                                             ((6, D), (6,), 0, False)], key=str)
+    # (prefix 1, plain): selective 1 + selective_k2 2 + ap2 2 + ep4 4 branches, x 2 lrs; zero biases for
+    # ap2's and ep4's; (prefix 1, standardised): ap4_ln 4 + ap1_ln 1, x 2 lrs, no bias;
+    # (prefix 0, plain): selective_all 1 + ap2_all 2 + ep2_all 2
+    assert sorted(calls, key=str) == sorted([((18, D), (18,), 1, False), ((10, D), None, 1, True),
+                                             ((10, D), (10,), 0, False)], key=str)
     x64 = tokens.double().cpu()
     for spec, lr in heads.pairs:
         key = heads._key(spec, lr)
@@ -107,6 +128,8 @@ def test_one_pooling_call_per_setting_and_features_match(monkeypatch):
             ref, ln = _timm_ap(agg.cpu())
             z = x64[:, agg.num_prefix_tokens:]
             feat = ref(ln(z) if ln is not None else z)
+        elif spec.efficient:
+            feat = _peer_ep(agg.cpu())(x64[:, agg.num_prefix_tokens:])
         elif agg.linear:
             feat = abmilp_pool_reference(x64, agg.weight.double().cpu(), agg.bias.double().cpu(),
                                          num_prefix_tokens=agg.num_prefix_tokens,
@@ -120,9 +143,9 @@ def test_one_pooling_call_per_setting_and_features_match(monkeypatch):
 
 
 def test_every_pair_gets_only_its_own_gradient():
-    heads = ProbeHeads(parse_heads("selective,ap2,ap3_ln,selective_mlp_tanh_sa"), [0.1, 1.0], 48, C, P).to(DEVICE)
+    heads = ProbeHeads(parse_heads("selective,ap2,ap3_ln,selective_mlp_tanh_sa,ep4"), [0.1, 1.0], 48, C, P).to(DEVICE)
     tokens = torch.randn(5, 10, 48, device=DEVICE)
-    for target in ("ap2@1", "ap3_ln@0.1", "selective_mlp_tanh_sa@1"):
+    for target in ("ap2@1", "ap3_ln@0.1", "selective_mlp_tanh_sa@1", "ep4@0.1"):
         heads.zero_grad(set_to_none=True)
         heads(tokens)[target].sum().backward()
         for spec, lr in heads.pairs:
@@ -138,10 +161,14 @@ def test_every_pair_gets_only_its_own_gradient():
 
 
 def test_selection_weights_of_every_kind():
-    heads = ProbeHeads(parse_heads("selective_k2,ap3,ap2_ln_all,selective_mlp_relu_sa,selective_samap_pe"), [0.1],
-                       48, C, P, grid_size=G).to(DEVICE).eval()
+    heads = ProbeHeads(parse_heads("selective_k2,ap3,ap2_ln_all,selective_mlp_relu_sa,selective_samap_pe,ep4_all"),
+                       [0.1], 48, C, P, grid_size=G).to(DEVICE).eval()
     tokens = torch.randn(4, P + G * G, 48, device=DEVICE)
-    for name, k, n in (("selective_k2@0.1", 2, 9), ("ap3@0.1", 3, 9), ("ap2_ln_all@0.1", 2, 10),
+    ep = heads.aggregators["ep4_all@0_1"]
+    torch.testing.assert_close(heads.selection_weights(tokens, "ep4_all@0.1").double().cpu(),
+                               _peer_ep(ep.cpu()).attention(tokens.double().cpu()), rtol=1e-5, atol=1e-6)
+    ep.to(DEVICE)
+    for name, k, n in (("selective_k2@0.1", 2, 9), ("ap3@0.1", 3, 9), ("ap2_ln_all@0.1", 2, 10), ("ep4_all@0.1", 4, 10),
                        ("selective_mlp_relu_sa@0.1", 1, 9), ("selective_samap_pe@0.1", 1, 9)):
         w = heads.selection_weights(tokens, name)
         assert w.shape == (4, k, n) and w.dtype == torch.float32, name
@@ -153,11 +180,27 @@ def test_selection_weights_of_every_kind():
         ProbeHeads(parse_heads("avg"), [0.1], 48, C, P).selection_weights(tokens, "avg@0.1")
 
 
+def test_shared_calls_stay_within_the_kernels_K(monkeypatch):
+    """Three ep32 pairs and three selective ones: 99 branches in calls of at most 64, whole pairs each."""
+    calls = _counting_pool(monkeypatch)
+    heads = ProbeHeads(parse_heads("selective,ep32"), [0.1, 0.3, 1.0], D, C, P).to(DEVICE).train()
+    tokens = torch.randn(4, P + 7, D, device=DEVICE)
+    logits = heads(tokens)
+    assert calls == [((35, D), (35,), 1, False), ((64, D), None, 1, False)]
+    x64 = tokens.double().cpu()
+    for lr in heads.lrs:
+        key = heads._key(parse_heads("ep32")[0], lr)
+        expected = _bn_linear(heads.classifiers[key].cpu(), _peer_ep(heads.aggregators[key].cpu())(x64[:, P:]))
+        assert rel_err(logits[f"ep32@{lr:g}"], expected) < 1e-4, lr
+
+
 def test_maps_pick_attentive_heads():
     state = {"results": {"pairs": [{"head": "avg", "base_lr": 0.1, "top1": 90.0},
                                    {"head": "selective", "base_lr": 0.1, "top1": 50.0},
                                    {"head": "ap12_ln", "base_lr": 0.3, "top1": 60.0}]}}
     assert ProbeMaps._best_selective(state) == "ap12_ln@0.3"
+    state["results"]["pairs"].append({"head": "ep8", "base_lr": 1.0, "top1": 70.0})
+    assert ProbeMaps._best_selective(state) == "ep8@1"
 
 
 def test_new_heads_train_end_to_end(tmp_path):

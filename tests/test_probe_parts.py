@@ -14,6 +14,7 @@ from selagg_fast.probe.heads import GlobalBatchNorm1d, LinearProbe, ProbeHeads, 
 from selagg_fast.probe.optim import LARS, build_optimizer, cosine_lr
 from selagg_fast.probe.trainer import ProbeConfig, _resolved
 from selagg_fast.reference import abmilp_pool_reference
+from test_efficient import PeerEfficientProbing
 
 D, C = 48, 5
 
@@ -27,7 +28,7 @@ def _bn_linear(probe, features):
 
 @pytest.mark.parametrize("P", [1, 0, 5], ids=["cls", "no_cls", "registers"])
 def test_heads_match_reference_semantics(P):
-    heads_text = "avg,selective,selective_all,selective_k3" + (",cls" if P else "")
+    heads_text = "avg,selective,selective_all,selective_k3,ep4,ep2_all" + (",cls" if P else "")
     specs = parse_heads(heads_text, has_cls=P > 0)
     heads = ProbeHeads(specs, [0.1, 0.3], D, C, P).to(DEVICE).train()
     tokens = torch.randn(16, 17 + P, D, device=DEVICE)
@@ -40,6 +41,13 @@ def test_heads_match_reference_semantics(P):
             feat = t[:, 0]
         elif spec.kind == "avg":
             feat = t[:, P:].mean(1)
+        elif spec.efficient:
+            agg = heads.aggregators[key]
+            prefix = 0 if spec.pools_prefix else P
+            assert agg.num_prefix_tokens == prefix and agg.out_features == D
+            peer = PeerEfficientProbing(D, spec.num_queries).double()
+            peer.load_state_dict(agg.state_dict())
+            feat = peer(t[:, prefix:])
         else:
             agg = heads.aggregators[key]
             prefix = 0 if spec.kind == "selective_all" else P

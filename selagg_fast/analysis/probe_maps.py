@@ -71,7 +71,7 @@ class ProbeMaps:
 
     @staticmethod
     def _best_selective(state) -> str:
-        pairs = [p for p in state["results"]["pairs"] if p["head"].startswith(("selective", "ap"))]
+        pairs = [p for p in state["results"]["pairs"] if p["head"].startswith(("selective", "ap", "ep"))]
         best = max(pairs, key=lambda p: -1.0 if p["top1"] is None else p["top1"])  # None: a diverged pair
         return f"{best['head']}@{best['base_lr']:g}"
 

@@ -86,7 +86,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
         "comma list of cls, avg, selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>] (the reference "
         "head's variants: 2-layer MLP scorer, self-attention on both or the map only, positional conditioning, "
         "prefix tokens pooled too, K branches; paper Table 4), ap<H>[_ln][_all] (attentive probe with H heads, "
-        "token LayerNorm; Table 6), and the non-trainable aggregations of Table 5: cls_attn (mean [cls] "
+        "token LayerNorm; Table 6), ep<Q>[_all] (efficient probing with Q queries), and the non-trainable aggregations of Table 5: cls_attn (mean [cls] "
         "attention of the probed block), cls_attn_min_entropy (its lowest-entropy head), center_attn (the central "
         "patch's attention), external_cls_attn (--selector-model's [cls] attention). Self-attention heads "
         "(selective_mlp_tanh_sa = SA-AbMILP) train with --optimizer sgd: the paper found them unstable under LARS"))
@@ -117,6 +117,16 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--selector-random-init", action="store_true", help="random --selector-model (testing only)")
     g.add_argument("--selector-model-kwargs", type=json_object, default={},
                    help="JSON object overriding --selector-model's architecture arguments")
+    g = p.add_argument_group("k-NN (DINO's weighted vote on the linear probe's representation)")
+    g.add_argument("--knn", action="store_true",
+                   help="also report weighted k-NN top-1/top-5 of [cls] (the patch mean without [cls]), raw and "
+                        "after the backbone's final norm, for every --knn-k x --knn-temperatures in one pass; "
+                        "features from --cache-features, else one validation-transform pass before training")
+    g.add_argument("--knn-k", default=d.knn_k, help="comma list of neighbour counts")
+    g.add_argument("--knn-temperatures", default=d.knn_temperatures, help="comma list of vote temperatures T "
+                                                                          "(weight exp(similarity / T))")
+    g.add_argument("--knn-memory-gb", type=float, default=d.knn_memory_gb,
+                   help="working memory of one similarity block (chunk sizes follow from it)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir, help="folder of the run's outputs")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")

@@ -1,11 +1,11 @@
 """Probe heads: aggregation -> BatchNorm1d(affine=False) -> Linear, many trained at once.
 
 Every (head, learning rate) pair is an independent probe. They share one backbone pass,
-and the linear Selective Aggregation pairs and the attentive-probing pairs share one fused
-``abmilp_pool`` call per (prefix, token standardisation) setting: their score vectors and
-folded queries are stacked as branches of one op, so the tokens are read once for all of
-them. The reference head's other variants (MLP scorer, self-attention, positional
-conditioning) run one head each.
+and the linear Selective Aggregation, attentive-probing and efficient-probing pairs share one
+fused ``abmilp_pool`` call per (prefix, token standardisation) setting: through the pooling
+protocol (``selagg_fast.branches``) their score vectors and folded queries are stacked as
+branches of one op, so the tokens are read once for all of them. The reference head's other
+variants (MLP scorer, self-attention, positional conditioning) run one head each.
 """
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attentive import AttentivePooling
+from ..branches import branch_groups, pool_branches
+from ..efficient import EfficientProbing
 from ..modules import SelectiveAggregation
-from ..ops import abmilp_pool, softmax_pool
+from ..ops import softmax_pool
 
 HEAD_KINDS = ("cls", "avg", "selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>]", "ap<H>[_ln][_all]",
-              "cls_attn", "cls_attn_min_entropy", "center_attn", "external_cls_attn")
+              "ep<Q>[_all]", "cls_attn", "cls_attn_min_entropy", "center_attn", "external_cls_attn")
 # Non-trainable aggregations (issue 13, paper Table 5): the weight vector comes from the backbone's
 # (or the --selector-model's) attention, computed beside the tokens (probe/selector.py); only the
 # BatchNorm + Linear train. Head name -> the weights' method name.
@@ -31,14 +33,15 @@ ATTENTION_HEADS = {"cls_attn": "cls_mean", "cls_attn_min_entropy": "cls_min_entr
 _SELECTIVE_NAME = re.compile(r"selective(?:_mlp_(?P<act>tanh|relu))?(?:_(?P<sa>sa|samap))?(?P<pe>_pe)?"
                              r"(?P<all>_all)?(?:_k(?P<k>\d+))?")
 _AP_NAME = re.compile(r"ap(?P<h>\d+)(?P<ln>_ln)?(?P<all>_all)?")
+_EP_NAME = re.compile(r"ep(?P<q>\d+)(?P<all>_all)?")
 
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One aggregation: ``kind`` in cls / avg / selective / selective_all / ap / ap_all (``_all``:
-    the prefix tokens are pooled too), ``branches`` K; the reference head's switches (``depth``,
-    ``activation``, ``self_attention``, ``positional``) for selective kinds; ``num_heads`` H and
-    ``token_norm`` for attentive probes (ap)."""
+    """One aggregation: ``kind`` in cls / avg / selective / selective_all / ap / ap_all / ep / ep_all
+    (``_all``: the prefix tokens are pooled too), ``branches`` K; the reference head's switches
+    (``depth``, ``activation``, ``self_attention``, ``positional``) for selective kinds; ``num_heads``
+    H and ``token_norm`` for attentive probes (ap); ``num_queries`` Q for efficient probes (ep)."""
     name: str
     kind: str
     branches: int = 1
@@ -48,6 +51,7 @@ class HeadSpec:
     positional: bool = False
     num_heads: int = 0
     token_norm: bool = False
+    num_queries: int = 0
 
     @property
     def selective(self) -> bool:
@@ -71,6 +75,10 @@ class HeadSpec:
         return self.kind in ("ap", "ap_all")
 
     @property
+    def efficient(self) -> bool:
+        return self.kind in ("ep", "ep_all")
+
+    @property
     def pools_prefix(self) -> bool:
         return self.kind.endswith("_all")
 
@@ -79,7 +87,7 @@ def parse_heads(text: str, has_cls: bool = True) -> list:
     """``"cls,avg,selective,selective_k4"`` -> HeadSpecs; clear errors for unknown or impossible heads."""
     specs = []
     for name in [t.strip() for t in text.split(",") if t.strip()]:
-        sel, ap = _SELECTIVE_NAME.fullmatch(name), _AP_NAME.fullmatch(name)
+        sel, ap, ep = _SELECTIVE_NAME.fullmatch(name), _AP_NAME.fullmatch(name), _EP_NAME.fullmatch(name)
         if sel:
             if sel["k"] is not None and int(sel["k"]) < 1:
                 raise ValueError(f"head {name!r}: K must be >= 1")
@@ -92,6 +100,10 @@ def parse_heads(text: str, has_cls: bool = True) -> list:
             if int(ap["h"]) < 1:
                 raise ValueError(f"head {name!r}: the number of heads H must be >= 1")
             spec = HeadSpec(name, "ap_all" if ap["all"] else "ap", num_heads=int(ap["h"]), token_norm=bool(ap["ln"]))
+        elif ep:
+            if int(ep["q"]) < 1:
+                raise ValueError(f"head {name!r}: the number of queries Q must be >= 1")
+            spec = HeadSpec(name, "ep_all" if ep["all"] else "ep", num_queries=int(ep["q"]))
         elif name in ("cls", "avg") or name in ATTENTION_HEADS:
             spec = HeadSpec(name, name)
         else:
@@ -180,8 +192,10 @@ class ProbeHeads(nn.Module):
 
     ``forward(tokens [B, T, D])`` returns ``{pair name: logits [B, C]}``. ``selective*_k<K>``
     heads concatenate their K pooled vectors (``[B, K*D]``) before the BatchNorm, so each
-    branch keeps its own features and the classifier weighs them; ``ap<H>`` heads give ``[B, D]``.
-    ``grid_size`` (the patch grid, rows x cols) is needed by positional (``_pe``) heads only.
+    branch keeps its own features and the classifier weighs them; ``ap<H>`` heads give ``[B, D]``,
+    ``ep<Q>`` heads ``[B, D]`` (their Q value slices concatenated).
+    ``grid_size`` (the patch grid, rows x cols) is needed by positional (``_pe``) heads only; given,
+    every aggregation checks the token count at construction, not at the first batch.
     """
 
     def __init__(self, specs, lrs, dim: int, num_classes: int, num_prefix_tokens: int, backend: str = "auto",
@@ -198,22 +212,14 @@ class ProbeHeads(nn.Module):
         self.classifiers = nn.ModuleDict()
         for spec, lr in self.pairs:
             key = self._key(spec, lr)
-            prefix = 0 if spec.pools_prefix else num_prefix_tokens
-            if spec.attentive:
-                self.aggregators[key] = AttentivePooling(dim, spec.num_heads, token_norm=spec.token_norm,
-                                                         num_prefix_tokens=prefix)
-            elif spec.selective:
-                if spec.positional and grid_size is None:
-                    raise ValueError(f"head {spec.name!r} (positional conditioning) needs the patch grid "
-                                     "(ProbeHeads(..., grid_size=(rows, cols)))")
-                self.aggregators[key] = SelectiveAggregation(
-                    dim, spec.branches, prefix, depth=spec.depth, activation=spec.activation,
-                    self_attention=spec.self_attention, positional=spec.positional,
-                    grid_size=grid_size if spec.positional else None)
-                if spec.positional:  # a grid that cannot fit the pooled tokens: refused now, not at the first batch
-                    rows, cols = self.aggregators[key].grid_size
-                    self.aggregators[key]._pos_table(num_prefix_tokens + rows * cols - prefix)
-            self.classifiers[key] = LinearProbe(dim * spec.branches, num_classes)
+            if spec.selective:
+                agg = self.aggregators[key] = _aggregator(spec, dim, 0 if spec.pools_prefix else num_prefix_tokens,
+                                                          grid_size)
+                if grid_size is not None:  # a grid that cannot fit the pooled tokens: refused now
+                    rows, cols = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+                    agg.check_num_tokens(num_prefix_tokens + rows * cols)
+            width = self.aggregators[key].out_features if key in self.aggregators else dim
+            self.classifiers[key] = LinearProbe(width, num_classes)
 
     @staticmethod
     def _key(spec: HeadSpec, lr: float) -> str:
@@ -230,44 +236,42 @@ class ProbeHeads(nn.Module):
         return params
 
     def _selective_features(self, tokens: torch.Tensor, features: dict) -> None:
-        # One fused call per (prefix, standardize) setting: the score vectors of every linear selective
-        # pair and the folded queries u_h of every attentive pair become branches of it. The other
-        # selective variants (MLP scorer, self-attention, positional) run their own head.
+        # Through the pooling protocol: every aggregation with branch weights joins one fused call per
+        # (prefix, standardize) setting (calls of at most the kernels' K, whole members each), and
+        # finishes on its slice of the pooled [B, K, D]; the others pool by themselves.
         B = tokens.shape[0]
         groups: dict = {}
         for spec, lr in self.pairs:
-            key = self._key(spec, lr)
             if not spec.selective:
                 continue
+            key = self._key(spec, lr)
             agg = self.aggregators[key]
-            if spec.attentive:
-                groups.setdefault((agg.num_prefix_tokens, agg.standardize), []).append((key, agg))
-            elif agg.linear:
-                groups.setdefault((agg.num_prefix_tokens, False), []).append((key, agg))
+            branches = agg.branch_weights()
+            if branches is None:
+                features[key] = agg(tokens).reshape(B, -1)
             else:
-                features[key] = agg(tokens).reshape(B, agg.branches * self.dim)
-        for (prefix, standardize), members in groups.items():
-            aggs = [agg for _, agg in members]
-            weights = [agg.folded_queries() if isinstance(agg, AttentivePooling) else agg.weight for agg in aggs]
-            biases = [None if isinstance(agg, AttentivePooling) else agg.bias for agg in aggs]
-            if len(aggs) == 1:  # the parameters themselves: no concatenated copy to backpropagate through
-                weight, bias = weights[0], biases[0]
-            else:
-                weight = torch.cat(weights)
-                # attentive pairs have no score bias (theirs cancels in the softmax): zeros beside a selective one
-                bias = None if all(b is None for b in biases) else torch.cat(
-                    [weights[i].new_zeros(weights[i].shape[0]) if b is None else b for i, b in enumerate(biases)])
-            if weight.shape[0] == 1:  # views, whose backward is free (indexing's fills zeros)
-                weight, bias = weight.view(self.dim), None if bias is None else bias.view(())
-            extra = dict(standardize=True, eps=aggs[0].eps) if standardize else {}
-            pooled = abmilp_pool(tokens, weight, bias, num_prefix_tokens=prefix, backend=self.backend, **extra)
-            pooled = pooled.reshape(B, -1, self.dim)
-            # split, not slicing: the backward concatenates the pairs' gradients in one op, where each
-            # slice's backward would zero-fill a full-size gradient and the pieces would then be added
-            pieces = pooled.split([w.shape[0] for w in weights], dim=1)
-            for (key, agg), piece in zip(members, pieces):
-                features[key] = (agg.finish(piece) if isinstance(agg, AttentivePooling)
-                                 else piece.reshape(B, agg.branches * self.dim))
+                groups.setdefault((agg.num_prefix_tokens, agg.standardize, agg.eps), []).append((key, agg, *branches))
+        for (prefix, standardize, eps), members in groups.items():
+            for group in branch_groups([weight.shape[0] for _, _, weight, _ in members]):
+                self._pool_group([members[i] for i in group], tokens, prefix, standardize, eps, features)
+
+    def _pool_group(self, members, tokens, prefix: int, standardize: bool, eps, features: dict) -> None:
+        weights = [weight for _, _, weight, _ in members]
+        biases = [bias for _, _, _, bias in members]
+        if len(members) == 1:  # the parameters themselves: no concatenated copy to backpropagate through
+            weight, bias = weights[0], biases[0]
+        else:
+            weight = torch.cat(weights)
+            # folded queries have no score bias (theirs cancels in the softmax): zeros beside a selective one
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
+        pooled = pool_branches(tokens, weight, bias, num_prefix_tokens=prefix, standardize=standardize, eps=eps,
+                               backend=self.backend)
+        # split, not slicing: the backward concatenates the pairs' gradients in one op, where each
+        # slice's backward would zero-fill a full-size gradient and the pieces would then be added
+        pieces = pooled.split([w.shape[0] for w in weights], dim=1)
+        for (key, agg, _, _), piece in zip(members, pieces):
+            features[key] = agg.finish(piece).reshape(tokens.shape[0], -1)
 
     def _attention_features(self, tokens: torch.Tensor, selection, features: dict) -> None:
         # every method pooled once (one fused softmax-pool call, K = methods), shared by its lrs
@@ -308,20 +312,30 @@ class ProbeHeads(nn.Module):
 
     @torch.no_grad()
     def selection_weights(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
-        """Softmax weights ``[B, K, N]`` of one selective or attentive pair (for selection maps):
-        K branches of a selective head, H heads of an attentive one (maps average them)."""
+        """Softmax weights ``[B, K, N]`` of one selective, attentive or efficient pair (for selection
+        maps): K branches of a selective head, H heads of an attentive one, Q queries of an efficient
+        one (maps average them)."""
         for spec, lr in self.pairs:
             if pair_name(spec, lr) == name:
                 if not spec.selective:
                     raise ValueError(f"{name} is not a selective or attentive head")
-                agg = self.aggregators[self._key(spec, lr)]
-                if isinstance(agg, SelectiveAggregation) and agg.linear:
-                    _, w = abmilp_pool(tokens, agg.weight, agg.bias,
-                                       num_prefix_tokens=agg.num_prefix_tokens, return_weights=True)
-                else:
-                    _, w = agg(tokens, return_weights=True)
+                _, w = self.aggregators[self._key(spec, lr)](tokens, return_weights=True)
                 return w.reshape(tokens.shape[0], -1, w.shape[-1])
         raise KeyError(f"no head {name!r}; have {self.pair_names()}")
+
+
+def _aggregator(spec: HeadSpec, dim: int, prefix: int, grid_size) -> nn.Module:
+    """The aggregation module of one selective, attentive or efficient pair."""
+    if spec.attentive:
+        return AttentivePooling(dim, spec.num_heads, token_norm=spec.token_norm, num_prefix_tokens=prefix)
+    if spec.efficient:
+        return EfficientProbing(dim, spec.num_queries, num_prefix_tokens=prefix)
+    if spec.positional and grid_size is None:
+        raise ValueError(f"head {spec.name!r} (positional conditioning) needs the patch grid "
+                         "(ProbeHeads(..., grid_size=(rows, cols)))")
+    return SelectiveAggregation(dim, spec.branches, prefix, depth=spec.depth, activation=spec.activation,
+                                self_attention=spec.self_attention, positional=spec.positional,
+                                grid_size=grid_size if spec.positional else None)
 
 
 def pool_attention(tokens: torch.Tensor, weights: torch.Tensor, methods, num_prefix_tokens: int,

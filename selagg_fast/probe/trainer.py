@@ -31,6 +31,7 @@ from ..files import (CheckpointError, Interrupted, check_number, check_writable,
 from ..profiling import nvtx_range
 from .cache import extract, file_stamp, open_store
 from .curves import plot_curves
+from .knn_run import parse_ks, parse_temperatures, run_knn
 from .heads import LinearProbe, ProbeHeads, pair_name, parse_heads, probe_loss
 from .optim import build_optimizer, set_lr
 from .selector import attention_weights_for, batch_to, cache_settings, check_selector_flags
@@ -95,6 +96,11 @@ class ProbeConfig(BackboneSettings):
     selector_checkpoint_key: str | None = None
     selector_random_init: bool = False
     selector_model_kwargs: dict = dataclasses.field(default_factory=dict)
+    # --knn: weighted k-NN of the linear probe's representation (probe/knn_run.py)
+    knn: bool = False
+    knn_k: str = "5,10,15,20,50,100,200"
+    knn_temperatures: str = "0.07,0.1,0.2"
+    knn_memory_gb: float = 1.0
 
     def lr_list(self) -> list:
         try:
@@ -154,6 +160,10 @@ def validate(cfg: ProbeConfig) -> None:
     if cfg.cache_features and cfg.augment:
         raise ValueError("--cache-features trains without augmentation: add --no-augment")
     cfg.lr_list()
+    if cfg.knn:
+        parse_ks(cfg.knn_k)
+        parse_temperatures(cfg.knn_temperatures)
+        check_number("--knn-memory-gb", cfg.knn_memory_gb, minimum=0.001)
     check_selector_flags(cfg, parse_heads(cfg.heads))  # names only here; 'cls' on a model without [cls] is
     # refused once it is known, a --selector-model of another patch grid once both are built
     check_device(cfg.device)
@@ -528,12 +538,23 @@ def _resume(run: _Run, saved: dict | None) -> tuple:
     return saved["epoch"], saved.get("results")
 
 
-def _write_config(run: _Run, start_epoch: int) -> None:
+def _write_config(run: _Run, start_epoch: int, command: str | None) -> None:
+    """config.json: every setting, and ``command`` (this invocation's command line) with
+    ``commands`` (every invocation of the run, a resumed run's earlier ones first)."""
     out = run.cfg.output_dir
-    atomic_json(os.path.join(out, "config.json"), dict(
+    path = os.path.join(out, "config.json")
+    commands = []
+    if start_epoch > 0 and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
+    if command is not None:
+        commands.append(command)
+    atomic_json(path, dict(
         **dataclasses.asdict(run.cfg), world_size=run.dist.world_size, effective_batch=run.effective_batch,
         backbone=dataclasses.asdict(run.info), head_prefix_tokens=run.head_prefix,
-        pairs=run.heads.pair_names(), classes=run.train_set.classes))
+        pairs=run.heads.pair_names(), classes=run.train_set.classes,
+        command=command if command is not None else (commands[-1] if commands else None), commands=commands))
     truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
 
 
@@ -575,18 +596,32 @@ def _write_epoch(run: _Run, epoch: int, train: dict, metrics: dict, results: dic
     log.info("epoch %d/%d: top-1 best per head: %s", epoch + 1, run.cfg.epochs, best)
 
 
-def run_probe(cfg: ProbeConfig) -> dict:
+def _knn(run: _Run, saved_results: dict | None) -> dict | None:
+    """``results.json``'s ``knn`` with --knn: a resumed run's when it has the same k and T lists,
+    else computed now (before the first epoch of this invocation)."""
+    cfg = run.cfg
+    if not cfg.knn:
+        return None
+    ks, temperatures = sorted(parse_ks(cfg.knn_k)), parse_temperatures(cfg.knn_temperatures)
+    old = (saved_results or {}).get("knn")
+    if old and old.get("ks") == ks and old.get("temperatures") == temperatures:
+        return old
+    return run_knn(run)
+
+
+def run_probe(cfg: ProbeConfig, command: str | None = None) -> dict:
     """Train every (head, lr) pair; returns (and on rank 0 writes) ``results.json``'s content.
 
     Every flag is checked, and the output folder proven writable, before a model is built. Rank 0
     holds the output folder's lock for the whole run: a second run on it is refused at once. An
-    interrupt (SIGINT / SIGTERM) ends with :class:`Interrupted` naming the last saved epoch."""
+    interrupt (SIGINT / SIGTERM) ends with :class:`Interrupted` naming the last saved epoch.
+    ``command``: the command line recorded in config.json (the CLI passes its own)."""
     validate(cfg)
     cfg = _absolute_paths(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
         try:
-            return _run_locked(cfg, is_main)
+            return _run_locked(cfg, is_main, command)
         except KeyboardInterrupt as err:
             raise Interrupted(f"interrupted after epoch {_epochs_saved(cfg.output_dir)} of {cfg.epochs}; "
                               "continue with --resume", signum=getattr(err, "signum", signal.SIGINT)) from None
@@ -600,22 +635,32 @@ def _epochs_saved(out: str) -> int:
         return 0
 
 
-def _run_locked(cfg: ProbeConfig, is_main: bool) -> dict:
+def _run_locked(cfg: ProbeConfig, is_main: bool, command: str | None) -> dict:
     if is_main:
         _check_outputs(cfg)
     saved = _read_saved_run(cfg)
     cfg = _resolved(cfg, saved["config"] if saved else None)
     dist_info = init_distributed(cfg.device)
     run = _Run(cfg, dist_info)
+    if cfg.knn and max(parse_ks(cfg.knn_k)) > len(run.train_set):
+        raise ValueError(f"--knn-k {cfg.knn_k}: k {max(parse_ks(cfg.knn_k))} is more than the "
+                         f"{len(run.train_set)} training images")
     start_epoch, results = _resume(run, saved)
     if dist_info.is_main:
-        _write_config(run, start_epoch)
+        _write_config(run, start_epoch, command)
     barrier()
     if cfg.cache_features:
         run.build_cache()
+    knn = _knn(run, results)
+    if knn is not None and results is not None and results.get("knn") != knn:
+        results = dict(results, knn=knn)
+        if dist_info.is_main and start_epoch > 0:
+            atomic_json(os.path.join(cfg.output_dir, "results.json"), results)
     last = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     for epoch in range(start_epoch, last):
         train, metrics, results = _epoch(run, epoch)
+        if knn is not None:
+            results["knn"] = knn
         if dist_info.is_main:
             with interrupts_deferred():  # metrics, checkpoint and results of an epoch: all or none
                 _write_epoch(run, epoch, train, metrics, results)

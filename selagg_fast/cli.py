@@ -83,8 +83,9 @@ def _report(args) -> None:
     print(f"wrote {md} and {csv_path} ({len(args.runs)} run(s))")
 
 
-_EPILOG = ("Errors (a bad flag value or path, an unwritable output folder, a full disk, an unsafe checkpoint) "
-           "are one line on stderr and exit status 2; SELAGG_TRACEBACK=1 shows where one was raised.")
+_EPILOG = ("Errors (a bad flag value or path, an unwritable output folder, a full disk, an unsafe checkpoint, an "
+           "output folder another run is using) are one line on stderr and exit status 2; SELAGG_TRACEBACK=1 "
+           "shows where one was raised. Ctrl-C / SIGTERM: one line, exit status 130 / 143, what was saved is kept.")
 
 
 class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):

@@ -258,8 +258,12 @@ def _apply_train_list(samples, list_file: str, train_dir: str):
         raise ValueError(f"--train-list {list_file}: is a folder, not a list file")
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"--train-list {list_file}: no such file")
-    with open(list_file) as f:
-        wanted = [line.split()[0] for line in f if line.strip() and not line.startswith("#")]
+    try:
+        with open(list_file, encoding="utf-8") as f:
+            wanted = [line.split()[0] for line in f if line.strip() and not line.startswith("#")]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--train-list {list_file}: not a UTF-8 text file (byte {err.start}: "
+                         f"{err.object[err.start:err.start + 1]!r}); expected one image path per line") from None
     by_rel = {os.path.relpath(p, train_dir): (p, y) for p, y in samples}
     by_name = {os.path.basename(p): (p, y) for p, y in samples}
     chosen, missing = [], []

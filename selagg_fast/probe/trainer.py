@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,8 @@ from ..backbone import BackboneSettings
 from ..data import collate_skipping, epoch_shard, split_batches, synthetic_datasets
 from ..datasets import check_layout, layout_files, probe_datasets, probe_splits
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
-from ..files import check_number, check_writable, load_torch_file
+from ..files import (CheckpointError, Interrupted, check_number, check_writable, interrupts_deferred, load_torch_file,
+                     output_lock, refuse_existing_run)
 from ..profiling import nvtx_range
 from .cache import CacheError, extract, file_stamp, open_store, source_files
 from .curves import plot_curves
@@ -439,6 +441,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     bar.close()
     all_reduce_sum(loss_sums)
     all_reduce_sum(seen)
+    if seen.item() == 0:  # every batch unreadable: a loss of 0.0 and untrained heads are no result
+        raise ValueError(f"--data {cfg.data}: no training step ran in epoch {epoch + 1}: no training image could "
+                         f"be read ({max(len(set(unreadable)), run.unreadable['train'])} unreadable); nothing was trained")
     if not cfg.cache_features:  # cached tokens: the store counted them once at extraction
         run.note_unreadable("train", unreadable)
     elapsed = time.perf_counter() - start
@@ -472,6 +477,9 @@ def evaluate(run: _Run, epoch: int) -> dict:
     bar.close()
     all_reduce_sum(correct)
     all_reduce_sum(total)
+    if total.item() == 0:  # a top-1 of 0.00 over no image would read as a result
+        raise ValueError(f"--data {run.cfg.data}: no validation image could be read ({len(set(unreadable))} "
+                         f"unreadable here, of {len(run.val_set)}); nothing to evaluate")
     if not run.cfg.cache_features:
         run.note_unreadable("val", unreadable)
     acc = (100.0 * correct / total.clamp(min=1)).tolist()
@@ -494,15 +502,49 @@ def _find_diverged(run: _Run, losses: dict, epoch: int) -> None:
 
 
 # run_probe's steps --------------------------------------------------------------------------------
+# What a probing run writes in --output-dir: any of them there means a run, refused without --resume.
+RUN_FILES = ("config.json", "results.json", "metrics.jsonl", "checkpoint.pt")
+# Settings that are paths: stored absolute, so `DIR/` resumes `DIR` and another working directory
+# cannot silently read other files.
+_PATH_KEYS = ("data", "train_list", "checkpoint", "cache_features", "selector_checkpoint", "output_dir")
+
+
+def _absolute_paths(cfg: ProbeConfig) -> ProbeConfig:
+    return dataclasses.replace(cfg, **{k: _absolute(k, getattr(cfg, k)) for k in _PATH_KEYS})
+
+
+def _absolute(key: str, value):
+    if not isinstance(value, str) or (key == "data" and value == "synthetic"):
+        return value
+    return os.path.abspath(value)
+
+
 def _read_saved_run(cfg: ProbeConfig) -> dict | None:
     """The checkpoint to continue (``--resume``), or None for a new run; refuses to overwrite a run."""
+    refuse_existing_run(cfg.output_dir, RUN_FILES, cfg.resume)
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     if not os.path.exists(ckpt_path):
-        return None
-    if not cfg.resume:
-        raise FileExistsError(f"--output-dir {cfg.output_dir} already holds a run: pass --resume to continue it, "
-                              "or choose another --output-dir")
-    return load_torch_file(ckpt_path, flag="--resume")  # written by this tool: plain types only
+        if os.path.exists(os.path.join(cfg.output_dir, "results.json")):
+            raise FileExistsError(f"--resume: {cfg.output_dir} holds results.json but no checkpoint.pt to continue "
+                                  "from; move its files away or choose another --output-dir")
+        return None  # a run stopped in its first epoch: it starts over
+    saved = load_torch_file(ckpt_path, flag="--resume")  # written by this tool: plain types only
+    if not isinstance(saved, dict) or not {"config", "heads", "optimizer", "epoch"} <= saved.keys():
+        raise CheckpointError(f"--resume {ckpt_path}: not a checkpoint of a `selagg-fast probe` run (no run "
+                              "settings in it); move it away or choose another --output-dir")
+    return saved
+
+
+def _changed_settings(old: dict, cfg: ProbeConfig) -> list:
+    """``--flag then -> now`` for every setting of ``_RESUME_KEYS`` that differs (paths resolved)."""
+    changed = []
+    for k in _RESUME_KEYS:
+        then = old.get(k, _SAVED_BEFORE.get(k))
+        if k in _PATH_KEYS:
+            then = _absolute(k, then)
+        if then != getattr(cfg, k):
+            changed.append(f"--{k.replace('_', '-')} {then!r} then, {getattr(cfg, k)!r} now")
+    return changed
 
 
 def _resume(run: _Run, saved: dict | None) -> tuple:
@@ -510,10 +552,15 @@ def _resume(run: _Run, saved: dict | None) -> tuple:
     if saved is None:
         return 0, None
     old, cfg = saved["config"], run.cfg
-    changed = {k: (old.get(k, _SAVED_BEFORE.get(k)), getattr(cfg, k)) for k in _RESUME_KEYS
-               if old.get(k, _SAVED_BEFORE.get(k)) != getattr(cfg, k)}
+    changed = _changed_settings(old, cfg)
     if changed:
-        raise ValueError(f"--resume: {cfg.output_dir} was started with different settings (saved, now): {changed}")
+        raise ValueError(f"--resume: {cfg.output_dir} was started with different settings: {'; '.join(changed)}")
+    then, now = list(saved.get("classes") or []), list(run.train_set.classes)
+    if then and then != now:
+        added, removed = [c for c in now if c not in then], [c for c in then if c not in now]
+        raise ValueError(f"--resume: the classes of --data {cfg.data} changed since {cfg.output_dir} was started "
+                         f"(added: {', '.join(added[:10]) or 'none'}; removed: {', '.join(removed[:10]) or 'none'}"
+                         f"{'' if added or removed else '; reordered'}); start a new run in another --output-dir")
     run.heads.load_state_dict(saved["heads"])
     run.optimizer.load_state_dict(saved["optimizer"])
     for k, v in saved.get("unreadable", {}).items():
@@ -596,10 +643,30 @@ def _knn(run: _Run, saved_results: dict | None) -> dict | None:
 def run_probe(cfg: ProbeConfig, command: str | None = None) -> dict:
     """Train every (head, lr) pair; returns (and on rank 0 writes) ``results.json``'s content.
 
-    Every flag is checked, and the output folder proven writable, before a model is built.
+    Every flag is checked, and the output folder proven writable, before a model is built. Rank 0
+    holds the output folder's lock for the whole run: a second run on it is refused at once. An
+    interrupt (SIGINT / SIGTERM) ends with :class:`Interrupted` naming the last saved epoch.
     ``command``: the command line recorded in config.json (the CLI passes its own)."""
     validate(cfg)
+    cfg = _absolute_paths(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
+        try:
+            return _run_locked(cfg, is_main, command)
+        except KeyboardInterrupt as err:
+            raise Interrupted(f"interrupted after epoch {_epochs_saved(cfg.output_dir)} of {cfg.epochs}; "
+                              "continue with --resume", signum=getattr(err, "signum", signal.SIGINT)) from None
+
+
+def _epochs_saved(out: str) -> int:
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            return int(json.load(f).get("epochs_done", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _run_locked(cfg: ProbeConfig, is_main: bool, command: str | None) -> dict:
     if is_main:
         _check_outputs(cfg)
     saved = _read_saved_run(cfg)
@@ -626,7 +693,8 @@ def run_probe(cfg: ProbeConfig, command: str | None = None) -> dict:
         if knn is not None:
             results["knn"] = knn
         if dist_info.is_main:
-            _write_epoch(run, epoch, train, metrics, results)
+            with interrupts_deferred():  # metrics, checkpoint and results of an epoch: all or none
+                _write_epoch(run, epoch, train, metrics, results)
         barrier()
     if results is None:
         raise ValueError(f"--output-dir {cfg.output_dir}: no epoch was run and no results were saved")

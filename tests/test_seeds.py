@@ -143,3 +143,18 @@ def test_seed_flags_are_checked(tmp_path, capsys):
         assert "--seeds" in capsys.readouterr().err.strip().splitlines()[-1]
     with pytest.raises(ValueError, match="--seed 1 with --seeds"):
         run_probe(_config("synthetic", tmp_path / "api", seed=1, seeds=[0, 1]))
+
+
+def test_report_uses_the_mean_over_seeds(seeded_run, tmp_path):
+    import csv
+
+    from selagg_fast.probe.report import write_report
+    _, _, multi, results = seeded_run
+    md, csv_path = write_report([str(multi)], str(tmp_path / "report.md"))
+    with open(csv_path, newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    best = results["best_per_head"]["selective"]
+    assert float(row["selective_top1"]) == pytest.approx(best["top1"]) and row["seeds"] == "0,1,2"
+    assert float(row["selective_top1_std"]) == pytest.approx(best["top1_std"])
+    text = open(md).read()
+    assert f"{best['top1']:.1f} ± {best['top1_std']:.1f}" in text and "mean of seeds 0,1,2" in text

@@ -94,6 +94,16 @@ def targets(out: str) -> list:
                                                                     step("mlp_tanh", "eager", "peak_MiB")), "<=",
          0.333),
     ]
+    fused_block = _value(at, "ms", shape="ViT-B", provider="fused")
+    rows.append((19, "attention+stats block with logit bias / without, ViT-B",
+                 _ratio(_value(at, "ms", shape="ViT-B", provider="fused + logit bias"), fused_block), "<=", 1.15))
+    kn = read_rows(out, "knn")  # issue 20: 1.28 M x 50 k bf16 ViT-B features on the GPU
+    rows += [
+        (20, "ep32 step / selective step", _ratio(step("ep32", "fused"), step("selective", "fused")), "<=", 1.5),
+        (20, "pool fwd K=32 / K=1", _ratio(_value(ab, "ms", K=32, mode="fwd", **vit_b), k1_fwd), "<=", 2.0),
+        (20, "k-NN, 21 (k, T), 1.28 M x 50 k ViT-B features (s)",
+         _value(kn, "seconds", pipeline="knn_eval: one pass, all 21 (k, T)", settings=21), "<=", 60.0),
+    ]
     return rows
 
 
@@ -109,7 +119,7 @@ def format_targets(out: str) -> str:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     out = argv[0] if argv else "bench/out"
-    print(f"Targets of issues 2-5 and 12 against the benchmarks in {out}")
+    print(f"Targets of issues 2-5, 12, 19 and 20 against the benchmarks in {out}")
     print(format_targets(out))
 
 

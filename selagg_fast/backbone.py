@@ -103,6 +103,8 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
         if getattr(model, "pos_embed", None) is not None:
             state = zoo.resize_pos_embed(state, tuple(model.patch_embed.grid_size), layout)
         optional = layout.optional
+    model_state = model.state_dict()
+    check_weight_values(state, model_state, path)  # before timm's converter would turn an int8 table into floats
     convert = _timm_converter(model)
     if convert is not None:
         try:  # DINOv2's registers and [cls] row, other grids' position tables (MAE-style layouts)
@@ -110,7 +112,7 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
         except Exception as err:
             raise CheckpointError(f"{path}: cannot convert to {type(model).__name__}: {err}") from err
     state.pop("mask_token", None)
-    model_state = model.state_dict()
+    check_weight_values(state, model_state, path)
     wrong_shape = [f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                    for k, v in state.items() if k in model_state and v.shape != model_state[k].shape]
     if wrong_shape:
@@ -129,6 +131,26 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
             raise CheckpointError(msg + (f"; {hint}" if hint else " (pass --allow-key-mismatch to load anyway)"))
         log.warning("%s; loading anyway", msg)
     return at_init
+
+
+def check_weight_values(state: dict, model_state: dict, path: str) -> None:
+    """Refuse (:class:`CheckpointError`, naming the tensor) a checkpoint tensor loaded into a floating
+    tensor of the model that is integer-typed (a quantised file: converting it would load its raw
+    codes as weights) or holds NaN / inf. The model's integer buffers (BEiT's relative_position_index)
+    take integers; keys the model lacks are reported as unexpected elsewhere."""
+    for name, value in state.items():
+        target = model_state.get(name)
+        if not isinstance(value, torch.Tensor) or target is None or not target.is_floating_point():
+            continue
+        if not (value.is_floating_point() or value.is_complex()):
+            raise CheckpointError(f"--checkpoint {path}: tensor {name} is {str(value.dtype).replace('torch.', '')}, "
+                                  f"the model's is {str(target.dtype).replace('torch.', '')}: a quantised or "
+                                  "integer checkpoint is not loaded as weights (dequantise it to float first)")
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise CheckpointError(f"--checkpoint {path}: tensor {name} holds {bad} non-finite value(s) (NaN or inf) "
+                                  f"of {value.numel()}: a damaged or diverged checkpoint")
 
 
 def _refuse_mostly_random(model: nn.Module, missing_keys, path: str, hint: str) -> None:

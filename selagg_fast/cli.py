@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
+import signal
 import sys
 
 
@@ -81,8 +83,9 @@ def _report(args) -> None:
     print(f"wrote {md} and {csv_path} ({len(args.runs)} run(s))")
 
 
-_EPILOG = ("Errors (a bad flag value or path, an unwritable output folder, a full disk, an unsafe checkpoint) "
-           "are one line on stderr and exit status 2; SELAGG_TRACEBACK=1 shows where one was raised.")
+_EPILOG = ("Errors (a bad flag value or path, an unwritable output folder, a full disk, an unsafe checkpoint, an "
+           "output folder another run is using) are one line on stderr and exit status 2; SELAGG_TRACEBACK=1 "
+           "shows where one was raised. Ctrl-C / SIGTERM: one line, exit status 130 / 143, what was saved is kept.")
 
 
 class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -143,27 +146,57 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        show_traceback = traceback_wanted()
         args = build_parser().parse_args(argv)
         args.argv = argv
     except SystemExit as exit_:  # --help (0) or a value argparse refused (2, its message printed)
         return exit_.code if isinstance(exit_.code, int) else 2
+    except ValueError as e:
+        print(f"selagg-fast: error: {e}", file=sys.stderr)
+        return 2
     from .distributed import shutdown_distributed
+    from .files import Interrupted, interrupts_raise
     finished = False
     try:
-        args.func(args)
+        with interrupts_raise():
+            args.func(args)
         finished = True
     except _user_errors() as e:
         # a bad path, flag, checkpoint or an unwritable output: the message says what to change; a
         # traceback would bury it
-        if os.environ.get("SELAGG_TRACEBACK", "0") not in ("", "0"):
+        if show_traceback:
             raise
         message = " ".join(str(e).split("\n")) or type(e).__name__
         print(f"selagg-fast {args.command}: error: {message}", file=sys.stderr)
         logging.getLogger("selagg_fast").debug("SELAGG_TRACEBACK=1 shows where the error was raised")
         return 2
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (Interrupted): what was saved stays saved
+        if show_traceback:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        message = str(e) if isinstance(e, Interrupted) and str(e) else "interrupted"
+        _release_frames(e)  # progress bars of the interrupted loop close now, not after the message
+        print(f"selagg-fast {args.command}: {message}", file=sys.stderr)
+        return 128 + int(signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     finally:
         shutdown_distributed(synchronize=finished)  # under torchrun: no rank exits with gloo threads alive
     return 0
+
+
+def _release_frames(err: BaseException) -> None:
+    while err is not None:
+        err.__traceback__, err = None, err.__context__
+    gc.collect()
+
+
+def traceback_wanted() -> bool:
+    """``SELAGG_TRACEBACK``: 1/true/yes/on show tracebacks, 0/false/no/off or unset do not."""
+    value = os.environ.get("SELAGG_TRACEBACK", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"SELAGG_TRACEBACK={value!r}: use 1/true/yes to show tracebacks, 0/false/no to hide them")
 
 
 def _user_errors() -> tuple:

@@ -54,12 +54,64 @@ def split_batches(items, batch_size: int, drop_last: bool) -> list:
     return [items[i:i + batch_size] for i in range(0, end, batch_size)]
 
 
-def walk_files(root: str, extensions) -> list:
-    """Every file under ``root`` (recursively, following links) whose name ends with one of
-    ``extensions`` (case-insensitive), sorted: the package's one directory walk."""
+def walk_files(root: str, extensions, reserved=()) -> list:
+    """Every file under ``root`` (recursively) whose name ends with one of ``extensions``
+    (case-insensitive), sorted: the package's one directory walk.
+
+    Symbolic links are followed once, by real path: a linked folder that leads back to a folder
+    already walked (a loop, never followed twice), contains one, or lies inside ``root`` or one of
+    ``reserved`` (folders whose files are listed at their own place, e.g. the class folders) is
+    skipped with a warning; a file reached by two paths is listed once, under its unlinked path."""
     extensions = tuple(e.lower() for e in extensions)
-    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root, followlinks=True)
-                  for f in fs if f.lower().endswith(extensions))
+    root_real = os.path.realpath(root)
+    listed_at = {os.path.realpath(r): os.path.normpath(r) for r in reserved}
+    guarded = {root_real, *listed_at}  # real folders no link may lead into
+    walked = {root_real}
+    found = {}        # real path -> (listed path, reached through a link)
+    stack = [(root, root_real, False)]
+    twice = 0
+    while stack:
+        folder, real, linked = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError as err:
+            log.warning("cannot list %s (%s): skipped", folder, err)
+            continue
+        for entry in entries:
+            try:
+                is_link = entry.is_symlink()
+                if entry.is_dir():  # follows a link
+                    target = os.path.realpath(entry.path) if is_link else os.path.join(real, entry.name)
+                    if is_link and _leads_back(target, entry.path, walked, guarded, listed_at):
+                        log.warning("skipping the link %s -> %s: it leads to a folder listed elsewhere or to "
+                                    "itself (a loop)", entry.path, target)
+                        continue
+                    walked.add(target)
+                    stack.append((entry.path, target, linked or is_link))
+                elif entry.name.lower().endswith(extensions):
+                    target = os.path.realpath(entry.path) if is_link else os.path.join(real, entry.name)
+                    via_link = linked or is_link
+                    previous = found.get(target)
+                    if previous is not None:
+                        twice += 1
+                        if not previous[1] or via_link:
+                            continue
+                    found[target] = (entry.path, via_link)
+            except OSError as err:
+                log.warning("skipping %s (%s)", entry.path, err)
+    if twice:
+        log.warning("%s: %d file(s) reached by more than one path (links): each is listed once", root, twice)
+    return sorted(path for path, _ in found.values())
+
+
+def _leads_back(target: str, path: str, walked: set, guarded: set, listed_at: dict) -> bool:
+    """Whether a linked folder's real path ``target`` is, holds or lies inside a folder already walked
+    or a guarded one (the walk's root, the reserved folders), unless ``path`` is its own listed place."""
+    if listed_at.get(target) == os.path.normpath(path):
+        return False
+    inside = os.path.join(target, "")
+    return any(target == folder or folder.startswith(inside) or target.startswith(os.path.join(folder, ""))
+               for folder in walked | guarded)
 
 
 def train_transform(img_size: int):
@@ -109,6 +161,17 @@ def collate_skipping(batch):
     return images, labels, indices, skipped
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of any PIL image; 16-bit greyscale (mode ``I;16*``, or ``I`` with values above 255) is
+    scaled to 8 bits (``/257``: 65535 -> 255), where PIL's own conversion would clip it to white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or values.max(initial=0) > 255:
+            values = values / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
 class ImageFiles(Dataset):
     """(path, label) list read with PIL; an unreadable file yields ``(None, label)`` and a warning."""
 
@@ -125,7 +188,7 @@ class ImageFiles(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB"), label
+                return to_rgb(img), label
         except Exception as err:  # corrupt / truncated / not an image: skipped and counted
             log.warning("skipping unreadable image %s (%s)", path, err)
             return None, label
@@ -178,7 +241,7 @@ def _image_folder(root: str, split: str):
     if not classes:
         raise FileNotFoundError(f"--data {root}: no class folders in {folder}")
     by_class = {c: [] for c in classes}
-    for f in walk_files(folder, IMG_EXTENSIONS):
+    for f in walk_files(folder, IMG_EXTENSIONS, reserved=[os.path.join(folder, c) for c in classes]):
         top = os.path.relpath(f, folder).split(os.sep)[0]
         if top in by_class:  # files directly in train/ or val/ belong to no class
             by_class[top].append(f)
@@ -195,8 +258,12 @@ def _apply_train_list(samples, list_file: str, train_dir: str):
         raise ValueError(f"--train-list {list_file}: is a folder, not a list file")
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"--train-list {list_file}: no such file")
-    with open(list_file) as f:
-        wanted = [line.split()[0] for line in f if line.strip() and not line.startswith("#")]
+    try:
+        with open(list_file, encoding="utf-8") as f:
+            wanted = [line.split()[0] for line in f if line.strip() and not line.startswith("#")]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--train-list {list_file}: not a UTF-8 text file (byte {err.start}: "
+                         f"{err.object[err.start:err.start + 1]!r}); expected one image path per line") from None
     by_rel = {os.path.relpath(p, train_dir): (p, y) for p, y in samples}
     by_name = {os.path.basename(p): (p, y) for p, y in samples}
     chosen, missing = [], []
@@ -216,9 +283,9 @@ def check_data_folder(data: str, flag: str = "--data") -> None:
         raise FileNotFoundError(f"{flag} {data}: no such directory")
 
 
-def image_folder_datasets(root: str, img_size: int, train_list: str | None = None, augment: bool = True,
-                          seed: int = 0):
-    """Train and val datasets of an ImageFolder root; the protocol's transforms."""
+def image_folder_splits(root: str, train_list: str | None = None) -> tuple:
+    """``(train, val)`` ImageFiles of an ImageFolder root (``train_list``: the listed training
+    images only), every class-folder and list error raised here, before any transform or model."""
     check_data_folder(root)
     train_samples, classes = _image_folder(root, "train")
     val_samples, val_classes = _image_folder(root, "val")
@@ -229,10 +296,16 @@ def image_folder_datasets(root: str, img_size: int, train_list: str | None = Non
                          f"{', '.join(only_train[:10]) or 'none'}; only in val/: {', '.join(only_val[:10]) or 'none'}")
     if train_list:
         train_samples = _apply_train_list(train_samples, train_list, os.path.join(root, "train"))
-    train = SeededTransform(ImageFiles(train_samples, classes),
-                            train_transform(img_size) if augment else val_transform(img_size), seed)
-    val = SeededTransform(ImageFiles(val_samples, classes), val_transform(img_size), seed)
-    return train, val
+    return ImageFiles(train_samples, classes), ImageFiles(val_samples, classes)
+
+
+def image_folder_datasets(root: str, img_size: int, train_list: str | None = None, augment: bool = True,
+                          seed: int = 0, splits: tuple | None = None):
+    """Train and val datasets of an ImageFolder root (``splits``: already read by
+    :func:`image_folder_splits`); the protocol's transforms."""
+    train, val = splits or image_folder_splits(root, train_list)
+    return (SeededTransform(train, train_transform(img_size) if augment else val_transform(img_size), seed),
+            SeededTransform(val, val_transform(img_size), seed))
 
 
 class SyntheticObjects(Dataset):

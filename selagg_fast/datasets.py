@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .data import (ImageArrays, ImageFiles, ImageSubset, SeededTransform, SUBSET, analysis_images,
-                   check_data_folder, image_folder_datasets, rng_for, train_transform, val_transform)
+                   check_data_folder, image_folder_splits, rng_for, train_transform, val_transform)
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,7 @@ def _dtd(root: str):
 
 
 def _imagefolder(root: str):
-    train, val = image_folder_datasets(root, 224)
-    return train.base, val.base
+    return image_folder_splits(root)
 
 
 DATASETS = {
@@ -279,6 +278,14 @@ def check_layout(name: str, root: str) -> None:
                                     f"{', '.join(layout.required)})")
 
 
+def layout_files(name: str, root: str) -> list:
+    """The files (not folders) layout ``name`` requires under ``root``: what an array dataset's
+    images are read from (a feature cache records their sizes and mtimes)."""
+    if root == "synthetic" or name not in DATASETS:
+        return []
+    return [os.path.join(root, rel) for rel in DATASETS[name].required if not rel.endswith("/")]
+
+
 def read_splits(name: str, root: str) -> tuple:
     """``(training split, evaluation split)`` of ``root`` in layout ``name``: ImageFiles or
     ImageArrays yielding ``(PIL image or None, label)``, with ``classes`` and ``labels()``."""
@@ -295,14 +302,21 @@ def read_splits(name: str, root: str) -> tuple:
     return splits
 
 
-def probe_datasets(name: str, root: str, img_size: int, train_list: str | None = None, augment: bool = True,
-                   seed: int = 0):
-    """Train and evaluation datasets of a probing run, with the protocol's transforms."""
+def probe_splits(name: str, root: str, train_list: str | None = None) -> tuple:
+    """``(training split, evaluation split)`` of a probing run, untransformed: every layout,
+    class-folder and ``--train-list`` error is raised here, before a model is built."""
     if name == "imagefolder":
-        return image_folder_datasets(root, img_size, train_list, augment=augment, seed=seed)
+        return image_folder_splits(root, train_list)
     if train_list is not None:
         raise ValueError(f"--train-list: only with --dataset imagefolder, not {name}")
-    train, evaluation = read_splits(name, root)
+    return read_splits(name, root)
+
+
+def probe_datasets(name: str, root: str, img_size: int, train_list: str | None = None, augment: bool = True,
+                   seed: int = 0, splits: tuple | None = None):
+    """Train and evaluation datasets of a probing run, with the protocol's transforms (``splits``:
+    already read by :func:`probe_splits`)."""
+    train, evaluation = splits or probe_splits(name, root, train_list)
     return (SeededTransform(train, train_transform(img_size) if augment else val_transform(img_size), seed),
             SeededTransform(evaluation, val_transform(img_size), seed))
 

@@ -1,5 +1,6 @@
-"""What every command reads and writes: output folders checked before any work, atomic writes
-that leave the previous file intact when a write fails, strict JSON, and safe checkpoint loading.
+"""What every command reads and writes: output folders checked before any work and locked while a
+run uses them, atomic writes that leave the previous file intact when a write fails, strict JSON,
+safe checkpoint loading, and interrupts (SIGINT / SIGTERM) that end a command cleanly.
 
 Every failure here raises :class:`OutputError` (an ``OSError``) or :class:`CheckpointError` (a
 ``ValueError``) with a one-line message naming the path; the CLI prints it and exits with status 2.
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
+import logging
 import math
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 
 import torch
 
@@ -162,7 +167,7 @@ def load_torch_file(path: str, trust: bool = False, flag: str = "--checkpoint"):
             "to run code for; refused. Pass --trust-checkpoint to load it anyway (this runs any code the file "
             "holds: only for files you trust)") from None
     except (RuntimeError, KeyError, EOFError, ValueError, AttributeError, ImportError, IndexError,
-            TypeError, UnicodeDecodeError) as err:
+            TypeError, UnicodeDecodeError, OSError) as err:  # OSError: a cut-off zip seeks past its end
         raise CheckpointError(f"{flag} {path}: not a PyTorch checkpoint, or truncated "
                               f"({type(err).__name__}: {_reason(err)[:160]})") from None
 
@@ -187,3 +192,127 @@ def check_number(flag: str, value, *, minimum=None, above=None, below=None, inte
     ok = ok and (below is None or value < below)
     if not ok:
         raise ValueError(f"{flag} {value!r}: must be {want}")
+
+
+# One run per output folder ---------------------------------------------------------------------
+LOCK_NAME = ".selagg.lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str, flag: str = "--output-dir"):
+    """Hold an exclusive lock on ``folder`` (created if needed) while the block runs.
+
+    ``fcntl.flock`` on ``folder/.selagg.lock``: a second run on the same folder is refused at
+    once with an :class:`OutputError`; the operating system releases the lock when the holder
+    exits, is killed or crashes, so a stale lock file never blocks anyone. Local file systems
+    and NFSv4 (and NFSv3 with lockd; Linux maps flock to NFS byte-range locks) honour it across
+    machines; a share mounted with ``nolock`` honours it only within one machine. On a platform
+    without ``fcntl`` the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks to take
+        yield folder
+        return
+    check_writable(folder, flag=flag)
+    path = os.path.join(folder, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OutputError(f"{flag} {folder}: cannot create its lock file {LOCK_NAME} ({_reason(err)})") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            raise OutputError(f"{flag} {folder}: another selagg-fast run{holder} is using it; wait for it to "
+                              f"finish or choose another {flag}") from None
+        except OSError as err:  # e.g. ENOLCK on a share without a lock manager: run, but say so
+            logging.getLogger("selagg_fast").warning(
+                "%s %s: cannot lock it (%s); make sure no other run uses it", flag, folder, _reason(err))
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a run opening it)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (process {pid})" if pid.isdigit() else ""
+
+
+def refuse_existing_run(folder: str, run_files, resume: bool, flag: str = "--output-dir") -> None:
+    """Without ``resume``, a folder holding any of ``run_files`` (names or glob patterns) is
+    refused: a new run would overwrite another run's results."""
+    import glob
+    if resume or not os.path.isdir(folder):
+        return
+    found = [os.path.basename(p) for name in run_files
+             for p in sorted(glob.glob(os.path.join(glob.escape(folder), name)))]
+    if found:
+        raise FileExistsError(f"{flag} {folder} already holds a run ({', '.join(found)}): pass --resume to continue "
+                              f"it, or choose another {flag}")
+
+
+def check_distinct_outputs(outputs: dict, inputs: dict = None) -> None:
+    """No two outputs on one path and no output over an input: ``outputs`` / ``inputs`` map a
+    path to the flag or role that names it (paths compared resolved)."""
+    seen = {}
+    for path, what in outputs.items():
+        key = os.path.realpath(path)
+        if key in seen:
+            raise OutputError(f"{what} {path}: the same file as {seen[key]}; one would overwrite the other")
+        seen[key] = f"{what} {path}"
+    for path, what in (inputs or {}).items():
+        key = os.path.realpath(path)
+        if key in seen:
+            raise OutputError(f"{seen[key]}: would overwrite the input {what} {path}")
+
+
+# Signals -------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command; its message says what was kept and how to go on."""
+
+    def __init__(self, message: str = "interrupted", signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum=signum)
+
+
+@contextlib.contextmanager
+def interrupts_raise():
+    """SIGTERM raises :class:`Interrupted` in the main thread, as SIGINT raises KeyboardInterrupt,
+    so ``finally`` blocks and atomic writes clean up either way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """SIGINT / SIGTERM arriving inside the block take effect when it ends: a group of files
+    written together (an epoch's metrics, checkpoint and results) is never left half written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    handlers = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if pending:
+            raise Interrupted(signum=pending[0])

@@ -240,7 +240,7 @@ def test_failed_save_of_running_sums_keeps_the_previous_ones(tmp_path, capsys, m
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot write" in err and "partial.rank0.pt" in err and err.count("\n") == 0, err
-    assert sorted(os.listdir(out)) == ["partial.rank0.pt"]  # no .tmp, no stats.json
+    assert sorted(os.listdir(out)) == [".selagg.lock", "partial.rank0.pt"]  # no .tmp, no stats.json
     assert load_torch_file(str(out / "partial.rank0.pt"))["done"] == [0, 1]
 
 

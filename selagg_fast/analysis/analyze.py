@@ -7,11 +7,13 @@ torchrun every process takes every W-th batch and rank 0 adds the sums up.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +22,11 @@ import torch.distributed as dist
 from ..backbone import BackboneSettings
 from ..datasets import analysis_dataset, check_layout
 from ..distributed import barrier, check_device, init_distributed
-from ..files import atomic_json, atomic_write, check_number, check_writable
+from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
+                     refuse_existing_run)
 from ..modules import record_attention_stats
 from ..reference import CLS_COLUMNS
-from .image_pass import ImagePass
+from .image_pass import INTERRUPTED, ImagePass
 
 log = logging.getLogger("selagg_fast")
 
@@ -119,14 +122,27 @@ def check_image_pass(cfg) -> None:
 def check_fresh_output(out: str, resume: bool, flag: str = "--output-dir") -> None:
     """The output folder is writable (checked before any work) and holds no finished run unless resuming."""
     check_writable(out, flag=flag)
-    if os.path.exists(os.path.join(out, "stats.json")) and not resume:
-        raise FileExistsError(f"{flag} {out} already holds stats.json: pass --resume or choose another {flag}")
+    refuse_existing_run(out, ANALYZE_FILES, resume, flag=flag)
+
+
+# What an analyze run writes: any of them in --output-dir means a run, refused without --resume.
+ANALYZE_FILES = ("stats.json", "stats.csv", "partial.rank*.pt")
 
 
 def run_analyze(cfg: AnalyzeConfig) -> dict:
+    """Rank 0 holds ``--output-dir``'s lock for the whole run: a second run on it is refused."""
     validate_analyze(cfg)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
+        try:
+            return _run_analyze(cfg, is_main)
+        except KeyboardInterrupt as err:
+            raise Interrupted(INTERRUPTED, signum=getattr(err, "signum", signal.SIGINT)) from None
+
+
+def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
     out = cfg.output_dir
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main:
         check_fresh_output(out, cfg.resume)
     dist_info = init_distributed(cfg.device)
     device = dist_info.device
@@ -156,6 +172,9 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     stats = None
     if dist_info.is_main:
         recorder.load_state_dict(state)
+        if recorder.images == 0:  # statistics of no image would be NaN or 0 columns read as results
+            raise ValueError(f"--data {cfg.data}: no readable image ({state['unreadable']} unreadable); nothing "
+                             "to analyse")
         summary = recorder.summary()
         omitted = [] if info.has_cls else list(CLS_COLUMNS) + (["cls_magnitude_ratio"] if cfg.magnitudes else [])
         num_patches = info.patch_grid[0] * info.patch_grid[1]

@@ -121,7 +121,10 @@ def _analyze(args) -> None:
 
 
 def _plot(args) -> None:
+    from ..files import check_distinct_outputs
     from .plot import plot_runs
+    inputs = {run if os.path.isfile(run) else os.path.join(run, "stats.json"): "run" for run in args.runs}
+    check_distinct_outputs({args.output: "--output"}, inputs)  # a figure never replaces a run's stats.json
     print(f"wrote {plot_runs(args.runs, args.output)}")
 
 
@@ -133,16 +136,15 @@ def _maps(args) -> None:
 
 
 def _localize(args) -> None:
-    from ..files import check_output_file
-    from .localize import check_localize_arguments, format_localization, localize, plot_localization, write_localization
-    out = args.output or os.path.join(args.probe, "localization.json")
+    from .localize import (check_localize_arguments, format_localization, localize, localize_outputs,
+                           plot_localization, write_localization)
     check_localize_arguments(args.probe, args.data, args.limit, args.batch_size, args.workers, args.device)
-    check_output_file(out, flag="--output")  # before any map is computed
+    out, figure = localize_outputs(args.output, args.probe, args.boxes)  # before any map is computed
     result = localize(args.probe, args.data, args.boxes, head=args.head, limit=args.limit,
                       batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress,
                       trust_checkpoint=args.trust_checkpoint)
     write_localization(result, out)
-    figure = plot_localization(result, os.path.splitext(out)[0] + ".png")
+    plot_localization(result, figure)
     print(format_localization(result))
     print(f"{result['images']} images; wrote {out} and {figure}")
 

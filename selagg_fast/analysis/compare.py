@@ -12,10 +12,12 @@ Entropies and divergences are of the renormalised vectors (each sums to 1 over t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 
 import torch
@@ -24,14 +26,15 @@ from ..backbone import BackboneSettings
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..datasets import analysis_dataset
 from ..distributed import all_reduce_sum, barrier, init_distributed
-from ..files import atomic_json, atomic_write, check_number, check_writable, load_torch_file
+from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
+                     refuse_existing_run)
 from ..probe.heads import ProbeHeads, pair_name, parse_heads
 from ..probe.selector import EXTERNAL, AttentionWeights, build_selector, selector_settings
 from ..attention_adapters import token_layout
 from ..selection import CLS_METHODS, METHODS
 from .analyze import check_image_pass
-from .image_pass import ImagePass
-from .probe_maps import upsample
+from .image_pass import INTERRUPTED, ImagePass
+from .probe_maps import diverged_pairs, probe_run_state, refuse_diverged, upsample
 
 log = logging.getLogger("selagg_fast")
 
@@ -119,7 +122,7 @@ def _probe_state(run_dir: str) -> dict:
         raise FileNotFoundError(f"--probe {run_dir}: no such folder")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--probe {run_dir}: no checkpoint.pt (a `selagg-fast probe` output folder?)")
-    return load_torch_file(path, flag="--probe")  # the run's own file: plain types, never code
+    return probe_run_state(path)
 
 
 def validate_compare(cfg: CompareConfig) -> None:
@@ -269,13 +272,26 @@ class _Methods:
         return torch.stack(out, 1)
 
 
+# What a compare run writes: any of them in --output-dir means a run, refused without --resume.
+COMPARE_FILES = ("compare.json", "partial.rank*.pt")
+
+
 def run_compare(cfg: CompareConfig) -> dict | None:
+    """Rank 0 holds ``--output-dir``'s lock for the whole run: a second run on it is refused."""
     validate_compare(cfg)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
+        try:
+            return _run_compare(cfg, is_main)
+        except KeyboardInterrupt as err:
+            raise Interrupted(INTERRUPTED, signum=getattr(err, "signum", signal.SIGINT)) from None
+
+
+def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
     out = cfg.output_dir
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main:
         check_writable(out)
-        if os.path.exists(os.path.join(out, "compare.json")) and not cfg.resume:
-            raise FileExistsError(f"--output-dir {out} already holds compare.json: pass --resume or choose another")
+        refuse_existing_run(out, COMPARE_FILES, cfg.resume)
     state = _probe_state(cfg.probe)
     pcfg = state["config"]
     dist_info = init_distributed(cfg.device)
@@ -293,6 +309,12 @@ def run_compare(cfg: CompareConfig) -> dict | None:
     selective_pairs = [pair_name(s, lr) for s, lr in heads.pairs if s.selective]
     methods, omitted = choose_methods(cfg.methods, info.has_cls, cfg.selector_model is not None, trained,
                                       selective_pairs)
+    if cfg.methods is None:  # by default a head whose every lr diverged is left out, with a warning
+        gone = diverged_pairs(state)
+        for m in [m for m in methods if m in gone]:
+            log.warning("%s diverged in training (top-1 null): left out of the comparison", m)
+        methods = [m for m in methods if m not in gone]
+    refuse_diverged(state, [m for m in methods if m in selective_pairs], "--methods")
     selector = build_selector(cfg, info, device) if SELECTOR in methods else None
     compute = _Methods(backbone, heads, methods, selector)
     dataset = analysis_dataset(cfg.dataset, cfg.data, info.img_size, cfg.limit)

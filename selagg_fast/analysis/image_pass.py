@@ -21,6 +21,8 @@ from ..files import atomic_save, load_torch_file
 
 log = logging.getLogger("selagg_fast")
 
+INTERRUPTED = "interrupted; continue with --resume (the running sums are saved every --save-every batches)"
+
 
 def load_partial(path: str, settings: dict) -> dict:
     """A process's saved running sums, refused when the run's settings changed."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..data import ImageFiles, check_data_folder, image_files, val_transform, walk_files
 from ..distributed import check_device
-from ..files import atomic_json, atomic_write, check_number
+from ..files import OutputError, atomic_json, atomic_write, check_distinct_outputs, check_number, check_output_file
 from .probe_maps import ProbeMaps, upsample
 
 log = logging.getLogger("selagg_fast")
@@ -163,6 +163,22 @@ def _collate(batch):
 def _image_ious(item):
     heatmaps, gt = item
     return {kind: best_ious(m, gt) for kind, m in heatmaps.items()}
+
+
+def localize_outputs(output: str | None, probe_dir: str, boxes: str) -> tuple:
+    """``(json path, figure path)``: ``--output`` (default ``PROBE/localization.json``) and the same
+    name with ``.png``, checked writable before any work; refused when the two would be one file or
+    either would overwrite an input (the --boxes file, the probe run's own files)."""
+    out = output or os.path.join(probe_dir, "localization.json")
+    figure = os.path.splitext(out)[0] + ".png"
+    if os.path.realpath(figure) == os.path.realpath(out):
+        raise OutputError(f"--output {out}: its figure would be written over it (the figure is the JSON's name "
+                          "with .png); give a .json name")
+    inputs = {boxes: "--boxes", **{os.path.join(probe_dir, name): "--probe file" for name in
+                                  ("checkpoint.pt", "config.json", "results.json", "metrics.jsonl", "curves.png")}}
+    check_distinct_outputs({out: "--output", figure: "--output's figure"}, inputs)
+    check_output_file(out, flag="--output")
+    return out, figure
 
 
 def check_localize_arguments(probe_dir: str, data: str, limit, batch_size, workers, device) -> None:

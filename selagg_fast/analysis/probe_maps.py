@@ -8,9 +8,34 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import BackboneSettings
-from ..files import load_torch_file
+from ..files import CheckpointError, load_torch_file
 from ..probe.heads import ProbeHeads, parse_heads
 from ..selection import capture_attention_rows, weights_from_rows
+
+
+def probe_run_state(path: str) -> dict:
+    """A probe run's ``checkpoint.pt``, refused in one line when it is not one."""
+    state = load_torch_file(path, flag="--probe")  # the run's own file: plain types, never code
+    if not isinstance(state, dict) or not {"config", "heads", "classes"} <= state.keys():
+        raise CheckpointError(f"--probe {path}: not a checkpoint of a `selagg-fast probe` run (no run settings in it)")
+    return state
+
+
+def diverged_pairs(state: dict) -> set:
+    """Names (``head@lr``) of the pairs a probe run reported as diverged."""
+    return {f"{p['head']}@{p['base_lr']:g}" for p in state.get("results", {}).get("pairs", []) if p.get("diverged")}
+
+
+def refuse_diverged(state: dict, pairs: list, flag: str) -> None:
+    """A pair whose training diverged has non-finite weights: its maps would be NaN, and scores of
+    them would read as results. Refused in one line."""
+    gone = diverged_pairs(state)
+    bad = [p for p in pairs if p in gone]
+    if bad:
+        ok = [f"{p['head']}@{p['base_lr']:g}" for p in state["results"]["pairs"]
+              if not p.get("diverged") and p["head"].startswith(("selective", "ap"))]
+        raise ValueError(f"{flag} {', '.join(bad)}: diverged in training (top-1 null in results.json), no map to "
+                         f"show; {'choose one of ' + ', '.join(ok) if ok else 'every selective pair diverged'}")
 
 
 class ProbeMaps:
@@ -25,7 +50,7 @@ class ProbeMaps:
         path = os.path.join(run_dir, "checkpoint.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--probe {run_dir}: no checkpoint.pt (a `selagg-fast probe` output folder?)")
-        state = load_torch_file(path, flag="--probe")  # the run's own file: plain types, never code
+        state = probe_run_state(path)
         cfg = state["config"]
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
@@ -42,6 +67,7 @@ class ProbeMaps:
         self.head = head or self._best_selective(state)
         if self.head not in self.heads.pair_names():
             raise ValueError(f"--head {self.head!r}: the probe has {self.heads.pair_names()}")
+        refuse_diverged(state, [self.head], "--head")
 
     @staticmethod
     def _best_selective(state) -> str:

@@ -90,6 +90,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-features", metavar="DIR", help="extract tokens once to DIR (needs --no-augment); "
                                                             "default: no cache, the backbone runs every epoch")
     g.add_argument("--cache-dtype", choices=["bf16", "fp32"], default=d.cache_dtype, help="dtype of cached tokens")
+    g.add_argument("--refresh-cache", action="store_true",
+                   help="delete this run's stores under --cache-features and extract them again (a store that is "
+                        "damaged, or whose images changed since extraction, is otherwise refused)")
     g = p.add_argument_group("heads and optimisation")
     g.add_argument("--heads", default=d.heads, help=(
         "comma list of cls, avg, selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>] (the reference "

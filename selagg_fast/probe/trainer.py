@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -23,15 +24,17 @@ from tqdm import tqdm
 
 from ..backbone import BackboneSettings
 from ..data import collate_skipping, epoch_shard, split_batches, synthetic_datasets
-from ..datasets import check_layout, probe_datasets
+from ..datasets import check_layout, layout_files, probe_datasets, probe_splits
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
-from ..files import check_number, check_writable, load_torch_file
+from ..files import (CheckpointError, Interrupted, check_number, check_writable, interrupts_deferred, load_torch_file,
+                     output_lock, refuse_existing_run)
 from ..profiling import nvtx_range
-from .cache import extract, file_stamp, open_store
+from .cache import CacheError, extract, file_stamp, open_store, source_files
 from .curves import plot_curves
 from .knn_run import parse_ks, parse_temperatures, run_knn
 from .heads import pair_name, parse_heads, probe_loss
 from .optim import build_optimizer, set_lr
+from .sizes import check_fits, head_sizes, seeds_sizes
 from .selector import attention_weights_for, batch_to, cache_settings, check_selector_flags
 from .outputs import append_metrics, atomic_json, atomic_save, summarize, summarize_seeds, truncate_metrics
 from .seeds import SeedHeads, parse_seeds, seeded_heads
@@ -83,6 +86,7 @@ class ProbeConfig(BackboneSettings):
     workers: int = 8
     cache_features: str | None = None
     cache_dtype: str = "bf16"
+    refresh_cache: bool = False
     output_dir: str = "probe_out"
     resume: bool = False
     stop_after_epochs: int | None = None
@@ -166,6 +170,8 @@ def validate(cfg: ProbeConfig) -> None:
             raise ValueError(f"{flag} {value!r}: choose {' or '.join(c for c in choices if c)}")
     if cfg.cache_features and cfg.augment:
         raise ValueError("--cache-features trains without augmentation: add --no-augment")
+    if cfg.refresh_cache and not cfg.cache_features:
+        raise ValueError("--refresh-cache: only with --cache-features DIR")
     cfg.lr_list()
     if cfg.knn:
         parse_ks(cfg.knn_k)
@@ -221,6 +227,8 @@ class _Run:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         torch.manual_seed(cfg.seed)
 
+        # the data's files first: a class-folder or --train-list error costs no backbone build
+        splits = None if cfg.data == "synthetic" else probe_splits(cfg.dataset, cfg.data, cfg.train_list)
         self.backbone = cfg.create_backbone().to(self.device)
         self.info = self.backbone.info
         # torch.compile of the frozen forward: compiled on the first batch (and again for the
@@ -244,7 +252,8 @@ class _Run:
                 seed=cfg.seed, augment=cfg.augment)
         else:
             self.train_set, self.val_set = probe_datasets(
-                cfg.dataset, cfg.data, self.info.img_size, cfg.train_list, augment=cfg.augment, seed=cfg.seed)
+                cfg.dataset, cfg.data, self.info.img_size, cfg.train_list, augment=cfg.augment, seed=cfg.seed,
+                splits=splits)
         self.num_classes = len(self.train_set.classes)
         if self.num_batches("train") == 0:
             raise ValueError(
@@ -253,6 +262,9 @@ class _Run:
                 "no step would run (lower --batch-size, or --protocol mae keeps the partial batch)")
 
         self.effective_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
+        check_fits(seeds_sizes(head_sizes(self.specs, self.lrs, self.info.embed_dim, self.num_classes,
+                                          self.head_prefix, grid_size=self.info.patch_grid), len(cfg.seed_list())),
+                   cfg.heads, cfg.batch_size, self.device, cfg.output_dir)
         # gloo group for host-side agreement (skipping a batch, counting) without a device round trip
         self.control_group = torch.distributed.new_group(backend="gloo") if dist_info.active else None
         self.seed_heads = [self._seed_heads(seed) for seed in cfg.seed_list()]
@@ -306,7 +318,10 @@ class _Run:
         if split == "train":
             seed = self.cfg.seed if order_seed is None else order_seed
             mine = epoch_shard(indices, seed, epoch, self.dist.rank, self.dist.world_size)
-            return split_batches(mine.tolist(), self.cfg.batch_size, self.protocol.drop_last)
+            batches = split_batches(mine.tolist(), self.cfg.batch_size, self.protocol.drop_last)
+            if self._last_batch_too_small(len(mine)):
+                batches = batches[:-1]
+            return batches
         mine = np.asarray(indices)[self.dist.rank::self.dist.world_size]
         return split_batches(mine.tolist(), self.cfg.batch_size, drop_last=False)
 
@@ -352,10 +367,13 @@ class _Run:
         store = self.stores[split]
         loader = self._loader(store.batches(self._my_batches(split, epoch, store.valid_indices(), order_seed)),
                               batch_size=None)
-        for tokens, labels in loader:
-            with nvtx_range("data"):
-                yield (batch_to(tokens, self.device, self.autocast_dtype or torch.float32),
-                       labels.to(self.device, non_blocking=True), ())
+        try:
+            for tokens, labels in loader:
+                with nvtx_range("data"):
+                    yield (batch_to(tokens, self.device, self.autocast_dtype or torch.float32),
+                           labels.to(self.device, non_blocking=True), ())
+        except CacheError as err:  # from a DataLoader worker: its message is the traceback's last line
+            raise CacheError(str(err).strip().splitlines()[-1].split("CacheError: ", 1)[-1]) from None
 
     def batches(self, split: str, epoch: int, order_seed: int | None = None):
         """The split's batches; ``order_seed`` orders a feature cache's training batches (a live run's
@@ -364,6 +382,16 @@ class _Run:
             return self.cached_batches(split, epoch, order_seed)
         return self.live_batches(split, epoch)
 
+    def _last_batch_too_small(self, per_rank: int, warn: bool = True) -> bool:
+        """A kept last training batch of one image in all (one process): BatchNorm cannot train on
+        it, so it is dropped (the image is seen in other epochs, in another order)."""
+        small = not self.protocol.drop_last and per_rank % self.cfg.batch_size == 1 and self.dist.world_size == 1
+        if small and warn and not getattr(self, "_warned_small_batch", False):
+            self._warned_small_batch = True
+            log.warning("the last training batch of each epoch holds 1 image (%d images, --batch-size %d): "
+                        "dropped, BatchNorm needs 2", per_rank, self.cfg.batch_size)
+        return small
+
     def num_batches(self, split: str) -> int:
         if split in self.stores:
             n = len(self.stores[split].valid_indices())
@@ -371,7 +399,9 @@ class _Run:
             n = len(self.train_set if split == "train" else self.val_set)
         if split == "train":
             per_rank = -(-n // self.dist.world_size)
-            return per_rank // self.cfg.batch_size if self.protocol.drop_last else -(-per_rank // self.cfg.batch_size)
+            if self.protocol.drop_last:
+                return per_rank // self.cfg.batch_size
+            return -(-per_rank // self.cfg.batch_size) - int(self._last_batch_too_small(per_rank, warn=False))
         return -(-len(range(self.dist.rank, n, self.dist.world_size)) // self.cfg.batch_size)
 
     # feature cache ---------------------------------------------------------------------------
@@ -395,12 +425,16 @@ class _Run:
             if self.selection is not None:  # the cached weights' methods and selector
                 settings["attention_weights"] = cache_settings(cfg, self.selection.methods)
             store = open_store(cfg.cache_features, settings, dataset, tuple(probe.shape[1:]), cfg.cache_dtype,
-                               cfg.batch_size, is_main=self.dist.is_main, barrier=barrier, weight_shape=weight_shape)
+                               cfg.batch_size, is_main=self.dist.is_main, barrier=barrier, weight_shape=weight_shape,
+                               sources=source_files(dataset, layout_files(cfg.dataset, cfg.data)),
+                               refresh=cfg.refresh_cache)
             extract(store, dataset, self.tokens, self._loader, self.device, self.dist.rank, self.dist.world_size,
                     desc=f"extract {split} tokens", progress=cfg.progress and self.dist.is_main)
             barrier()
             if not store.complete():
                 raise RuntimeError(f"feature cache {store.path}: extraction incomplete after all ranks finished")
+            if self.dist.is_main:
+                store.seal()
             self.unreadable[split] = store.num_unreadable()
             self.stores[split] = store
 
@@ -446,6 +480,9 @@ def _train_epoch(run: _Run, epoch: int, group: list | None = None, order_seed: i
     bar.close()
     all_reduce_sum(loss_sums)
     all_reduce_sum(seen)
+    if seen.item() == 0:  # every batch unreadable: a loss of 0.0 and untrained heads are no result
+        raise ValueError(f"--data {cfg.data}: no training step ran in epoch {epoch + 1}: no training image could "
+                         f"be read ({max(len(set(unreadable)), run.unreadable['train'])} unreadable); nothing was trained")
     if not cfg.cache_features:  # cached tokens: the store counted them once at extraction
         run.note_unreadable("train", unreadable)
     elapsed = time.perf_counter() - start
@@ -485,6 +522,9 @@ def evaluate(run: _Run, epoch: int) -> dict:
     bar.close()
     all_reduce_sum(correct)
     all_reduce_sum(total)
+    if total.item() == 0:  # a top-1 of 0.00 over no image would read as a result
+        raise ValueError(f"--data {run.cfg.data}: no validation image could be read ({len(set(unreadable))} "
+                         f"unreadable here, of {len(run.val_set)}); nothing to evaluate")
     if not run.cfg.cache_features:
         run.note_unreadable("val", unreadable)
     acc = (100.0 * correct / total.clamp(min=1)).tolist()
@@ -509,15 +549,49 @@ def _find_diverged(run: _Run, member: SeedHeads, losses: dict, epoch: int) -> No
 
 
 # run_probe's steps --------------------------------------------------------------------------------
+# What a probing run writes in --output-dir: any of them there means a run, refused without --resume.
+RUN_FILES = ("config.json", "results.json", "metrics.jsonl", "checkpoint.pt")
+# Settings that are paths: stored absolute, so `DIR/` resumes `DIR` and another working directory
+# cannot silently read other files.
+_PATH_KEYS = ("data", "train_list", "checkpoint", "cache_features", "selector_checkpoint", "output_dir")
+
+
+def _absolute_paths(cfg: ProbeConfig) -> ProbeConfig:
+    return dataclasses.replace(cfg, **{k: _absolute(k, getattr(cfg, k)) for k in _PATH_KEYS})
+
+
+def _absolute(key: str, value):
+    if not isinstance(value, str) or (key == "data" and value == "synthetic"):
+        return value
+    return os.path.abspath(value)
+
+
 def _read_saved_run(cfg: ProbeConfig) -> dict | None:
     """The checkpoint to continue (``--resume``), or None for a new run; refuses to overwrite a run."""
+    refuse_existing_run(cfg.output_dir, RUN_FILES, cfg.resume)
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     if not os.path.exists(ckpt_path):
-        return None
-    if not cfg.resume:
-        raise FileExistsError(f"--output-dir {cfg.output_dir} already holds a run: pass --resume to continue it, "
-                              "or choose another --output-dir")
-    return load_torch_file(ckpt_path, flag="--resume")  # written by this tool: plain types only
+        if os.path.exists(os.path.join(cfg.output_dir, "results.json")):
+            raise FileExistsError(f"--resume: {cfg.output_dir} holds results.json but no checkpoint.pt to continue "
+                                  "from; move its files away or choose another --output-dir")
+        return None  # a run stopped in its first epoch: it starts over
+    saved = load_torch_file(ckpt_path, flag="--resume")  # written by this tool: plain types only
+    if not isinstance(saved, dict) or not {"config", "heads", "optimizer", "epoch"} <= saved.keys():
+        raise CheckpointError(f"--resume {ckpt_path}: not a checkpoint of a `selagg-fast probe` run (no run "
+                              "settings in it); move it away or choose another --output-dir")
+    return saved
+
+
+def _changed_settings(old: dict, cfg: ProbeConfig) -> list:
+    """``--flag then -> now`` for every setting of ``_RESUME_KEYS`` that differs (paths resolved)."""
+    changed = []
+    for k in _RESUME_KEYS:
+        then = old.get(k, _SAVED_BEFORE.get(k))
+        if k in _PATH_KEYS:
+            then = _absolute(k, then)
+        if then != getattr(cfg, k):
+            changed.append(f"--{k.replace('_', '-')} {then!r} then, {getattr(cfg, k)!r} now")
+    return changed
 
 
 def _resume(run: _Run, saved: dict | None) -> tuple:
@@ -525,10 +599,15 @@ def _resume(run: _Run, saved: dict | None) -> tuple:
     if saved is None:
         return 0, None
     old, cfg = saved["config"], run.cfg
-    changed = {k: (old.get(k, _SAVED_BEFORE.get(k)), getattr(cfg, k)) for k in _RESUME_KEYS
-               if old.get(k, _SAVED_BEFORE.get(k)) != getattr(cfg, k)}
+    changed = _changed_settings(old, cfg)
     if changed:
-        raise ValueError(f"--resume: {cfg.output_dir} was started with different settings (saved, now): {changed}")
+        raise ValueError(f"--resume: {cfg.output_dir} was started with different settings: {'; '.join(changed)}")
+    then, now = list(saved.get("classes") or []), list(run.train_set.classes)
+    if then and then != now:
+        added, removed = [c for c in now if c not in then], [c for c in then if c not in now]
+        raise ValueError(f"--resume: the classes of --data {cfg.data} changed since {cfg.output_dir} was started "
+                         f"(added: {', '.join(added[:10]) or 'none'}; removed: {', '.join(removed[:10]) or 'none'}"
+                         f"{'' if added or removed else '; reordered'}); start a new run in another --output-dir")
     _load_seed_heads(run, saved)
     for k, v in saved.get("unreadable", {}).items():
         run.unreadable[k] = v
@@ -662,10 +741,30 @@ def _knn(run: _Run, saved_results: dict | None) -> dict | None:
 def run_probe(cfg: ProbeConfig, command: str | None = None) -> dict:
     """Train every (head, lr) pair; returns (and on rank 0 writes) ``results.json``'s content.
 
-    Every flag is checked, and the output folder proven writable, before a model is built.
+    Every flag is checked, and the output folder proven writable, before a model is built. Rank 0
+    holds the output folder's lock for the whole run: a second run on it is refused at once. An
+    interrupt (SIGINT / SIGTERM) ends with :class:`Interrupted` naming the last saved epoch.
     ``command``: the command line recorded in config.json (the CLI passes its own)."""
     validate(cfg)
+    cfg = _absolute_paths(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
+        try:
+            return _run_locked(cfg, is_main, command)
+        except KeyboardInterrupt as err:
+            raise Interrupted(f"interrupted after epoch {_epochs_saved(cfg.output_dir)} of {cfg.epochs}; "
+                              "continue with --resume", signum=getattr(err, "signum", signal.SIGINT)) from None
+
+
+def _epochs_saved(out: str) -> int:
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            return int(json.load(f).get("epochs_done", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _run_locked(cfg: ProbeConfig, is_main: bool, command: str | None) -> dict:
     if is_main:
         _check_outputs(cfg)
     saved = _read_saved_run(cfg)
@@ -692,7 +791,8 @@ def run_probe(cfg: ProbeConfig, command: str | None = None) -> dict:
         if knn is not None:
             results["knn"] = knn
         if dist_info.is_main:
-            _write_epoch(run, epoch, train, metrics, results)
+            with interrupts_deferred():  # metrics, checkpoint and results of an epoch: all or none
+                _write_epoch(run, epoch, train, metrics, results)
         barrier()
     if results is None:
         raise ValueError(f"--output-dir {cfg.output_dir}: no epoch was run and no results were saved")

@@ -23,7 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Purpose tags of seed_for: one independent random stream per use of the run's --seed.
-AUGMENT, TRAIN_ORDER, SUBSET, SYNTHETIC_TRAIN, SYNTHETIC_VAL = range(1, 6)
+AUGMENT, TRAIN_ORDER, SUBSET, SYNTHETIC_TRAIN, SYNTHETIC_VAL, HEAD_INIT = range(1, 7)
 
 
 def seed_for(seed: int, purpose: int, *keys: int) -> int:

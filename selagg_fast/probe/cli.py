@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .seeds import parse_seeds
 from .trainer import PROTOCOLS, ProbeConfig
 
 
@@ -16,6 +17,14 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 448}}', got {text!r}")
     return value
+
+
+def seed_list(text: str) -> list:
+    """argparse type of --seeds: distinct non-negative integers."""
+    try:
+        return parse_seeds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers such as 0,1,2, got {text!r}") from None
 
 
 def add_backbone_arguments(g, help_suffix: str = "") -> None:
@@ -135,7 +144,13 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     g.add_argument("--stop-after-epochs", type=int, help="stop after N epochs of this invocation (resume later); "
                                                          "default: run to --epochs")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of the heads, the data order and augmentation")
+    seeds = g.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=d.seed, help="seed of the heads, the data order and augmentation")
+    seeds.add_argument("--seeds", type=seed_list, default=d.seeds, metavar="S0,S1,...",
+                       help="train every (head, lr) pair once per seed (e.g. 0,1,2) and report each seed's top-1/top-5, "
+                            "their mean and standard deviation, each head's best lr by the mean. From "
+                            "--cache-features each seed reads the tokens in its own order; live, the seeds share "
+                            "the first seed's batches and augmentation and differ in head initialisation")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device, help="auto: cuda when present")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 

@@ -8,7 +8,8 @@ from ..files import atomic_write
 
 
 def plot_curves(run_dir: str, output: str | None = None) -> str:
-    """``curves.png`` from ``metrics.jsonl``: one colour per head, one line style per base lr."""
+    """``curves.png`` from ``metrics.jsonl``: one colour per head, one line style per base lr (a
+    ``--seeds`` run's lines: the mean over its seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -27,8 +28,7 @@ def plot_curves(run_dir: str, output: str | None = None) -> str:
     for hi, head in enumerate(heads):
         for li, lr in enumerate(lrs):
             # a diverged pair's null top-1 / loss: a gap in its line (NaN), not a point
-            pts = sorted((r["epoch"], _num(r["top1"]), _num(r["train_loss"])) for r in rows
-                         if r["head"] == head and r["base_lr"] == lr)
+            pts = _mean_over_seeds([r for r in rows if r["head"] == head and r["base_lr"] == lr])
             if not pts:
                 continue
             epochs, top1, loss = zip(*pts)
@@ -47,6 +47,15 @@ def plot_curves(run_dir: str, output: str | None = None) -> str:
     finally:
         plt.close(fig)
     return output
+
+
+def _mean_over_seeds(rows: list) -> list:
+    """``[(epoch, top-1, train loss)]`` of one pair, each the mean of the epoch's seeds (NaN when one is null)."""
+    by_epoch: dict = {}
+    for r in rows:
+        by_epoch.setdefault(r["epoch"], []).append((_num(r["top1"]), _num(r["train_loss"])))
+    return [(epoch, sum(t for t, _ in v) / len(v), sum(loss for _, loss in v) / len(v))
+            for epoch, v in sorted(by_epoch.items())]
 
 
 def _num(value) -> float:

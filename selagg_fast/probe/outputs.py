@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from ..files import atomic_json, atomic_save, atomic_write, json_safe
 
-__all__ = ["atomic_json", "atomic_save", "append_metrics", "truncate_metrics", "summarize", "format_results"]
+__all__ = ["atomic_json", "atomic_save", "append_metrics", "truncate_metrics", "summarize", "summarize_seeds",
+           "format_results"]
 
 
 def _read_metrics(path: str, epochs_kept: int) -> list:
@@ -58,6 +60,10 @@ def summarize(pairs_metrics: list, diverged=(), **info) -> dict:
         gone = f"{h}@{lr:g}" in diverged
         pairs.append(dict(head=h, base_lr=lr, top1=None if gone else m["top1"], top5=None if gone else m["top5"],
                           diverged=gone))
+    return _with_best(pairs, info)
+
+
+def _with_best(pairs: list, info: dict) -> dict:
     best = {}
     for p in pairs:
         held = best.get(p["head"])
@@ -67,20 +73,63 @@ def summarize(pairs_metrics: list, diverged=(), **info) -> dict:
     return json_safe(dict(info, pairs=pairs, best_per_head=best, **({} if classes is None else {"classes": classes})))
 
 
-def _cell(value, width: int) -> str:
-    return f"{'diverged':>{width}}" if value is None else f"{value:>{width}.2f}"
+def _mean_std(values: list) -> tuple:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize_seeds(seeds: list, pairs_metrics: list, diverged: dict, **info) -> dict:
+    """``results.json`` of a ``--seeds`` run: per (head, base lr) pair, each seed's top-1/top-5
+    (``seeds``), their mean (``top1``/``top5``) and sample standard deviation (``top1_std``/
+    ``top5_std``); each head's best lr is the one of the best mean top-1.
+
+    ``pairs_metrics``: ``[(head name, base lr, {seed: {"top1", "top5"}}), ...]``; ``diverged``:
+    ``{seed: pair names}``. A pair that diverged under any seed has a null mean and std and
+    ``diverged: true`` (its other seeds' accuracies are still listed)."""
+    pairs = []
+    for h, lr, by_seed in pairs_metrics:
+        runs = []
+        for seed in seeds:
+            gone = f"{h}@{lr:g}" in diverged.get(seed, ())
+            m = by_seed[seed]
+            runs.append(dict(seed=seed, top1=None if gone else m["top1"], top5=None if gone else m["top5"],
+                             diverged=gone))
+        gone = any(r["diverged"] for r in runs)
+        stats = {}
+        for key in ("top1", "top5"):
+            mean, std = (None, None) if gone else _mean_std([r[key] for r in runs])
+            stats[key], stats[f"{key}_std"] = mean, std
+        pairs.append(dict(head=h, base_lr=lr, top1=stats["top1"], top5=stats["top5"], top1_std=stats["top1_std"],
+                          top5_std=stats["top5_std"], diverged=gone, seeds=runs))
+    return _with_best(pairs, dict(info, seeds=list(seeds)))
+
+
+def _cell(value, width: int, std=None) -> str:
+    if value is None:
+        return f"{'diverged':>{width}}"
+    return f"{value:>{width}.2f}" if std is None else f"{format(value, '.2f') + '±' + format(std, '.2f'):>{width}}"
 
 
 def format_results(results: dict) -> str:
-    """Side-by-side table: one row per head, one column per base lr, best marked."""
+    """Side-by-side table: one row per head, one column per base lr, best marked; a ``--seeds``
+    run's cells are mean ± standard deviation over its seeds."""
     lrs = sorted({p["base_lr"] for p in results["pairs"]})
     heads = list(dict.fromkeys(p["head"] for p in results["pairs"]))
     by = {(p["head"], p["base_lr"]): p for p in results["pairs"]}
+    seeded = "seeds" in results
+    c, c5 = (15, 14) if seeded else (12, 9)
     w = max([16] + [len(h) + 1 for h in heads])  # long head names (cls_attn_min_entropy, selective_..._all)
-    lines = [f"{'head':<{w}}" + "".join(f"{'lr ' + format(lr, 'g'):>12}" for lr in lrs)
-             + f"{'best top-1':>12}{'top-5':>9}"]
+    lines = [f"{'head':<{w}}" + "".join(f"{'lr ' + format(lr, 'g'):>{c}}" for lr in lrs)
+             + f"{'best top-1':>{c}}{'top-5':>{c5}}"]
     for h in heads:
         best = results["best_per_head"][h]
-        cells = "".join(_cell(by[(h, lr)]["top1"], 12) if (h, lr) in by else f"{'':>12}" for lr in lrs)
-        lines.append(f"{h:<{w}}{cells}{_cell(best['top1'], 12)}{_cell(best['top5'], 9)}")
+        cells = "".join(_cell(by[(h, lr)]["top1"], c, by[(h, lr)].get("top1_std")) if (h, lr) in by
+                        else f"{'':>{c}}" for lr in lrs)
+        lines.append(f"{h:<{w}}{cells}{_cell(best['top1'], c, best.get('top1_std'))}"
+                     f"{_cell(best['top5'], c5, best.get('top5_std'))}")
+    if seeded:
+        lines.append(f"mean ± standard deviation over seeds {', '.join(map(str, results['seeds']))}")
     return "\n".join(lines)

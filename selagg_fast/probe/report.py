@@ -5,6 +5,8 @@ A row: the backbone, the best top-1 of k-NN, the linear probe ([cls], or the pat
 results.json), the command line that produced the run (config.json), and the paper's ImageNet-1k
 numbers for the run's preset where the paper prints them (Table 1: linear and Selective, from
 :mod:`selagg_fast.zoo`; Table 6: AP with 12 heads). The paper reports no k-NN or EP numbers.
+A ``--seeds`` run's top-1 is the mean over its seeds (results.json's ``top1``), shown with its
+standard deviation.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ PAPER_AP12 = {
 
 COLUMNS = ["run", "backbone", "checkpoint", "knn_top1", "knn_setting", "linear_head", "linear_top1",
            "selective_top1", "ap_head", "ap_top1", "ep_head", "ep_top1", "paper_linear", "paper_selective",
-           "paper_ap12", "results_json", "command"]
+           "paper_ap12", "seeds", "linear_top1_std", "selective_top1_std", "results_json", "command"]
 
 
 def _read_json(path: str, run_dir: str) -> dict:
@@ -72,6 +74,7 @@ def run_row(run_dir: str) -> dict:
     ep_head, ep_top1 = _best_of(results, r"ep\d+.*")
     paper_linear, paper_selective, paper_ap = _paper(config.get("model", ""))
     k = knn["best"] if knn else None
+    seeds = results.get("seeds")
     return dict(
         run=os.path.basename(os.path.normpath(run_dir)), backbone=config.get("model"),
         checkpoint=os.path.basename(config["checkpoint"]) if config.get("checkpoint") else "random init",
@@ -82,6 +85,9 @@ def run_row(run_dir: str) -> dict:
         selective_top1=best["selective"]["top1"] if "selective" in best else None,
         ap_head=ap_head, ap_top1=ap_top1, ep_head=ep_head, ep_top1=ep_top1,
         paper_linear=paper_linear, paper_selective=paper_selective, paper_ap12=paper_ap,
+        seeds=",".join(map(str, seeds)) if seeds else None,
+        linear_top1_std=best[linear_head].get("top1_std") if linear_head in best else None,
+        selective_top1_std=best["selective"].get("top1_std") if "selective" in best else None,
         results_json=os.path.abspath(os.path.join(run_dir, "results.json")), command=config.get("command"),
         _present=dict(linear=linear_head in best, selective="selective" in best, ap=ap_head is not None,
                       ep=ep_head is not None, knn=k is not None))
@@ -91,11 +97,12 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def _cell(value, present: bool, link: str, note: str | None = None) -> str:
-    """A linked top-1 (``diverged`` when every lr diverged), or ``–`` for a head the run lacks."""
+def _cell(value, present: bool, link: str, note: str | None = None, std: float | None = None) -> str:
+    """A linked top-1 (``diverged`` when every lr diverged; ``± std`` over a --seeds run's seeds),
+    or ``–`` for a head the run lacks."""
     if not present:
         return "–"
-    text = "diverged" if value is None else f"{value:.1f}"
+    text = "diverged" if value is None else f"{value:.1f}" + ("" if std is None else f" ± {std:.1f}")
     return f"[{text}]({link})" + (f" ({note})" if note else "")
 
 
@@ -114,11 +121,11 @@ def markdown(rows: list, output_dir: str) -> str:
         link = os.path.relpath(r["results_json"], output_dir).replace(os.sep, "/")
         present = r["_present"]
         cells = [
-            r["run"], f"{r['backbone']} ({r['checkpoint']})",
+            r["run"] + (f" (mean of seeds {r['seeds']})" if r["seeds"] else ""), f"{r['backbone']} ({r['checkpoint']})",
             _cell(r["knn_top1"], present["knn"], link, r["knn_setting"]),
             _cell(r["linear_top1"], present["linear"], link, f"[{r['linear_head']}]" if r["linear_head"] == "cls"
-                  else r["linear_head"]),
-            _cell(r["selective_top1"], present["selective"], link),
+                  else r["linear_head"], r["linear_top1_std"]),
+            _cell(r["selective_top1"], present["selective"], link, std=r["selective_top1_std"]),
             _cell(r["ap_top1"], present["ap"], link, r["ap_head"]),
             _cell(r["ep_top1"], present["ep"], link, r["ep_head"]),
             " / ".join(_num(r[k]) for k in ("paper_linear", "paper_selective", "paper_ap12")),

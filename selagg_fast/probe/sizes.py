@@ -49,6 +49,12 @@ def head_sizes(specs, lrs, dim: int, num_classes: int, num_prefix_tokens: int, g
                      buffers=sum(b.numel() for b in heads.buffers()), features=features)
 
 
+def seeds_sizes(sizes: HeadSizes, seeds: int) -> HeadSizes:
+    """The sizes of ``seeds`` copies of the heads (``--seeds``): parameters and buffers for every
+    seed; the classifier inputs of one, since each seed's step frees its batch's before the next."""
+    return HeadSizes(parameters=sizes.parameters * seeds, buffers=sizes.buffers * seeds, features=sizes.features)
+
+
 def free_memory(device: torch.device) -> int:
     """Free bytes where the heads will live: the GPU's free memory, or the host's available memory."""
     if device.type == "cuda":

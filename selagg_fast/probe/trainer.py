@@ -32,11 +32,12 @@ from ..profiling import nvtx_range
 from .cache import CacheError, extract, file_stamp, open_store, source_files
 from .curves import plot_curves
 from .knn_run import parse_ks, parse_temperatures, run_knn
-from .heads import LinearProbe, ProbeHeads, pair_name, parse_heads, probe_loss
+from .heads import pair_name, parse_heads, probe_loss
 from .optim import build_optimizer, set_lr
-from .sizes import check_fits, head_sizes
+from .sizes import check_fits, head_sizes, seeds_sizes
 from .selector import attention_weights_for, batch_to, cache_settings, check_selector_flags
-from .outputs import append_metrics, atomic_json, atomic_save, summarize, truncate_metrics
+from .outputs import append_metrics, atomic_json, atomic_save, summarize, summarize_seeds, truncate_metrics
+from .seeds import SeedHeads, parse_seeds, seeded_heads
 
 log = logging.getLogger("selagg_fast")
 
@@ -90,6 +91,8 @@ class ProbeConfig(BackboneSettings):
     resume: bool = False
     stop_after_epochs: int | None = None
     seed: int = 0
+    # --seeds: every pair once per seed (probe/seeds.py); the run's data seed is the first
+    seeds: list | None = None
     device: str = "auto"
     progress: bool = True
     # external_cls_attn's second frozen backbone (probe/selector.py), flags as the backbone's
@@ -113,16 +116,21 @@ class ProbeConfig(BackboneSettings):
             raise ValueError(f"--lrs {self.lrs!r}: expected distinct finite positive base learning rates")
         return lrs
 
+    def seed_list(self) -> list:
+        """The seeds the heads train with: ``seeds``, or ``[seed]``."""
+        seeds = parse_seeds(self.seeds)
+        return [self.seed] if seeds is None else seeds
+
 
 # Settings that change what a run computes; --resume refuses a run whose values differ.
 _RESUME_KEYS = ("model", "checkpoint", "checkpoint_key", "return_block", "final_norm", "model_kwargs", "data",
                 "dataset", "train_list",
                 "heads", "lrs", "optimizer", "protocol", "epochs", "warmup_epochs", "batch_size", "accum_iter",
-                "momentum", "weight_decay", "augment", "precision", "seed", "cache_features", "cache_dtype",
+                "momentum", "weight_decay", "augment", "precision", "seed", "seeds", "cache_features", "cache_dtype",
                 "selector_model", "selector_checkpoint", "selector_checkpoint_key", "selector_model_kwargs")
 # What a saved config without the key ran with (runs saved before the key existed).
 _SAVED_BEFORE = {"protocol": "mae", "selector_model_kwargs": {}, "dataset": "imagefolder", "checkpoint_key": None,
-                 "selector_checkpoint_key": None}
+                 "selector_checkpoint_key": None, "seeds": None}
 
 
 def validate(cfg: ProbeConfig) -> None:
@@ -134,6 +142,7 @@ def validate(cfg: ProbeConfig) -> None:
     check_number("--stop-after-epochs", cfg.stop_after_epochs, minimum=1, integer=True, optional=True)
     check_number("--workers", cfg.workers, minimum=0, integer=True)
     check_number("--seed", cfg.seed, minimum=0, integer=True)
+    _check_seeds(cfg)
     check_number("--warmup-epochs", cfg.warmup_epochs, minimum=0)
     check_number("--momentum", cfg.momentum, minimum=0, below=1, optional=True)
     check_number("--weight-decay", cfg.weight_decay, minimum=0)
@@ -174,6 +183,13 @@ def validate(cfg: ProbeConfig) -> None:
     cfg.check_backbone()
 
 
+def _check_seeds(cfg: ProbeConfig) -> None:
+    seeds = parse_seeds(cfg.seeds)
+    if seeds is not None and cfg.seed not in (0, seeds[0]):
+        raise ValueError(f"--seed {cfg.seed} with --seeds {cfg.seeds}: give one of them (--seeds' first seed is the "
+                         "run's data seed)")
+
+
 def _check_outputs(cfg: ProbeConfig) -> None:
     check_writable(cfg.output_dir)
     if cfg.cache_features:
@@ -189,7 +205,9 @@ def _resolved(cfg: ProbeConfig, saved: dict | None) -> ProbeConfig:
     momentum = cfg.momentum if cfg.momentum is not None else saved_value("momentum")
     if momentum is None:
         momentum = LARS_MOMENTUM if cfg.optimizer == "lars" else PROTOCOLS[protocol].sgd_momentum
-    return dataclasses.replace(cfg, protocol=protocol, momentum=float(momentum))
+    seeds = parse_seeds(cfg.seeds)  # a list in config.json; its first seed seeds the data and the backbone
+    return dataclasses.replace(cfg, protocol=protocol, momentum=float(momentum), seeds=seeds,
+                               seed=cfg.seed if seeds is None else seeds[0])
 
 
 class _Run:
@@ -244,22 +262,28 @@ class _Run:
                 "no step would run (lower --batch-size, or --protocol mae keeps the partial batch)")
 
         self.effective_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
-        check_fits(head_sizes(self.specs, self.lrs, self.info.embed_dim, self.num_classes, self.head_prefix,
-                              grid_size=self.info.patch_grid), cfg.heads, cfg.batch_size, self.device, cfg.output_dir)
-        self.heads = ProbeHeads(self.specs, self.lrs, self.info.embed_dim, self.num_classes,
-                                self.head_prefix, grid_size=self.info.patch_grid).to(self.device)
-        for module in self.heads.modules():
-            if isinstance(module, LinearProbe):
-                module.reset_classifier(self.protocol.classifier_init)
-        self.optimizer = build_optimizer(self.heads, cfg.optimizer, self.effective_batch, cfg.momentum,
-                                         cfg.weight_decay)
-        self.model = self.heads
+        check_fits(seeds_sizes(head_sizes(self.specs, self.lrs, self.info.embed_dim, self.num_classes,
+                                          self.head_prefix, grid_size=self.info.patch_grid), len(cfg.seed_list())),
+                   cfg.heads, cfg.batch_size, self.device, cfg.output_dir)
         # gloo group for host-side agreement (skipping a batch, counting) without a device round trip
         self.control_group = torch.distributed.new_group(backend="gloo") if dist_info.active else None
-        if dist_info.active:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.heads, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+        self.seed_heads = [self._seed_heads(seed) for seed in cfg.seed_list()]
+        # the first seed's: what the selection maps and comparisons read, and a one-seed run's all
+        first = self.seed_heads[0]
+        self.heads, self.optimizer, self.model, self.diverged = first.heads, first.optimizer, first.model, first.diverged
+
+    def _seed_heads(self, seed: int) -> SeedHeads:
+        """One seed's heads (initialised from the seed alone), optimizer and DDP wrapper."""
+        cfg = self.cfg
+        heads = seeded_heads(seed, self.protocol.classifier_init, self.specs, self.lrs, self.info.embed_dim,
+                             self.num_classes, self.head_prefix, grid_size=self.info.patch_grid).to(self.device)
+        optimizer = build_optimizer(heads, cfg.optimizer, self.effective_batch, cfg.momentum, cfg.weight_decay)
+        model = heads
+        if self.dist.active:
+            model = torch.nn.parallel.DistributedDataParallel(
+                heads, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
+        return SeedHeads(seed, heads, optimizer, model)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -287,11 +311,13 @@ class _Run:
         return DataLoader(dataset, num_workers=self.cfg.workers, pin_memory=cuda,
                           persistent_workers=False, **kw)
 
-    def _my_batches(self, split: str, epoch: int, indices) -> list:
-        """This process's batches of ``indices``: training shuffles per epoch (and drops a last
-        partial batch under the paper protocol); validation takes every W-th image, unpadded."""
+    def _my_batches(self, split: str, epoch: int, indices, order_seed: int | None = None) -> list:
+        """This process's batches of ``indices``: training shuffles per epoch by ``order_seed`` (default
+        the run's seed; and drops a last partial batch under the paper protocol); validation takes
+        every W-th image, unpadded."""
         if split == "train":
-            mine = epoch_shard(indices, self.cfg.seed, epoch, self.dist.rank, self.dist.world_size)
+            seed = self.cfg.seed if order_seed is None else order_seed
+            mine = epoch_shard(indices, seed, epoch, self.dist.rank, self.dist.world_size)
             batches = split_batches(mine.tolist(), self.cfg.batch_size, self.protocol.drop_last)
             if self._last_batch_too_small(len(mine)):
                 batches = batches[:-1]
@@ -337,9 +363,10 @@ class _Run:
         torch.distributed.all_gather_object(everyone, indices, group=self.control_group)
         return len(set().union(*everyone))
 
-    def cached_batches(self, split: str, epoch: int):
+    def cached_batches(self, split: str, epoch: int, order_seed: int | None = None):
         store = self.stores[split]
-        loader = self._loader(store.batches(self._my_batches(split, epoch, store.valid_indices())), batch_size=None)
+        loader = self._loader(store.batches(self._my_batches(split, epoch, store.valid_indices(), order_seed)),
+                              batch_size=None)
         try:
             for tokens, labels in loader:
                 with nvtx_range("data"):
@@ -348,8 +375,12 @@ class _Run:
         except CacheError as err:  # from a DataLoader worker: its message is the traceback's last line
             raise CacheError(str(err).strip().splitlines()[-1].split("CacheError: ", 1)[-1]) from None
 
-    def batches(self, split: str, epoch: int):
-        return (self.cached_batches if self.cfg.cache_features else self.live_batches)(split, epoch)
+    def batches(self, split: str, epoch: int, order_seed: int | None = None):
+        """The split's batches; ``order_seed`` orders a feature cache's training batches (a live run's
+        batches are the run's seed's)."""
+        if self.cfg.cache_features:
+            return self.cached_batches(split, epoch, order_seed)
+        return self.live_batches(split, epoch)
 
     def _last_batch_too_small(self, per_rank: int, warn: bool = True) -> bool:
         """A kept last training batch of one image in all (one process): BatchNorm cannot train on
@@ -408,31 +439,39 @@ class _Run:
             self.stores[split] = store
 
 
-def _train_epoch(run: _Run, epoch: int) -> dict:
+def _train_epoch(run: _Run, epoch: int, group: list | None = None, order_seed: int | None = None) -> dict:
+    """One pass over the training batches (ordered by ``order_seed``, default the run's seed) that
+    trains every seed's heads of ``group`` (default: all) on each batch; returns the per-seed
+    per-pair mean losses (``losses``: {seed: {pair: loss}}) and the images per second."""
     cfg = run.cfg
-    run.model.train()
+    group = run.seed_heads if group is None else group
+    for member in group:
+        member.model.train()
     n_batches = run.num_batches("train")
-    loss_sums = torch.zeros(len(run.heads.pairs), device=run.device, dtype=torch.float64)
+    names = run.heads.pair_names()
+    loss_sums = torch.zeros(len(group), len(names), device=run.device, dtype=torch.float64)
     seen = torch.zeros((), device=run.device, dtype=torch.float64)
-    bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+    seeds_note = f" seed {group[0].seed}" if len(group) == 1 and len(run.seed_heads) > 1 else ""
+    bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}{seeds_note}", unit="batch",
                disable=not (cfg.progress and run.dist.is_main))
     start, images_done, unreadable = time.perf_counter(), 0, []
-    names = run.heads.pair_names()
-    for it, (tokens, labels, skipped) in enumerate(run.batches("train", epoch)):
+    for it, (tokens, labels, skipped) in enumerate(run.batches("train", epoch, order_seed)):
         unreadable += skipped
         if it % cfg.accum_iter == 0:
-            set_lr(run.optimizer, epoch + it / n_batches, cfg.epochs, cfg.warmup_epochs)
+            for member in group:
+                set_lr(member.optimizer, epoch + it / n_batches, cfg.epochs, cfg.warmup_epochs)
         if tokens is not None:
             step_now = (it + 1) % cfg.accum_iter == 0 or it + 1 == n_batches
-            sync = run.model.no_sync() if run.dist.active and not step_now else contextlib.nullcontext()
-            with sync, nvtx_range("heads"), run.autocast():
-                logits = run.model(tokens)
-                loss, per_pair = probe_loss(logits, labels)
-                (loss / cfg.accum_iter).backward()
-            if step_now:
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            loss_sums += torch.stack([per_pair[n].detach() for n in names]).double() * len(labels)
+            for g, member in enumerate(group):  # one backbone pass, every seed's heads on it
+                sync = member.model.no_sync() if run.dist.active and not step_now else contextlib.nullcontext()
+                with sync, nvtx_range("heads"), run.autocast():
+                    logits = member.model(tokens)
+                    loss, per_pair = probe_loss(logits, labels)
+                    (loss / cfg.accum_iter).backward()
+                if step_now:
+                    member.optimizer.step()
+                    member.optimizer.zero_grad(set_to_none=True)
+                loss_sums[g] += torch.stack([per_pair[n].detach() for n in names]).double() * len(labels)
             seen += len(labels)
             images_done += len(labels)
         bar.set_postfix(img_s=f"{images_done * run.dist.world_size / (time.perf_counter() - start):.0f}",
@@ -448,15 +487,20 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         run.note_unreadable("train", unreadable)
     elapsed = time.perf_counter() - start
     losses = (loss_sums / seen.clamp(min=1)).tolist()
-    return dict(losses=dict(zip(names, losses)), images_per_s=images_done * run.dist.world_size / elapsed)
+    return dict(losses={member.seed: dict(zip(names, row)) for member, row in zip(group, losses)},
+                images=images_done * run.dist.world_size, seconds=elapsed,
+                images_per_s=images_done * run.dist.world_size / elapsed)
 
 
 @torch.no_grad()
 def evaluate(run: _Run, epoch: int) -> dict:
-    """Top-1 / top-5 accuracy (percent) of every pair on the whole validation set."""
-    run.model.eval()
+    """Top-1 / top-5 accuracy (percent) of every seed's every pair on the whole validation set
+    (one pass): ``{seed: {pair: {"top1", "top5"}}}``."""
+    for member in run.seed_heads:
+        member.model.eval()
     names = run.heads.pair_names()
-    correct = torch.zeros(len(names), 2, device=run.device, dtype=torch.float64)
+    seeds = [member.seed for member in run.seed_heads]
+    correct = torch.zeros(len(seeds), len(names), 2, device=run.device, dtype=torch.float64)
     total = torch.zeros((), device=run.device, dtype=torch.float64)
     unreadable = []
     bar = tqdm(total=run.num_batches("val"), desc="validate", unit="batch",
@@ -466,13 +510,14 @@ def evaluate(run: _Run, epoch: int) -> dict:
         bar.update(1)
         if tokens is None:
             continue
-        with run.autocast():
-            logits = run.heads(tokens)
-        for i, name in enumerate(names):
-            top5 = logits[name].float().topk(min(5, run.num_classes), dim=1).indices
-            hit = top5 == labels[:, None]
-            correct[i, 0] += hit[:, 0].sum()
-            correct[i, 1] += hit.any(1).sum()
+        for g, member in enumerate(run.seed_heads):
+            with run.autocast():
+                logits = member.heads(tokens)
+            for i, name in enumerate(names):
+                top5 = logits[name].float().topk(min(5, run.num_classes), dim=1).indices
+                hit = top5 == labels[:, None]
+                correct[g, i, 0] += hit[:, 0].sum()
+                correct[g, i, 1] += hit.any(1).sum()
         total += len(labels)
     bar.close()
     all_reduce_sum(correct)
@@ -483,22 +528,24 @@ def evaluate(run: _Run, epoch: int) -> dict:
     if not run.cfg.cache_features:
         run.note_unreadable("val", unreadable)
     acc = (100.0 * correct / total.clamp(min=1)).tolist()
-    return {name: dict(top1=a[0], top5=a[1]) for name, a in zip(names, acc)}
+    return {seed: {name: dict(top1=a[0], top5=a[1]) for name, a in zip(names, rows)} for seed, rows in zip(seeds, acc)}
 
 
-def _find_diverged(run: _Run, losses: dict, epoch: int) -> None:
-    """Pairs whose training loss or parameters went non-finite: reported as diverged from now on
-    (their parameters stay non-finite, so a resumed run finds them again); the others train on."""
-    for spec, lr in run.heads.pairs:
+def _find_diverged(run: _Run, member: SeedHeads, losses: dict, epoch: int) -> None:
+    """Pairs (of one seed's heads) whose training loss or parameters went non-finite: reported as
+    diverged from now on (their parameters stay non-finite, so a resumed run finds them again);
+    the others train on."""
+    for spec, lr in member.heads.pairs:
         name = pair_name(spec, lr)
-        if name in run.diverged:
+        if name in member.diverged:
             continue
         finite = math.isfinite(losses[name]) and all(
-            bool(torch.isfinite(p).all()) for p in run.heads.pair_parameters(spec, lr))
+            bool(torch.isfinite(p).all()) for p in member.heads.pair_parameters(spec, lr))
         if not finite:
-            run.diverged.add(name)
-            log.warning("pair %s diverged in epoch %d (train loss %s): reported as diverged (top-1 null); "
-                        "the other pairs train on", name, epoch + 1, losses[name])
+            member.diverged.add(name)
+            seed = f" (seed {member.seed})" if run.cfg.seeds is not None else ""
+            log.warning("pair %s%s diverged in epoch %d (train loss %s): reported as diverged (top-1 null); "
+                        "the other pairs train on", name, seed, epoch + 1, losses[name])
 
 
 # run_probe's steps --------------------------------------------------------------------------------
@@ -561,12 +608,35 @@ def _resume(run: _Run, saved: dict | None) -> tuple:
         raise ValueError(f"--resume: the classes of --data {cfg.data} changed since {cfg.output_dir} was started "
                          f"(added: {', '.join(added[:10]) or 'none'}; removed: {', '.join(removed[:10]) or 'none'}"
                          f"{'' if added or removed else '; reordered'}); start a new run in another --output-dir")
-    run.heads.load_state_dict(saved["heads"])
-    run.optimizer.load_state_dict(saved["optimizer"])
+    _load_seed_heads(run, saved)
     for k, v in saved.get("unreadable", {}).items():
         run.unreadable[k] = v
     log.info("resuming %s after epoch %d", cfg.output_dir, saved["epoch"])
     return saved["epoch"], saved.get("results")
+
+
+def _load_seed_heads(run: _Run, saved: dict) -> None:
+    """Every seed's heads and optimizer from the checkpoint (``seed_heads``; a one-seed run's are
+    ``heads`` and ``optimizer``)."""
+    states = saved.get("seed_heads") or [dict(seed=run.seed_heads[0].seed, heads=saved["heads"],
+                                              optimizer=saved["optimizer"])]
+    if [s["seed"] for s in states] != [m.seed for m in run.seed_heads]:
+        raise ValueError(f"--resume: {run.cfg.output_dir}'s checkpoint holds seeds {[s['seed'] for s in states]}, "
+                         f"this run trains {[m.seed for m in run.seed_heads]}")
+    for member, state in zip(run.seed_heads, states):
+        member.heads.load_state_dict(state["heads"])
+        member.optimizer.load_state_dict(state["optimizer"])
+
+
+def _seed_heads_state(run: _Run) -> dict:
+    """The checkpoint's heads: ``heads``/``optimizer`` (the first seed's, what maps and comparisons
+    read) and, with --seeds, ``seed_heads``: every seed's."""
+    first = run.seed_heads[0]
+    state = dict(heads=first.heads.state_dict(), optimizer=first.optimizer.state_dict())
+    if run.cfg.seeds is not None:
+        state["seed_heads"] = [dict(seed=m.seed, heads=m.heads.state_dict(), optimizer=m.optimizer.state_dict())
+                               for m in run.seed_heads]
+    return state
 
 
 def _write_config(run: _Run, start_epoch: int, command: str | None) -> None:
@@ -589,15 +659,40 @@ def _write_config(run: _Run, start_epoch: int, command: str | None) -> None:
     truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
 
 
+def _train_seeds(run: _Run, epoch: int) -> dict:
+    """One epoch of every seed's heads: from a feature cache one pass per seed in the seed's own
+    order; live, one pass (the run's seed's batches and augmentation) that trains every seed."""
+    if not (run.cfg.cache_features and len(run.seed_heads) > 1):
+        return _train_epoch(run, epoch)
+    passes = [_train_epoch(run, epoch, [member], member.seed) for member in run.seed_heads]
+    images, seconds = sum(p["images"] for p in passes), sum(p["seconds"] for p in passes)
+    return dict(losses={seed: losses for p in passes for seed, losses in p["losses"].items()}, images=images,
+                seconds=seconds, images_per_s=images / seconds)
+
+
+def _summarize_epoch(run: _Run, metrics: dict, **info) -> dict:
+    """results.json's content: one seed's pairs (``summarize``), or with --seeds every seed's and
+    their mean and standard deviation (``summarize_seeds``)."""
+    pairs = run.heads.pairs
+    if run.cfg.seeds is None:
+        only = metrics[run.seed_heads[0].seed]
+        return summarize([(spec.name, lr, only[pair_name(spec, lr)]) for spec, lr in pairs],
+                         diverged=run.seed_heads[0].diverged, **info)
+    return summarize_seeds(
+        [m.seed for m in run.seed_heads],
+        [(spec.name, lr, {seed: by_pair[pair_name(spec, lr)] for seed, by_pair in metrics.items()})
+         for spec, lr in pairs], diverged={m.seed: m.diverged for m in run.seed_heads}, **info)
+
+
 def _epoch(run: _Run, epoch: int) -> tuple:
-    """Train and evaluate one epoch; returns (training summary, per-pair metrics, results)."""
+    """Train and evaluate one epoch; returns (training summary, per-seed per-pair metrics, results)."""
     cfg = run.cfg
-    train = _train_epoch(run, epoch)
+    train = _train_seeds(run, epoch)
     metrics = evaluate(run, epoch)
-    _find_diverged(run, train["losses"], epoch)
-    results = summarize(
-        [(spec.name, lr, metrics[pair_name(spec, lr)]) for spec, lr in run.heads.pairs], diverged=run.diverged,
-        model=cfg.model, checkpoint=cfg.checkpoint, dataset=cfg.dataset, protocol=cfg.protocol, optimizer=cfg.optimizer,
+    for member in run.seed_heads:
+        _find_diverged(run, member, train["losses"][member.seed], epoch)
+    results = _summarize_epoch(
+        run, metrics, model=cfg.model, checkpoint=cfg.checkpoint, dataset=cfg.dataset, protocol=cfg.protocol, optimizer=cfg.optimizer,
         momentum=cfg.momentum, epochs_done=epoch + 1, val_images=len(run.val_set),
         train_images=len(run.train_set), num_classes=run.num_classes, unreadable_images=dict(run.unreadable),
         train_images_per_s=train["images_per_s"], classes=run.train_set.classes)
@@ -609,22 +704,25 @@ def _write_epoch(run: _Run, epoch: int, train: dict, metrics: dict, results: dic
     atomic: a failed write leaves the previous epoch's files as they were."""
     out = run.cfg.output_dir
     rows = []
-    for i, (spec, lr) in enumerate(run.heads.pairs):
-        name = pair_name(spec, lr)
-        gone = name in run.diverged
-        rows.append(dict(epoch=epoch + 1, head=spec.name, base_lr=lr, lr=run.optimizer.param_groups[i]["lr"],
-                         train_loss=train["losses"][name], top1=None if gone else metrics[name]["top1"],
-                         top5=None if gone else metrics[name]["top5"], diverged=gone,
-                         images_per_s=train["images_per_s"]))
+    for member in run.seed_heads:
+        losses, by_pair = train["losses"][member.seed], metrics[member.seed]
+        for i, (spec, lr) in enumerate(member.heads.pairs):
+            name = pair_name(spec, lr)
+            gone = name in member.diverged
+            rows.append(dict(epoch=epoch + 1, head=spec.name, base_lr=lr, seed=member.seed,
+                             lr=member.optimizer.param_groups[i]["lr"], train_loss=losses[name],
+                             top1=None if gone else by_pair[name]["top1"], top5=None if gone else by_pair[name]["top5"],
+                             diverged=gone, images_per_s=train["images_per_s"]))
     append_metrics(os.path.join(out, "metrics.jsonl"), epoch + 1, rows)
     atomic_save(os.path.join(out, "checkpoint.pt"), dict(
-        epoch=epoch + 1, heads=run.heads.state_dict(), optimizer=run.optimizer.state_dict(),
+        epoch=epoch + 1, **_seed_heads_state(run),
         config=dataclasses.asdict(run.cfg), backbone=dataclasses.asdict(run.info), results=results,
         pairs=run.heads.pair_names(), classes=run.train_set.classes, unreadable=dict(run.unreadable)))
     atomic_json(os.path.join(out, "results.json"), results)
     best = ", ".join(f"{h} {'diverged' if p['top1'] is None else format(p['top1'], '.2f')}"
                      for h, p in results["best_per_head"].items())
-    log.info("epoch %d/%d: top-1 best per head: %s", epoch + 1, run.cfg.epochs, best)
+    mean = f" (mean of seeds {', '.join(map(str, run.cfg.seeds))})" if run.cfg.seeds is not None else ""
+    log.info("epoch %d/%d: top-1 best per head%s: %s", epoch + 1, run.cfg.epochs, mean, best)
 
 
 def _knn(run: _Run, saved_results: dict | None) -> dict | None:

@@ -154,7 +154,8 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
     os.makedirs(out, exist_ok=True)
     run_name = cfg.name or os.path.basename(os.path.normpath(out))
 
-    settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, model_kwargs=cfg.model_kwargs,
+    settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, checkpoint_key=cfg.checkpoint_key,
+                    model_kwargs=cfg.model_kwargs,
                     return_block=cfg.return_block, data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
                     images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
                     magnitudes=cfg.magnitudes, precision="bf16" if use_bf16 else "fp32")
@@ -178,7 +179,8 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
         summary = recorder.summary()
         omitted = [] if info.has_cls else list(CLS_COLUMNS) + (["cls_magnitude_ratio"] if cfg.magnitudes else [])
         num_patches = info.patch_grid[0] * info.patch_grid[1]
-        meta = dict(run=run_name, model=cfg.model, checkpoint=cfg.checkpoint, images=recorder.images,
+        meta = dict(run=run_name, model=cfg.model, checkpoint=cfg.checkpoint, checkpoint_key=cfg.checkpoint_key,
+                    images=recorder.images,
                     unreadable_images=state["unreadable"], blocks=list(range(1, info.num_blocks + 1)),
                     heads=int(backbone.model.blocks[0].attn.num_heads), num_prefix_tokens=info.num_prefix_tokens,
                     has_cls=info.has_cls, num_patches=num_patches, max_entropy=math.log(num_patches),

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import zoo
+from .attention_adapters import token_layout
 from .files import CheckpointError, load_torch_file
 
 log = logging.getLogger("selagg_fast")
@@ -200,15 +201,12 @@ class Backbone(nn.Module):
                 block.attn.fused_attn = True  # SDPA / flash attention for the frozen forward
         self.model = model.eval().requires_grad_(False)
         self.final_norm = final_norm
-        grid = tuple(model.patch_embed.grid_size)
+        layout = token_layout(model)
         img = model.patch_embed.img_size
-        has_cls = getattr(model, "cls_token", None) is not None
         self.info = BackboneInfo(
-            name=name, embed_dim=model.embed_dim,
-            num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0)),
-            has_cls=has_cls,
-            num_blocks=len(model.blocks), img_size=int(img[0] if isinstance(img, (tuple, list)) else img),
-            patch_grid=grid)
+            name=name, embed_dim=model.embed_dim, num_prefix_tokens=layout.num_prefix_tokens,
+            has_cls=layout.has_cls, num_blocks=len(model.blocks),
+            img_size=int(img[0] if isinstance(img, (tuple, list)) else img), patch_grid=layout.grid)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: dropout / drop-path stay off

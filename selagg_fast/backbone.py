@@ -175,6 +175,7 @@ class BackboneInfo:
     num_blocks: int          # blocks actually run (return_block or all)
     img_size: int
     patch_grid: tuple        # (rows, cols) of patch tokens
+    final_norm_loaded: bool = True  # False: the checkpoint left the final norm at init (MAE fine-tuned, MaskFeat)
 
 
 class Backbone(nn.Module):
@@ -184,10 +185,13 @@ class Backbone(nn.Module):
     per-block relative position bias) or a module of this package with ``prepare_tokens`` (CAPI).
     ``return_block`` N stops after block N counted from 1 (the paper's reference code counts from
     0: its ``--return_block N`` is ``return_block=N + 1``); later blocks are dropped.
-    ``final_norm`` applies the ViT's last norm (the paper's reference code does not).
+    ``final_norm`` applies the ViT's last norm (the paper's reference code does not);
+    ``final_norm_loaded`` False says the checkpoint left that norm at its init (k-NN then skips
+    its final-norm variant rather than compute it with an untrained norm).
     """
 
-    def __init__(self, model: nn.Module, name: str, return_block: int | None = None, final_norm: bool = False):
+    def __init__(self, model: nn.Module, name: str, return_block: int | None = None, final_norm: bool = False,
+                 final_norm_loaded: bool = True):
         super().__init__()
         if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
             raise TypeError(f"{name}: not a ViT (no .blocks / .patch_embed)")
@@ -206,7 +210,8 @@ class Backbone(nn.Module):
         self.info = BackboneInfo(
             name=name, embed_dim=model.embed_dim, num_prefix_tokens=layout.num_prefix_tokens,
             has_cls=layout.has_cls, num_blocks=len(model.blocks),
-            img_size=int(img[0] if isinstance(img, (tuple, list)) else img), patch_grid=layout.grid)
+            img_size=int(img[0] if isinstance(img, (tuple, list)) else img), patch_grid=layout.grid,
+            final_norm_loaded=final_norm_loaded)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: dropout / drop-path stay off
@@ -276,11 +281,9 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     if preset is not None and preset.block is not None and return_block is None:
         log.info("%s: the paper probes block %d (--return-block %d); probing the last block",
                  name, preset.block, preset.block)
-    backbone = Backbone(model, name, return_block=return_block, final_norm=final_norm)
-    # a file without the final norm (MAE fine-tuned, MaskFeat) leaves it at init: k-NN's final-norm
-    # variant is then skipped rather than computed with an untrained norm
-    backbone.final_norm_loaded = checkpoint is None or not any(k.startswith("norm.") for k in at_init or ())
-    return backbone
+    final_norm_loaded = checkpoint is None or not any(k.startswith("norm.") for k in at_init or ())
+    return Backbone(model, name, return_block=return_block, final_norm=final_norm,
+                    final_norm_loaded=final_norm_loaded)
 
 
 def check_backbone_settings(name: str, checkpoint: str | None, random_init: bool, return_block: int | None,

@@ -82,7 +82,8 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
     the generic one. Refused (:class:`CheckpointError`, one line): a file of another family (with
     the preset it fits), mismatched shapes, missing or unexpected keys (unless ``allow_mismatch``),
     and, always, a file that would leave more than half of the backbone's parameters at their
-    random init. Returns the keys a release may lack that this file lacks (left at init)."""
+    random init. Returns the model keys this file lacks (left at init): the release's optional
+    ones, and with ``allow_mismatch`` any other."""
     raw = read_checkpoint(path, trust)
     if key is not None:
         zoo.unnest(raw, (), key, path)  # refused first: the key names what the user meant to load
@@ -131,7 +132,7 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
         if not allow_mismatch:
             raise CheckpointError(msg + (f"; {hint}" if hint else " (pass --allow-key-mismatch to load anyway)"))
         log.warning("%s; loading anyway", msg)
-    return at_init
+    return at_init + missing
 
 
 def check_weight_values(state: dict, model_state: dict, path: str) -> None:
@@ -269,12 +270,13 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     if checkpoint is not None:
         at_init = load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint,
                                   preset=preset, key=checkpoint_key)
-        if at_init and final_norm and any(k.startswith("norm.") for k in at_init):
-            raise CheckpointError(f"--final-norm: {checkpoint} has no final norm ({', '.join(at_init[:4])} missing: "
-                                  "MAE's fine-tuned files keep fc_norm for pooled features, MaskFeat drops it); "
-                                  "probe without --final-norm")
-        if at_init:
-            log.info("%s: %s not in the file (unused without --final-norm)", checkpoint, ", ".join(at_init))
+        norm_at_init = [k for k in at_init if k.startswith("norm.")]
+        if final_norm and norm_at_init:
+            raise CheckpointError(f"--final-norm: {checkpoint} has no final norm ({', '.join(norm_at_init[:4])} "
+                                  "missing: MAE's fine-tuned files keep fc_norm for pooled features, MaskFeat drops "
+                                  "it); probe without --final-norm")
+        if norm_at_init:
+            log.info("%s: %s not in the file (unused without --final-norm)", checkpoint, ", ".join(norm_at_init))
     else:
         log.warning("!!! %s is RANDOMLY INITIALISED (no --checkpoint): its accuracies say nothing "
                     "about any pretrained model !!!", name)

@@ -109,12 +109,14 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
     check_weight_values(state, model_state, path)  # before timm's converter would turn an int8 table into floats
     convert = _timm_converter(model)
     if convert is not None:
+        checked = state
         try:  # DINOv2's registers and [cls] row, other grids' position tables (MAE-style layouts)
             state = convert(state, model)
         except Exception as err:
             raise CheckpointError(f"{path}: cannot convert to {type(model).__name__}: {err}") from err
+        # the tensors the converter changed or created (the file's own were checked above)
+        check_weight_values({k: v for k, v in state.items() if checked.get(k) is not v}, model_state, path)
     state.pop("mask_token", None)
-    check_weight_values(state, model_state, path)
     wrong_shape = [f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                    for k, v in state.items() if k in model_state and v.shape != model_state[k].shape]
     if wrong_shape:

@@ -209,8 +209,12 @@ class _Run:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         torch.manual_seed(cfg.seed)
 
-        # the data's files first: a class-folder or --train-list error costs no backbone build
+        # the data's files first: a class-folder, --train-list or --knn-k error costs no backbone build
         splits = None if cfg.data == "synthetic" else probe_splits(cfg.dataset, cfg.data, cfg.train_list)
+        num_train = cfg.synthetic_train_size if splits is None else len(splits[0])
+        if cfg.knn and max(parse_ks(cfg.knn_k)) > num_train:
+            raise ValueError(f"--knn-k {cfg.knn_k}: k {max(parse_ks(cfg.knn_k))} is more than the "
+                             f"{num_train} training images")
         self.backbone = cfg.create_backbone().to(self.device)
         self.info = self.backbone.info
         # torch.compile of the frozen forward: compiled on the first batch (and again for the
@@ -673,9 +677,6 @@ def _run_locked(cfg: ProbeConfig, is_main: bool, command: str | None) -> dict:
     cfg = _resolved(cfg, saved["config"] if saved else None)
     dist_info = init_distributed(cfg.device)
     run = _Run(cfg, dist_info)
-    if cfg.knn and max(parse_ks(cfg.knn_k)) > len(run.train_set):
-        raise ValueError(f"--knn-k {cfg.knn_k}: k {max(parse_ks(cfg.knn_k))} is more than the "
-                         f"{len(run.train_set)} training images")
     start_epoch, results = _resume(run, saved)
     if dist_info.is_main:
         _write_config(run, start_epoch, command)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..backbone import BackboneSettings
-from ..datasets import analysis_dataset, check_layout
+from ..datasets import analysis_dataset, check_data_flags
 from ..distributed import barrier, check_device, init_distributed
 from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
                      refuse_existing_run)
@@ -106,10 +106,7 @@ def check_image_pass(cfg) -> None:
     if cfg.data is None:
         raise ValueError("--data is required: a folder of images (ImageNet val layout or flat, or see --dataset), "
                          "or 'synthetic'")
-    if cfg.data != "synthetic":
-        check_layout(cfg.dataset, cfg.data)
-    elif cfg.dataset != "imagefolder":
-        raise ValueError(f"--data synthetic: generated images, not --dataset {cfg.dataset}")
+    check_data_flags(cfg.dataset, cfg.data)
     check_number("--batch-size", cfg.batch_size, minimum=1, integer=True)
     check_number("--limit", cfg.limit, minimum=1, integer=True, optional=True)
     check_number("--workers", cfg.workers, minimum=0, integer=True)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..backbone import BackboneSettings
 from ..data import collate_skipping, epoch_shard, split_batches, synthetic_datasets
-from ..datasets import check_layout, layout_files, probe_datasets, probe_splits
+from ..datasets import check_data_flags, layout_files, probe_datasets, probe_splits
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
 from ..files import (CheckpointError, Interrupted, check_number, check_writable, interrupts_deferred, load_torch_file,
                      output_lock, refuse_existing_run)
@@ -143,16 +143,11 @@ def validate(cfg: ProbeConfig) -> None:
         check_number("--synthetic-classes", cfg.synthetic_classes, minimum=2, integer=True)
         if cfg.synthetic_classes > 16:
             raise ValueError(f"--synthetic-classes {cfg.synthetic_classes}: must be 2 to 16")
-        if cfg.dataset != "imagefolder":
-            raise ValueError(f"--data synthetic: generated images, not --dataset {cfg.dataset}")
-    else:
-        check_layout(cfg.dataset, cfg.data)
-        if cfg.train_list is not None and cfg.dataset != "imagefolder":
-            raise ValueError(f"--train-list: only with --dataset imagefolder, not {cfg.dataset}")
-        if cfg.train_list is not None and not os.path.isfile(cfg.train_list):
-            what = "is a folder, not a list file" if os.path.isdir(cfg.train_list) else "no such file"
-            raise (ValueError if os.path.isdir(cfg.train_list) else FileNotFoundError)(
-                f"--train-list {cfg.train_list}: {what}")
+    check_data_flags(cfg.dataset, cfg.data, cfg.train_list)
+    if cfg.data != "synthetic" and cfg.train_list is not None and not os.path.isfile(cfg.train_list):
+        what = "is a folder, not a list file" if os.path.isdir(cfg.train_list) else "no such file"
+        raise (ValueError if os.path.isdir(cfg.train_list) else FileNotFoundError)(
+            f"--train-list {cfg.train_list}: {what}")
     for flag, value, choices in (("--optimizer", cfg.optimizer, ("lars", "sgd")),
                                  ("--precision", cfg.precision, ("auto", "bf16", "fp32")),
                                  ("--cache-dtype", cfg.cache_dtype, ("bf16", "fp32")),

@@ -47,14 +47,10 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
     return raw
 
 
-def read_state_dict(path: str, trust: bool = False, key: str | None = None) -> dict:
+def _generic_state(raw: dict, path: str, key: str | None) -> dict:
     """Tensor dict of a checkpoint for a timm name: un-nested (``key``, else the first of
     ``target_encoder, encoder, model, state_dict, module`` present) and prefix-stripped where every
     key carries the prefix. Presets read their family's layout instead (:mod:`selagg_fast.zoo`)."""
-    return _generic_state(read_checkpoint(path, trust), path, key)
-
-
-def _generic_state(raw: dict, path: str, key: str | None) -> dict:
     state = zoo.unnest(raw, _NESTING_KEYS, key, path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:

@@ -226,12 +226,8 @@ def _dtd(root: str):
             _files(test, test._image_files, test._labels))
 
 
-def _imagefolder(root: str):
-    return image_folder_splits(root)
-
-
 DATASETS = {
-    "imagefolder": Layout("a folder with train/ and val/ holding one folder per class", (), _imagefolder),
+    "imagefolder": Layout("a folder with train/ and val/ holding one folder per class", (), image_folder_splits),
     "cub200": Layout("the released CUB_200_2011/ folder", (
         "images/", "images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"), _cub200),
     "cifar100": Layout("the folder holding cifar-100-python/", (

@@ -152,9 +152,8 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
     run_name = cfg.name or os.path.basename(os.path.normpath(out))
 
     settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, checkpoint_key=cfg.checkpoint_key,
-                    model_kwargs=cfg.model_kwargs,
-                    return_block=cfg.return_block, data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
-                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
+                    model_kwargs=cfg.model_kwargs, return_block=cfg.return_block, data=cfg.data, dataset=cfg.dataset,
+                    limit=cfg.limit, images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
                     magnitudes=cfg.magnitudes, precision="bf16" if use_bf16 else "fp32")
     ctx = record_attention_stats(backbone.model, magnitudes=cfg.magnitudes)
     pass_ = ImagePass(dataset, batch_size=cfg.batch_size, dist_info=dist_info, out=out, settings=settings,

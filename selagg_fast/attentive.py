@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .branches import check_token_count, pool_branches
+from .branches import PoolingProtocol
 
 NAME = "AttentivePooling"
 TOKEN_NORM_EPS = 1e-6
@@ -43,7 +43,7 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-class AttentivePooling(nn.Module):
+class AttentivePooling(PoolingProtocol, nn.Module):
     """Attentive probe: one learned latent query, ``num_heads`` heads, over the patch tokens.
 
     Parameters, initialisation and state-dict keys are those of timm's
@@ -108,10 +108,6 @@ class AttentivePooling(nn.Module):
     def out_features(self) -> int:
         return self.dim
 
-    def check_num_tokens(self, num_tokens: int) -> None:
-        """ValueError when ``num_tokens`` tokens leave nothing to pool."""
-        check_token_count(NAME, num_tokens, self.num_prefix_tokens)
-
     def branch_weights(self):
         """``(folded_queries() [H, D], None)``: the branches of the shared pooling call (the key
         bias cancels in the softmax)."""
@@ -149,18 +145,6 @@ class AttentivePooling(nn.Module):
         o = torch.einsum("bhc,hdc->bhd", pooled, w_v).reshape(B, D) + self.kv.bias[D:]
         o = self.proj(o)
         return o + self.mlp(self.norm(o))
-
-    def forward(self, tokens: torch.Tensor, return_weights: bool = False, *, backend: str = "auto"):
-        """tokens ``[B, T, D]`` -> ``[B, D]`` (and float32 weights ``[B, H, N]``, N = T - P)."""
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"{NAME}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
-            raise ValueError(f"{NAME}: tokens must be [B, T, D={self.dim}], got shape {tuple(tokens.shape)}")
-        res = pool_branches(tokens, *self.branch_weights(), num_prefix_tokens=self.num_prefix_tokens,
-                            standardize=self.standardize, eps=self.eps, return_weights=return_weights, backend=backend)
-        pooled, weights = res if return_weights else (res, None)
-        out = self.finish(pooled)
-        return (out, weights) if return_weights else out
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, mlp_ratio={self.mlp_ratio}, "

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import zoo
+from .attention_adapters import token_layout
 from .files import CheckpointError, load_torch_file
 
 log = logging.getLogger("selagg_fast")
@@ -46,14 +47,10 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
     return raw
 
 
-def read_state_dict(path: str, trust: bool = False, key: str | None = None) -> dict:
+def _generic_state(raw: dict, path: str, key: str | None) -> dict:
     """Tensor dict of a checkpoint for a timm name: un-nested (``key``, else the first of
     ``target_encoder, encoder, model, state_dict, module`` present) and prefix-stripped where every
     key carries the prefix. Presets read their family's layout instead (:mod:`selagg_fast.zoo`)."""
-    return _generic_state(read_checkpoint(path, trust), path, key)
-
-
-def _generic_state(raw: dict, path: str, key: str | None) -> dict:
     state = zoo.unnest(raw, _NESTING_KEYS, key, path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
@@ -81,7 +78,8 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
     the generic one. Refused (:class:`CheckpointError`, one line): a file of another family (with
     the preset it fits), mismatched shapes, missing or unexpected keys (unless ``allow_mismatch``),
     and, always, a file that would leave more than half of the backbone's parameters at their
-    random init. Returns the keys a release may lack that this file lacks (left at init)."""
+    random init. Returns the model keys this file lacks (left at init): the release's optional
+    ones, and with ``allow_mismatch`` any other."""
     raw = read_checkpoint(path, trust)
     if key is not None:
         zoo.unnest(raw, (), key, path)  # refused first: the key names what the user meant to load
@@ -107,12 +105,14 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
     check_weight_values(state, model_state, path)  # before timm's converter would turn an int8 table into floats
     convert = _timm_converter(model)
     if convert is not None:
+        checked = state
         try:  # DINOv2's registers and [cls] row, other grids' position tables (MAE-style layouts)
             state = convert(state, model)
         except Exception as err:
             raise CheckpointError(f"{path}: cannot convert to {type(model).__name__}: {err}") from err
+        # the tensors the converter changed or created (the file's own were checked above)
+        check_weight_values({k: v for k, v in state.items() if checked.get(k) is not v}, model_state, path)
     state.pop("mask_token", None)
-    check_weight_values(state, model_state, path)
     wrong_shape = [f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                    for k, v in state.items() if k in model_state and v.shape != model_state[k].shape]
     if wrong_shape:
@@ -130,7 +130,7 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
         if not allow_mismatch:
             raise CheckpointError(msg + (f"; {hint}" if hint else " (pass --allow-key-mismatch to load anyway)"))
         log.warning("%s; loading anyway", msg)
-    return at_init
+    return at_init + missing
 
 
 def check_weight_values(state: dict, model_state: dict, path: str) -> None:
@@ -174,6 +174,7 @@ class BackboneInfo:
     num_blocks: int          # blocks actually run (return_block or all)
     img_size: int
     patch_grid: tuple        # (rows, cols) of patch tokens
+    final_norm_loaded: bool = True  # False: the checkpoint left the final norm at init (MAE fine-tuned, MaskFeat)
 
 
 class Backbone(nn.Module):
@@ -183,10 +184,13 @@ class Backbone(nn.Module):
     per-block relative position bias) or a module of this package with ``prepare_tokens`` (CAPI).
     ``return_block`` N stops after block N counted from 1 (the paper's reference code counts from
     0: its ``--return_block N`` is ``return_block=N + 1``); later blocks are dropped.
-    ``final_norm`` applies the ViT's last norm (the paper's reference code does not).
+    ``final_norm`` applies the ViT's last norm (the paper's reference code does not);
+    ``final_norm_loaded`` False says the checkpoint left that norm at its init (k-NN then skips
+    its final-norm variant rather than compute it with an untrained norm).
     """
 
-    def __init__(self, model: nn.Module, name: str, return_block: int | None = None, final_norm: bool = False):
+    def __init__(self, model: nn.Module, name: str, return_block: int | None = None, final_norm: bool = False,
+                 final_norm_loaded: bool = True):
         super().__init__()
         if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
             raise TypeError(f"{name}: not a ViT (no .blocks / .patch_embed)")
@@ -200,15 +204,13 @@ class Backbone(nn.Module):
                 block.attn.fused_attn = True  # SDPA / flash attention for the frozen forward
         self.model = model.eval().requires_grad_(False)
         self.final_norm = final_norm
-        grid = tuple(model.patch_embed.grid_size)
+        layout = token_layout(model)
         img = model.patch_embed.img_size
-        has_cls = getattr(model, "cls_token", None) is not None
         self.info = BackboneInfo(
-            name=name, embed_dim=model.embed_dim,
-            num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0)),
-            has_cls=has_cls,
-            num_blocks=len(model.blocks), img_size=int(img[0] if isinstance(img, (tuple, list)) else img),
-            patch_grid=grid)
+            name=name, embed_dim=model.embed_dim, num_prefix_tokens=layout.num_prefix_tokens,
+            has_cls=layout.has_cls, num_blocks=len(model.blocks),
+            img_size=int(img[0] if isinstance(img, (tuple, list)) else img), patch_grid=layout.grid,
+            final_norm_loaded=final_norm_loaded)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: dropout / drop-path stay off
@@ -266,23 +268,22 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     if checkpoint is not None:
         at_init = load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint,
                                   preset=preset, key=checkpoint_key)
-        if at_init and final_norm and any(k.startswith("norm.") for k in at_init):
-            raise CheckpointError(f"--final-norm: {checkpoint} has no final norm ({', '.join(at_init[:4])} missing: "
-                                  "MAE's fine-tuned files keep fc_norm for pooled features, MaskFeat drops it); "
-                                  "probe without --final-norm")
-        if at_init:
-            log.info("%s: %s not in the file (unused without --final-norm)", checkpoint, ", ".join(at_init))
+        norm_at_init = [k for k in at_init if k.startswith("norm.")]
+        if final_norm and norm_at_init:
+            raise CheckpointError(f"--final-norm: {checkpoint} has no final norm ({', '.join(norm_at_init[:4])} "
+                                  "missing: MAE's fine-tuned files keep fc_norm for pooled features, MaskFeat drops "
+                                  "it); probe without --final-norm")
+        if norm_at_init:
+            log.info("%s: %s not in the file (unused without --final-norm)", checkpoint, ", ".join(norm_at_init))
     else:
         log.warning("!!! %s is RANDOMLY INITIALISED (no --checkpoint): its accuracies say nothing "
                     "about any pretrained model !!!", name)
     if preset is not None and preset.block is not None and return_block is None:
         log.info("%s: the paper probes block %d (--return-block %d); probing the last block",
                  name, preset.block, preset.block)
-    backbone = Backbone(model, name, return_block=return_block, final_norm=final_norm)
-    # a file without the final norm (MAE fine-tuned, MaskFeat) leaves it at init: k-NN's final-norm
-    # variant is then skipped rather than computed with an untrained norm
-    backbone.final_norm_loaded = checkpoint is None or not any(k.startswith("norm.") for k in at_init or ())
-    return backbone
+    final_norm_loaded = checkpoint is None or not any(k.startswith("norm.") for k in at_init or ())
+    return Backbone(model, name, return_block=return_block, final_norm=final_norm,
+                    final_norm_loaded=final_norm_loaded)
 
 
 def check_backbone_settings(name: str, checkpoint: str | None, random_init: bool, return_block: int | None,

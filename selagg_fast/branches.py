@@ -12,7 +12,8 @@ on the K pooled vectors. Each exposes the same two steps, so that any number of 
 
 plus ``num_prefix_tokens``, ``standardize`` / ``eps`` (tokens standardised in the pool),
 ``out_features`` (the width of the flattened output) and ``check_num_tokens(T)``.
-See docs/api.md ("The pooling protocol").
+:class:`PoolingProtocol` holds the members they share and the forward of the heads whose scores
+are always linear (attentive and efficient probing). See docs/api.md ("The pooling protocol").
 """
 from __future__ import annotations
 
@@ -71,3 +72,31 @@ def check_pooled(name: str, pooled: torch.Tensor, K: int, D: int) -> None:
 def check_token_count(name: str, num_tokens: int, num_prefix_tokens: int) -> None:
     if num_tokens - num_prefix_tokens <= 0:
         raise ValueError(f"{name}: no tokens left to pool: T={num_tokens} with num_prefix_tokens={num_prefix_tokens}")
+
+
+class PoolingProtocol:
+    """Mixin (before ``nn.Module``) of the pooling protocol's shared members: raw tokens
+    (``standardize`` False, ``eps`` None: a subclass with a token norm overrides both), the
+    token-count check, and ``forward = finish(pool_branches(tokens, *branch_weights(), ...))``
+    for a module whose ``branch_weights()`` is never None. The subclass has ``dim`` and
+    ``num_prefix_tokens``; errors name its class."""
+    standardize = False
+    eps = None
+
+    def check_num_tokens(self, num_tokens: int) -> None:
+        """ValueError when ``num_tokens`` tokens leave nothing to pool."""
+        check_token_count(type(self).__name__, num_tokens, self.num_prefix_tokens)
+
+    def forward(self, tokens: torch.Tensor, return_weights: bool = False, *, backend: str = "auto"):
+        """tokens ``[B, T, D]`` -> ``finish`` of the K pooled vectors (and the float32 softmax
+        weights ``[B, K, N]``, N = T - num_prefix_tokens)."""
+        name = type(self).__name__
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"{name}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
+            raise ValueError(f"{name}: tokens must be [B, T, D={self.dim}], got shape {tuple(tokens.shape)}")
+        res = pool_branches(tokens, *self.branch_weights(), num_prefix_tokens=self.num_prefix_tokens,
+                            standardize=self.standardize, eps=self.eps, return_weights=return_weights, backend=backend)
+        pooled, weights = res if return_weights else (res, None)
+        out = self.finish(pooled)
+        return (out, weights) if return_weights else out

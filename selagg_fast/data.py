@@ -299,15 +299,6 @@ def image_folder_splits(root: str, train_list: str | None = None) -> tuple:
     return ImageFiles(train_samples, classes), ImageFiles(val_samples, classes)
 
 
-def image_folder_datasets(root: str, img_size: int, train_list: str | None = None, augment: bool = True,
-                          seed: int = 0, splits: tuple | None = None):
-    """Train and val datasets of an ImageFolder root (``splits``: already read by
-    :func:`image_folder_splits`); the protocol's transforms."""
-    train, val = splits or image_folder_splits(root, train_list)
-    return (SeededTransform(train, train_transform(img_size) if augment else val_transform(img_size), seed),
-            SeededTransform(val, val_transform(img_size), seed))
-
-
 class SyntheticObjects(Dataset):
     """Generated images whose label is a small object at a random place among clutter.
 

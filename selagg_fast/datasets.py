@@ -226,12 +226,8 @@ def _dtd(root: str):
             _files(test, test._image_files, test._labels))
 
 
-def _imagefolder(root: str):
-    return image_folder_splits(root)
-
-
 DATASETS = {
-    "imagefolder": Layout("a folder with train/ and val/ holding one folder per class", (), _imagefolder),
+    "imagefolder": Layout("a folder with train/ and val/ holding one folder per class", (), image_folder_splits),
     "cub200": Layout("the released CUB_200_2011/ folder", (
         "images/", "images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"), _cub200),
     "cifar100": Layout("the folder holding cifar-100-python/", (
@@ -302,13 +298,25 @@ def read_splits(name: str, root: str) -> tuple:
     return splits
 
 
+def check_data_flags(name: str, data: str, train_list: str | None = None) -> None:
+    """``--dataset`` / ``--data`` / ``--train-list`` of probe, analyze and compare, before anything
+    is read: ``synthetic`` data has no dataset; a folder holds the layout's files; a training list
+    subsets an image folder only."""
+    if data == "synthetic":
+        if name != "imagefolder":
+            raise ValueError(f"--data synthetic: generated images, not --dataset {name}")
+        return
+    check_layout(name, data)
+    if train_list is not None and name != "imagefolder":
+        raise ValueError(f"--train-list: only with --dataset imagefolder, not {name}")
+
+
 def probe_splits(name: str, root: str, train_list: str | None = None) -> tuple:
     """``(training split, evaluation split)`` of a probing run, untransformed: every layout,
-    class-folder and ``--train-list`` error is raised here, before a model is built."""
+    class-folder and ``--train-list`` file error is raised here, before a model is built (the
+    flags' combination: :func:`check_data_flags`)."""
     if name == "imagefolder":
         return image_folder_splits(root, train_list)
-    if train_list is not None:
-        raise ValueError(f"--train-list: only with --dataset imagefolder, not {name}")
     return read_splits(name, root)
 
 

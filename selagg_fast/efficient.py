@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .branches import check_pooled, check_token_count, pool_branches
+from .branches import PoolingProtocol, check_pooled
 
 NAME = "EfficientProbing"
 
@@ -24,7 +24,7 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-class EfficientProbing(nn.Module):
+class EfficientProbing(PoolingProtocol, nn.Module):
     """Efficient probe: ``num_queries`` learned queries, one value map, over the patch tokens.
 
     Parameters, initialisation and state-dict keys are those of the efficient-probing code's
@@ -56,20 +56,8 @@ class EfficientProbing(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, num_queries, dim, **dd) * 0.02)
 
     @property
-    def standardize(self) -> bool:
-        return False
-
-    @property
-    def eps(self):
-        return None
-
-    @property
     def out_features(self) -> int:
         return self.dim // self.d_out
-
-    def check_num_tokens(self, num_tokens: int) -> None:
-        """ValueError when ``num_tokens`` tokens leave nothing to pool."""
-        check_token_count(NAME, num_tokens, self.num_prefix_tokens)
 
     def branch_weights(self):
         """``(q_m / √D [Q, D], None)``: the branches of the shared pooling call, from the
@@ -84,18 +72,6 @@ class EfficientProbing(nn.Module):
         w_v = self.v.weight.view(Q, D // (Q * self.d_out), D)
         out = torch.einsum("bqd,qcd->bqc", pooled.to(w_v.dtype), w_v)
         return out.reshape(pooled.shape[0], self.out_features)
-
-    def forward(self, tokens: torch.Tensor, return_weights: bool = False, *, backend: str = "auto"):
-        """tokens ``[B, T, D]`` -> ``[B, D / d_out]`` (and float32 weights ``[B, Q, N]``, N = T - P)."""
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"{NAME}: tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
-            raise ValueError(f"{NAME}: tokens must be [B, T, D={self.dim}], got shape {tuple(tokens.shape)}")
-        res = pool_branches(tokens, *self.branch_weights(), num_prefix_tokens=self.num_prefix_tokens,
-                            return_weights=return_weights, backend=backend)
-        pooled, weights = res if return_weights else (res, None)
-        out = self.finish(pooled)
-        return (out, weights) if return_weights else out
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_queries={self.num_queries}, d_out={self.d_out}, "

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .branches import check_pooled, check_token_count, pool_branches, single_branch
+from .branches import PoolingProtocol, check_pooled, pool_branches, single_branch
 from .ops import abmilp_pool, mlp_scores, softmax_pool
 from .ops.columns import attention_column_sums, column_names
 from .ops.norms import token_norm_ratio
@@ -71,7 +71,7 @@ class HeadSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
-class SelectiveAggregation(nn.Module):
+class SelectiveAggregation(PoolingProtocol, nn.Module):
     """AbMILP head: softmax over the pooled tokens of a learned score, then their weighted sum.
 
     The default (``depth=1``, no self-attention, not positional) is the paper's main head,
@@ -163,14 +163,6 @@ class SelectiveAggregation(nn.Module):
         return text
 
     @property
-    def standardize(self) -> bool:
-        return False
-
-    @property
-    def eps(self):
-        return None
-
-    @property
     def out_features(self) -> int:
         """Width of the flattened output: K * D."""
         return self.branches * self.dim
@@ -178,7 +170,7 @@ class SelectiveAggregation(nn.Module):
     def check_num_tokens(self, num_tokens: int) -> None:
         """ValueError when ``num_tokens`` tokens (prefix included) cannot be pooled: nothing left
         after the prefix, or a positional grid that does not fit the pooled tokens."""
-        check_token_count("SelectiveAggregation", num_tokens, self.num_prefix_tokens)
+        super().check_num_tokens(num_tokens)
         if self.positional:
             self._pos_table(num_tokens - self.num_prefix_tokens)
 

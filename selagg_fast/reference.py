@@ -2,8 +2,9 @@
 
 These functions are the specification: the tests compare the Triton kernels against
 them (in float64), the benchmarks time them as the "eager" peer, and the ops fall back
-to them on CPU when the Triton interpreter is not active. They follow
-``shared/reference-semantics.md`` exactly (without the paper code's ``1e-6`` terms).
+to them on CPU when the Triton interpreter is not active. They follow the definitions of
+docs/api.md (pooling) and docs/statistics.md (attention statistics) exactly (without the paper
+code's ``1e-6`` terms).
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def attention_stats_columns(stats: AttentionStats, num_prefix_tokens: int) -> di
 
     Returns a dict of column name -> float64 [B, H] tensors (one value per image and
     head). Columns that need a [cls] token are absent when num_prefix_tokens == 0.
-    Definitions: ``shared/reference-semantics.md``, table of columns.
+    Definitions: docs/statistics.md, table of columns.
     """
     P = num_prefix_tokens
     self_attn = stats.self_attn.double()

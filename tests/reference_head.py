@@ -1,6 +1,6 @@
 """An eager transcription of the paper code's ``ABMILPHead`` (its five switches), the independent
-reference of tests/test_variants.py. Follows shared/reference-semantics.md ("The reference head's
-other configurations") line by line: explicit softmax attention, MAE's numpy sin-cos table, state-dict
+reference of tests/test_variants.py. Follows docs/api.md ("The reference head's configurations")
+line by line: explicit softmax attention, MAE's numpy sin-cos table, state-dict
 keys as the reference's. Test-only: the library never imports it."""
 from __future__ import annotations
 

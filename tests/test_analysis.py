@@ -95,6 +95,17 @@ def test_interrupted_analysis_resumes_to_the_same_sums(tmp_path, tiny_checkpoint
         run_analyze(analyze_config(tmp_path / "split", path, resume=True, batch_size=4))
 
 
+@requires_kernels
+def test_resume_refuses_another_checkpoint_key(tmp_path, tiny_checkpoint):
+    # the same file under another nesting key is another encoder (I-JEPA: encoder / target_encoder)
+    path, _ = tiny_checkpoint
+    stats = run_analyze(analyze_config(tmp_path / "run", path, checkpoint_key="model", limit=8))
+    assert stats["checkpoint_key"] == "model" and stats["settings"]["checkpoint_key"] == "model"
+    os.remove(tmp_path / "run" / "stats.json")
+    with pytest.raises(ValueError, match="other settings"):
+        run_analyze(analyze_config(tmp_path / "run", path, resume=True, limit=8))
+
+
 def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_checkpoint):
     path, _ = tiny_checkpoint
     folder = tmp_path / "imgs" / "val" / "n01"

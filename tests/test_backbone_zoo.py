@@ -303,6 +303,18 @@ def test_final_norm_needs_a_file_with_the_norm(tmp_path, monkeypatch):
         create_backbone("mae_vit_base_patch16", path, final_norm=True, **TINY16)
 
 
+def test_final_norm_of_a_timm_name_needs_the_norm_in_the_file(tmp_path):
+    # --allow-key-mismatch loads a file without norm.*: --final-norm would run a fresh LayerNorm
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY16)
+    path = str(tmp_path / "no_norm.pth")
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("norm.")}, path)
+    with pytest.raises(CheckpointError, match="--final-norm: .*no final norm"):
+        create_backbone("vit_tiny_patch16_224", path, allow_key_mismatch=True, final_norm=True, **TINY16)
+    assert not create_backbone("vit_tiny_patch16_224", path, allow_key_mismatch=True, **TINY16).info.final_norm_loaded
+    torch.save(model.state_dict(), path)
+    assert create_backbone("vit_tiny_patch16_224", path, final_norm=True, **TINY16).info.final_norm_loaded
+
+
 def test_cli_refusals_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
     path, _ = official_file("simmim_vit_base_patch16", tmp_path / "simmim.pth", monkeypatch)
     monkeypatch.delitem(sys.modules, "yacs", raising=False)

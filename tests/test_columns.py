@@ -17,7 +17,7 @@ def make_rows(B, H, T, P):
 
 
 def expected64(rows, P, has_cls):
-    """The table of columns in shared/reference-semantics.md written out here (not through
+    """The table of columns in docs/statistics.md written out here (not through
     reference.py, whose attention_stats_columns the reference path runs), summed over the
     images: float64 [C, H]."""
     self_attn, prefix, entropy, cls_attn = rows.double().unbind(0)  # [B, H, T] each

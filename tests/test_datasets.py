@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from selagg_fast.data import collate_skipping
-from selagg_fast.datasets import DATASETS, analysis_dataset, check_layout, probe_datasets, read_splits
+from selagg_fast.datasets import (DATASETS, analysis_dataset, check_data_flags, check_layout, probe_datasets,
+                                  read_splits)
 
 CLASSES = ["alpha", "beta", "gamma"]
 TRAIN_PER_CLASS, TEST_PER_CLASS = 2, 1  # 6 training and 3 evaluation images, so a swap of the splits shows
@@ -331,7 +332,9 @@ def test_probe_and_analysis_datasets_transform_skip_and_subset(tmp_path):
     assert images.shape == (5, 3, 16, 16) and skipped == [0] and labels.tolist() == train.base.labels()[1:]
     assert val.classes == train.classes and len(val) == 3
     with pytest.raises(ValueError, match="--train-list: only with --dataset imagefolder"):
-        probe_datasets("cub200", data, 16, train_list=str(tmp_path / "list.txt"))
+        check_data_flags("cub200", data, train_list=str(tmp_path / "list.txt"))
+    with pytest.raises(ValueError, match="--data synthetic: generated images, not --dataset cub200"):
+        check_data_flags("cub200", "synthetic")
     subset = analysis_dataset("cub200", data, 16, limit=2, seed=0)
     assert len(subset) == 2 and subset[0][0].shape == (3, 16, 16)
     assert set(subset.base.indices) <= {0, 1, 2} and analysis_dataset("cub200", data, 16, seed=0).base is not None

@@ -10,7 +10,7 @@ from conftest import DEVICE, rel_err
 from torch import nn
 
 import selagg_fast.branches as branches_module
-from selagg_fast.analysis.probe_maps import ProbeMaps
+from selagg_fast.analysis.probe_maps import ProbeMaps, refuse_diverged
 from selagg_fast.probe.heads import HeadSpec, ProbeHeads, parse_heads
 from selagg_fast.reference import abmilp_pool_reference
 from test_efficient import PeerEfficientProbing
@@ -201,6 +201,10 @@ def test_maps_pick_attentive_heads():
     assert ProbeMaps._best_selective(state) == "ap12_ln@0.3"
     state["results"]["pairs"].append({"head": "ep8", "base_lr": 1.0, "top1": 70.0})
     assert ProbeMaps._best_selective(state) == "ep8@1"
+    # a diverged pair is refused with every map head that trained as the choice, ep ones included
+    state["results"]["pairs"].append({"head": "selective", "base_lr": 1.0, "top1": None, "diverged": True})
+    with pytest.raises(ValueError, match=r"selective@1: diverged .*choose one of selective@0\.1, ap12_ln@0\.3, ep8@1$"):
+        refuse_diverged(state, ["selective@1"], "--head")
 
 
 def test_new_heads_train_end_to_end(tmp_path):

@@ -163,9 +163,16 @@ def test_probe_knn_two_processes_equal_one(tmp_path, live_run):
     assert config["command"].startswith("torchrun --nproc_per_node=2 -m selagg_fast.cli probe")
 
 
-def test_probe_knn_refuses_bad_k_lists(tmp_path, capsys):
+def test_probe_knn_refuses_bad_k_lists(tmp_path, capsys, monkeypatch):
+    from selagg_fast.backbone import BackboneSettings
     from selagg_fast.cli import main
-    assert main(_probe_args(tmp_path / "bad", "--batch-size", "32", "--knn-k", "5,97")) == 2
+
+    def no_build(self):
+        raise AssertionError("the backbone was built before k was checked")
+
+    with monkeypatch.context() as m:  # k is checked against the data before the backbone is built
+        m.setattr(BackboneSettings, "create_backbone", no_build)
+        assert main(_probe_args(tmp_path / "bad", "--batch-size", "32", "--knn-k", "5,97")) == 2
     assert "k 97 is more than the 96 training images" in capsys.readouterr().err
     assert main(_probe_args(tmp_path / "bad", "--knn-k", "5,x")) == 2
     assert "--knn-k '5,x'" in capsys.readouterr().err

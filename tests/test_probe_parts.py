@@ -8,8 +8,9 @@ import torch
 from conftest import DEVICE, rel_err
 from PIL import Image
 
-from selagg_fast.backbone import CheckpointError, create_backbone, read_state_dict
-from selagg_fast.data import SyntheticObjects, collate_skipping, epoch_shard, image_folder_datasets, split_batches
+from selagg_fast.backbone import CheckpointError, create_backbone, read_checkpoint
+from selagg_fast.data import SyntheticObjects, collate_skipping, epoch_shard, split_batches
+from selagg_fast.datasets import probe_datasets
 from selagg_fast.probe.heads import GlobalBatchNorm1d, LinearProbe, ProbeHeads, parse_heads
 from selagg_fast.probe.optim import LARS, build_optimizer, cosine_lr
 from selagg_fast.probe.trainer import ProbeConfig, _resolved
@@ -281,7 +282,7 @@ def test_checkpoint_mismatches_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="shapes do not match"):  # a ViT-S checkpoint into a narrower model
         create_backbone("vit_tiny_patch16_224", str(tmp_path / "extra.pth"), **{**TINY, "embed_dim": 96})
     with pytest.raises(FileNotFoundError):
-        read_state_dict(str(tmp_path / "nope.pth"))
+        read_checkpoint(str(tmp_path / "nope.pth"))
 
 
 def test_no_download_and_unknown_names():
@@ -336,7 +337,7 @@ def _folder(root, classes=("a", "b"), per_class=3, corrupt=None):
 
 def test_image_folder_skips_and_counts_corrupt_images(tmp_path):
     _folder(tmp_path, corrupt=True)
-    train, val = image_folder_datasets(str(tmp_path), 32, augment=True)
+    train, val = probe_datasets("imagefolder", str(tmp_path), 32, augment=True)
     assert len(train) == 7 and train.classes == ["a", "b"]
     images, labels, indices, skipped = collate_skipping([train[i] for i in range(len(train))])
     assert images.shape == (6, 3, 32, 32) and len(skipped) == 1
@@ -344,29 +345,29 @@ def test_image_folder_skips_and_counts_corrupt_images(tmp_path):
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        image_folder_datasets(str(tmp_path / "nope"), 32)
+        probe_datasets("imagefolder", str(tmp_path / "nope"), 32)
     (tmp_path / "train").mkdir()
     with pytest.raises(FileNotFoundError, match="no class folders|no 'val/' folder"):
-        image_folder_datasets(str(tmp_path), 32)
+        probe_datasets("imagefolder", str(tmp_path), 32)
     _folder(tmp_path / "x")
     (tmp_path / "x" / "train" / "empty").mkdir()
     (tmp_path / "x" / "val" / "empty").mkdir()
     with pytest.raises(ValueError, match="hold no images: empty"):
-        image_folder_datasets(str(tmp_path / "x"), 32)
+        probe_datasets("imagefolder", str(tmp_path / "x"), 32)
     _folder(tmp_path / "y", classes=("a", "b"))
     (tmp_path / "y" / "val" / "b").rename(tmp_path / "y" / "val" / "c")
     with pytest.raises(ValueError, match="only in train/: b; only in val/: c"):
-        image_folder_datasets(str(tmp_path / "y"), 32)
+        probe_datasets("imagefolder", str(tmp_path / "y"), 32)
 
 
 def test_train_list_subsets(tmp_path):
     _folder(tmp_path)
     (tmp_path / "list.txt").write_text("a/a_0.png\nb_2.png\n")
-    train, _ = image_folder_datasets(str(tmp_path), 32, train_list=str(tmp_path / "list.txt"))
+    train, _ = probe_datasets("imagefolder", str(tmp_path), 32, train_list=str(tmp_path / "list.txt"))
     assert [(p.split("/")[-1], y) for p, y in train.base.samples] == [("a_0.png", 0), ("b_2.png", 1)]
     (tmp_path / "bad.txt").write_text("a/zzz.png\n")
     with pytest.raises(ValueError, match="1 of 1 entries not found"):
-        image_folder_datasets(str(tmp_path), 32, train_list=str(tmp_path / "bad.txt"))
+        probe_datasets("imagefolder", str(tmp_path), 32, train_list=str(tmp_path / "bad.txt"))
 
 
 def test_synthetic_images_are_deterministic_and_labelled():

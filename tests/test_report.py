@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import re
+import shutil
 
 import pytest
 from conftest import DEVICE, run_cli
@@ -70,3 +71,18 @@ def test_report_refuses_a_folder_without_a_run(runs, tmp_path, capsys):
     assert "no results.json" in capsys.readouterr().err
     assert main(["report", str(a), "--output", str(tmp_path / "r.txt")]) == 2
     assert "ending in .md" in capsys.readouterr().err
+
+
+def test_no_paper_numbers_for_a_file_that_is_not_the_papers(runs, tmp_path):
+    # MAE's fine-tuned release loads with its final norm at init: not the paper's pretrained file
+    from selagg_fast.probe.report import run_row
+    _, a, _ = runs
+    assert run_row(str(a))["paper_selective"] == 71.6
+    run = tmp_path / "mae_ft"
+    shutil.copytree(a, run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["backbone"]["final_norm_loaded"] is True
+    config["backbone"]["final_norm_loaded"] = False
+    (run / "config.json").write_text(json.dumps(config))
+    row = run_row(str(run))
+    assert (row["paper_linear"], row["paper_selective"], row["paper_ap12"]) == (None, None, None)

@@ -211,6 +211,19 @@ def test_integer_or_non_finite_weights_are_refused(tmp_path, kind):
         create_backbone("vit_tiny_patch16_224", path, **TINY)
 
 
+def test_tensors_the_converter_creates_are_checked(tmp_path, monkeypatch):
+    # the file's tensors are checked before timm's converter; what it changes or creates, after it
+    from selagg_fast import backbone as backbone_module
+    path = _weights_file(tmp_path, lambda state: None)
+
+    def convert(state, model):
+        return {**state, "pos_embed": torch.full_like(state["pos_embed"], float("nan"))}
+
+    monkeypatch.setattr(backbone_module, "_timm_converter", lambda model: convert)
+    with pytest.raises(CheckpointError, match=r"tensor pos_embed holds \d+ non-finite"):
+        create_backbone("vit_tiny_patch16_224", path, **TINY)
+
+
 # probe runs: order of checks, last batch, sizes ---------------------------------------------------
 def _config(tmp_path, **overrides):
     cfg = dict(model="vit_tiny_patch16_224", random_init=True, model_kwargs=TINY, data="synthetic",

@@ -2,8 +2,8 @@
 
 cls_attn / cls_attn_min_entropy / center_attn / external_cls_attn: weights from the probed block's
 (or a selector's) attention, pooled by softmax_pool, then BatchNorm + Linear. Checked against the
-maps of an unfused float64 forward (shared/reference-semantics.md, "Non-trainable token
-aggregations", written out here), cached against live, and their refusals through the CLI.
+maps of an unfused float64 forward (docs/statistics.md, "Attention selections", written out
+here), cached against live, and their refusals through the CLI.
 """
 import copy
 import math

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..backbone import BackboneSettings
-from ..datasets import analysis_dataset, check_layout
+from ..datasets import analysis_dataset, check_data_flags
 from ..distributed import barrier, check_device, init_distributed
 from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
                      refuse_existing_run)
@@ -106,10 +106,7 @@ def check_image_pass(cfg) -> None:
     if cfg.data is None:
         raise ValueError("--data is required: a folder of images (ImageNet val layout or flat, or see --dataset), "
                          "or 'synthetic'")
-    if cfg.data != "synthetic":
-        check_layout(cfg.dataset, cfg.data)
-    elif cfg.dataset != "imagefolder":
-        raise ValueError(f"--data synthetic: generated images, not --dataset {cfg.dataset}")
+    check_data_flags(cfg.dataset, cfg.data)
     check_number("--batch-size", cfg.batch_size, minimum=1, integer=True)
     check_number("--limit", cfg.limit, minimum=1, integer=True, optional=True)
     check_number("--workers", cfg.workers, minimum=0, integer=True)
@@ -154,9 +151,9 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
     os.makedirs(out, exist_ok=True)
     run_name = cfg.name or os.path.basename(os.path.normpath(out))
 
-    settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, model_kwargs=cfg.model_kwargs,
-                    return_block=cfg.return_block, data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
-                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
+    settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, checkpoint_key=cfg.checkpoint_key,
+                    model_kwargs=cfg.model_kwargs, return_block=cfg.return_block, data=cfg.data, dataset=cfg.dataset,
+                    limit=cfg.limit, images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
                     magnitudes=cfg.magnitudes, precision="bf16" if use_bf16 else "fp32")
     ctx = record_attention_stats(backbone.model, magnitudes=cfg.magnitudes)
     pass_ = ImagePass(dataset, batch_size=cfg.batch_size, dist_info=dist_info, out=out, settings=settings,
@@ -178,7 +175,8 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
         summary = recorder.summary()
         omitted = [] if info.has_cls else list(CLS_COLUMNS) + (["cls_magnitude_ratio"] if cfg.magnitudes else [])
         num_patches = info.patch_grid[0] * info.patch_grid[1]
-        meta = dict(run=run_name, model=cfg.model, checkpoint=cfg.checkpoint, images=recorder.images,
+        meta = dict(run=run_name, model=cfg.model, checkpoint=cfg.checkpoint, checkpoint_key=cfg.checkpoint_key,
+                    images=recorder.images,
                     unreadable_images=state["unreadable"], blocks=list(range(1, info.num_blocks + 1)),
                     heads=int(backbone.model.blocks[0].attn.num_heads), num_prefix_tokens=info.num_prefix_tokens,
                     has_cls=info.has_cls, num_patches=num_patches, max_entropy=math.log(num_patches),

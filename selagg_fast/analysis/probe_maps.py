@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..backbone import BackboneSettings
 from ..files import CheckpointError, load_torch_file
-from ..probe.heads import ProbeHeads, parse_heads
+from ..probe.heads import ProbeHeads, pair_name, parse_heads
 from ..selection import capture_attention_rows, weights_from_rows
 
 
@@ -21,9 +21,13 @@ def probe_run_state(path: str) -> dict:
     return state
 
 
+# Heads with softmax weights over the patches: selective, attentive (ap) and efficient (ep) probes.
+MAP_HEADS = ("selective", "ap", "ep")
+
+
 def diverged_pairs(state: dict) -> set:
     """Names (``head@lr``) of the pairs a probe run reported as diverged."""
-    return {f"{p['head']}@{p['base_lr']:g}" for p in state.get("results", {}).get("pairs", []) if p.get("diverged")}
+    return {pair_name(p["head"], p["base_lr"]) for p in state.get("results", {}).get("pairs", []) if p.get("diverged")}
 
 
 def refuse_diverged(state: dict, pairs: list, flag: str) -> None:
@@ -32,8 +36,8 @@ def refuse_diverged(state: dict, pairs: list, flag: str) -> None:
     gone = diverged_pairs(state)
     bad = [p for p in pairs if p in gone]
     if bad:
-        ok = [f"{p['head']}@{p['base_lr']:g}" for p in state["results"]["pairs"]
-              if not p.get("diverged") and p["head"].startswith(("selective", "ap"))]
+        ok = [pair_name(p["head"], p["base_lr"]) for p in state["results"]["pairs"]
+              if not p.get("diverged") and p["head"].startswith(MAP_HEADS)]
         raise ValueError(f"{flag} {', '.join(bad)}: diverged in training (top-1 null in results.json), no map to "
                          f"show; {'choose one of ' + ', '.join(ok) if ok else 'every selective pair diverged'}")
 
@@ -71,9 +75,9 @@ class ProbeMaps:
 
     @staticmethod
     def _best_selective(state) -> str:
-        pairs = [p for p in state["results"]["pairs"] if p["head"].startswith(("selective", "ap", "ep"))]
+        pairs = [p for p in state["results"]["pairs"] if p["head"].startswith(MAP_HEADS)]
         best = max(pairs, key=lambda p: -1.0 if p["top1"] is None else p["top1"])  # None: a diverged pair
-        return f"{best['head']}@{best['base_lr']:g}"
+        return pair_name(best["head"], best["base_lr"])
 
     @torch.no_grad()
     def maps(self, images: torch.Tensor):

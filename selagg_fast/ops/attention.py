@@ -58,8 +58,7 @@ def _tail_rows_config(rows: int, BD: int) -> dict:
     return dict(BM=max(16, next_pow2(rows)), BN=32 if BD > 64 else 64, num_warps=4, num_stages=2, PEEL_TAIL=False)
 
 
-def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float,
-                        bias: Optional[torch.Tensor] = None) -> Optional[str]:
+def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float) -> Optional[str]:
     d = q.shape[-1]
     if scale <= 0:  # the kernel takes row maxima of the unscaled logits and masks them unscaled
         return f"scale {scale} <= 0"
@@ -218,7 +217,7 @@ def attention_with_stats(
     scale = d ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale}")
-    path = choose_backend(OP, backend, q.device, _unsupported_reason(q, num_prefix_tokens, scale, bias))
+    path = choose_backend(OP, backend, q.device, _unsupported_reason(q, num_prefix_tokens, scale))
     if path == "reference" or q.shape[0] * q.shape[1] == 0:
         with torch.autocast(q.device.type, enabled=False):
             return attention_with_stats_reference(q, k, v, scale=scale, num_prefix_tokens=num_prefix_tokens,

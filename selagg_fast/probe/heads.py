@@ -122,8 +122,9 @@ def parse_heads(text: str, has_cls: bool = True) -> list:
     return specs
 
 
-def pair_name(spec: HeadSpec, lr: float) -> str:
-    return f"{spec.name}@{lr:g}"
+def pair_name(spec: HeadSpec | str, lr: float) -> str:
+    """``head@lr``: a pair's name in results and checkpoints (``spec``: a HeadSpec or its name)."""
+    return f"{spec if isinstance(spec, str) else spec.name}@{lr:g}"
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

@@ -74,7 +74,7 @@ def final_norm_of(backbone, already_normed: bool):
     norm = getattr(backbone.model, "norm", None)
     if already_normed or norm is None or isinstance(norm, torch.nn.Identity):
         return None
-    if not getattr(backbone, "final_norm_loaded", True):
+    if not backbone.info.final_norm_loaded:
         log.info("k-NN: the checkpoint has no final norm: the 'raw' variant only")
         return None
     return copy.deepcopy(norm).float().eval()

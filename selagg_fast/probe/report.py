@@ -16,6 +16,7 @@ import os
 import re
 
 from ..files import atomic_write, check_writable
+from ..zoo import get_preset
 
 # The paper's Table 6 (AP, 12 heads; ImageNet-1k top-1) per preset; Table 1 comes from the zoo.
 PAPER_AP12 = {
@@ -48,13 +49,15 @@ def _best_of(results: dict, pattern: str) -> tuple:
     return max(found, key=lambda hp: -1.0 if hp[1] is None else hp[1])
 
 
-def _paper(model: str) -> tuple:
-    """(linear, Selective, AP-12) of the paper for preset ``model``; None where it prints none."""
-    try:
-        from ..zoo import get_preset
-    except ImportError:  # a package without the preset registry
-        return None, None, PAPER_AP12.get(model)
+def _paper(config: dict) -> tuple:
+    """(linear, Selective, AP-12) of the paper for the run's preset, None where it prints none; all
+    None when the run's file of the preset is not the paper's (its final norm left at init where
+    the paper's file has one: MAE's fine-tuned release)."""
+    model = config.get("model", "")
     preset = get_preset(model)
+    loaded = config.get("backbone", {}).get("final_norm_loaded", True)
+    if preset is not None and not loaded and preset.layout.paper_file_has_norm:
+        return None, None, None
     linear = selective = None
     if preset is not None and preset.paper is not None:
         avg, cls, selective, _ = preset.paper
@@ -72,7 +75,7 @@ def run_row(run_dir: str) -> dict:
     knn = results.get("knn")
     ap_head, ap_top1 = _best_of(results, r"ap\d+.*")
     ep_head, ep_top1 = _best_of(results, r"ep\d+.*")
-    paper_linear, paper_selective, paper_ap = _paper(config.get("model", ""))
+    paper_linear, paper_selective, paper_ap = _paper(config)
     k = knn["best"] if knn else None
     seeds = results.get("seeds")
     return dict(
@@ -137,7 +140,8 @@ def markdown(rows: list, output_dir: str) -> str:
                  "(k, T) and feature variant); each number links to its run's results.json. Paper: ImageNet-1k "
                  "top-1 of the run's preset, Table 1 (linear: [cls], or the patch average without [cls]; "
                  "Selective) and Table 6 (AP, 12 heads); – where the paper prints none (it reports no k-NN or "
-                 "EP). A run of another dataset or checkpoint is not comparable to those.")
+                 "EP), and for a file of the preset that is not the paper's (MAE's fine-tuned release). A run "
+                 "of another dataset or checkpoint is not comparable to those.")
     return "\n".join(lines) + "\n"
 
 

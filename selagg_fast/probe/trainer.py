@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..backbone import BackboneSettings
 from ..data import collate_skipping, epoch_shard, split_batches, synthetic_datasets
-from ..datasets import check_layout, layout_files, probe_datasets, probe_splits
+from ..datasets import check_data_flags, layout_files, probe_datasets, probe_splits
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
 from ..files import (CheckpointError, Interrupted, check_number, check_writable, interrupts_deferred, load_torch_file,
                      output_lock, refuse_existing_run)
@@ -152,16 +152,11 @@ def validate(cfg: ProbeConfig) -> None:
         check_number("--synthetic-classes", cfg.synthetic_classes, minimum=2, integer=True)
         if cfg.synthetic_classes > 16:
             raise ValueError(f"--synthetic-classes {cfg.synthetic_classes}: must be 2 to 16")
-        if cfg.dataset != "imagefolder":
-            raise ValueError(f"--data synthetic: generated images, not --dataset {cfg.dataset}")
-    else:
-        check_layout(cfg.dataset, cfg.data)
-        if cfg.train_list is not None and cfg.dataset != "imagefolder":
-            raise ValueError(f"--train-list: only with --dataset imagefolder, not {cfg.dataset}")
-        if cfg.train_list is not None and not os.path.isfile(cfg.train_list):
-            what = "is a folder, not a list file" if os.path.isdir(cfg.train_list) else "no such file"
-            raise (ValueError if os.path.isdir(cfg.train_list) else FileNotFoundError)(
-                f"--train-list {cfg.train_list}: {what}")
+    check_data_flags(cfg.dataset, cfg.data, cfg.train_list)
+    if cfg.data != "synthetic" and cfg.train_list is not None and not os.path.isfile(cfg.train_list):
+        what = "is a folder, not a list file" if os.path.isdir(cfg.train_list) else "no such file"
+        raise (ValueError if os.path.isdir(cfg.train_list) else FileNotFoundError)(
+            f"--train-list {cfg.train_list}: {what}")
     for flag, value, choices in (("--optimizer", cfg.optimizer, ("lars", "sgd")),
                                  ("--precision", cfg.precision, ("auto", "bf16", "fp32")),
                                  ("--cache-dtype", cfg.cache_dtype, ("bf16", "fp32")),
@@ -227,8 +222,12 @@ class _Run:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         torch.manual_seed(cfg.seed)
 
-        # the data's files first: a class-folder or --train-list error costs no backbone build
+        # the data's files first: a class-folder, --train-list or --knn-k error costs no backbone build
         splits = None if cfg.data == "synthetic" else probe_splits(cfg.dataset, cfg.data, cfg.train_list)
+        num_train = cfg.synthetic_train_size if splits is None else len(splits[0])
+        if cfg.knn and max(parse_ks(cfg.knn_k)) > num_train:
+            raise ValueError(f"--knn-k {cfg.knn_k}: k {max(parse_ks(cfg.knn_k))} is more than the "
+                             f"{num_train} training images")
         self.backbone = cfg.create_backbone().to(self.device)
         self.info = self.backbone.info
         # torch.compile of the frozen forward: compiled on the first batch (and again for the
@@ -771,9 +770,6 @@ def _run_locked(cfg: ProbeConfig, is_main: bool, command: str | None) -> dict:
     cfg = _resolved(cfg, saved["config"] if saved else None)
     dist_info = init_distributed(cfg.device)
     run = _Run(cfg, dist_info)
-    if cfg.knn and max(parse_ks(cfg.knn_k)) > len(run.train_set):
-        raise ValueError(f"--knn-k {cfg.knn_k}: k {max(parse_ks(cfg.knn_k))} is more than the "
-                         f"{len(run.train_set)} training images")
     start_epoch, results = _resume(run, saved)
     if dist_info.is_main:
         _write_config(run, start_epoch, command)

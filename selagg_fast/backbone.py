@@ -1,4 +1,4 @@
-"""Frozen timm ViT backbones from local weights, and their token outputs.
+"""Frozen ViT backbones (timm names and the paper's presets) from local weights, and their token outputs.
 
 Shared by the probing trainer and the analysis tools. Nothing here downloads: weights
 come from a local file, or the model is randomly initialised when the caller says so.
@@ -13,41 +13,48 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from . import zoo
 from .files import CheckpointError, load_torch_file
 
 log = logging.getLogger("selagg_fast")
 
-# Keys a checkpoint may nest its weights under, most specific first (MAE: model,
-# I-JEPA: target_encoder / encoder, Lightning / DeiT: state_dict).
+# Keys a checkpoint of a timm name may nest its weights under, most specific first (MAE: model,
+# I-JEPA: target_encoder / encoder, Lightning / DeiT: state_dict). Presets name their own (zoo.py).
 _NESTING_KEYS = ("target_encoder", "encoder", "model", "state_dict", "module")
-# Prefixes wrappers add (DDP, I-JEPA, SimMIM, Lightning modules).
+# Prefixes wrappers add (DDP, I-JEPA, Lightning modules), removed when every key carries one.
 _STRIPPED_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 # Keys of pretraining or classification parts that a frozen-token probe never uses.
 _UNUSED_PREFIXES = ("decoder", "mask_token", "head.", "fc_norm.", "head_drop")
 
 
-def read_state_dict(path: str, trust: bool = False) -> dict:
-    """Tensor dict from a ``.safetensors`` / ``.pth`` file, un-nested and prefix-stripped.
-
-    ``.pth`` files load without running code from the file (:func:`~selagg_fast.files.load_torch_file`);
-    ``trust=True`` (``--trust-checkpoint``) allows full unpickling."""
+def read_checkpoint(path: str, trust: bool = False) -> dict:
+    """The dict a ``.safetensors`` / ``.pth`` file holds, loaded on the CPU without running code
+    from the file (:func:`~selagg_fast.files.load_torch_file`; ``trust=True``: full unpickling)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such file (checkpoint not found)")
     if path.endswith(".safetensors") and os.path.isfile(path):
         from safetensors.torch import load_file
         try:
-            state = load_file(path, device="cpu")
+            raw = load_file(path, device="cpu")
         except Exception as err:  # safetensors' own error type: a header that does not parse
             raise CheckpointError(f"--checkpoint {path}: not a readable .safetensors file "
                                   f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
     else:
-        state = load_torch_file(path, trust=trust)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    for key in _NESTING_KEYS:
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
+        raw = load_torch_file(path, trust=trust)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(raw).__name__}")
+    return raw
+
+
+def read_state_dict(path: str, trust: bool = False, key: str | None = None) -> dict:
+    """Tensor dict of a checkpoint for a timm name: un-nested (``key``, else the first of
+    ``target_encoder, encoder, model, state_dict, module`` present) and prefix-stripped where every
+    key carries the prefix. Presets read their family's layout instead (:mod:`selagg_fast.zoo`)."""
+    return _generic_state(read_checkpoint(path, trust), path, key)
+
+
+def _generic_state(raw: dict, path: str, key: str | None) -> dict:
+    state = zoo.unnest(raw, _NESTING_KEYS, key, path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(state)[:10]})")
@@ -57,30 +64,80 @@ def read_state_dict(path: str, trust: bool = False) -> dict:
     return tensors
 
 
-def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, trust: bool = False) -> None:
-    """Load local weights into a timm ViT; mismatched keys are listed and refused unless allowed."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
+def _timm_converter(model: nn.Module):
+    """timm's own checkpoint converter for ``model``'s class (DINOv2 registers and [cls] row, patch
+    and relative-position-table resizing), or None for a module of this package."""
+    from timm.models import beit, vision_transformer
+    if isinstance(model, beit.Beit):
+        return beit.checkpoint_filter_fn
+    if isinstance(model, vision_transformer.VisionTransformer):
+        return vision_transformer.checkpoint_filter_fn
+    return None
 
-    state = read_state_dict(path, trust=trust)
-    state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_PREFIXES)}
-    try:  # timm's converter: resamples pos_embed to the model's grid, maps other ViT layouts
-        state = checkpoint_filter_fn(state, model)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot convert to {type(model).__name__}: {err}") from err
+
+def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, trust: bool = False,
+                    preset: zoo.Preset | None = None, key: str | None = None) -> list:
+    """Load local weights into ``model``: a preset reads its family's official layout, a timm name
+    the generic one. Refused (:class:`CheckpointError`, one line): a file of another family (with
+    the preset it fits), mismatched shapes, missing or unexpected keys (unless ``allow_mismatch``),
+    and, always, a file that would leave more than half of the backbone's parameters at their
+    random init. Returns the keys a release may lack that this file lacks (left at init)."""
+    raw = read_checkpoint(path, trust)
+    family = zoo.detect_family(raw)
+    hint = f"this file holds a {family} checkpoint: {zoo.suggest(family, raw)}" if family else ""
+    from timm.models.beit import Beit
+    if not zoo.fits(preset, family, beit_model=isinstance(model, Beit)):
+        raise CheckpointError(f"--checkpoint {path}: {hint} (not --model {preset.name if preset else '<timm name>'})")
+    if preset is None:
+        state = _generic_state(raw, path, key)
+        state = {k: v for k, v in state.items() if k == "mask_token" or not k.startswith(_UNUSED_PREFIXES)}
+        optional = ()
+    else:
+        layout = preset.layout
+        state = zoo.map_state(zoo.unnest(raw, layout.nesting, key, path), layout)
+        if not state:
+            raise CheckpointError(f"{path}: no tensors found for {preset.name} (top-level keys: {sorted(raw)[:10]})")
+        if getattr(model, "pos_embed", None) is not None:
+            state = zoo.resize_pos_embed(state, tuple(model.patch_embed.grid_size), layout.pos_offset)
+        optional = layout.optional
+    convert = _timm_converter(model)
+    if convert is not None:
+        try:  # DINOv2's registers and [cls] row, other grids' position tables (MAE-style layouts)
+            state = convert(state, model)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot convert to {type(model).__name__}: {err}") from err
+    state.pop("mask_token", None)
     model_state = model.state_dict()
     wrong_shape = [f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                    for k, v in state.items() if k in model_state and v.shape != model_state[k].shape]
     if wrong_shape:
-        raise CheckpointError(f"{path}: shapes do not match the model: " + "; ".join(wrong_shape[:8]))
+        raise CheckpointError(f"{path}: shapes do not match the model: " + "; ".join(wrong_shape[:8])
+                              + (f"; {hint}" if hint else ""))
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(_UNUSED_PREFIXES)]
+    at_init = [k for k in missing if k.startswith(optional)] if optional else []
+    missing = [k for k in missing if k not in at_init]
     unexpected = list(result.unexpected_keys)
+    _refuse_mostly_random(model, result.missing_keys, path, hint)
     if missing or unexpected:
         msg = (f"{path} does not match the model: {len(missing)} missing keys {missing[:8]}, "
                f"{len(unexpected)} unexpected keys {unexpected[:8]}")
         if not allow_mismatch:
-            raise CheckpointError(msg + " (pass --allow-key-mismatch to load anyway)")
+            raise CheckpointError(msg + (f"; {hint}" if hint else " (pass --allow-key-mismatch to load anyway)"))
         log.warning("%s; loading anyway", msg)
+    return at_init
+
+
+def _refuse_mostly_random(model: nn.Module, missing_keys, path: str, hint: str) -> None:
+    """A file that leaves more than half of the backbone's parameter elements at their init is no
+    checkpoint of this model: refused even with --allow-key-mismatch."""
+    params = {k: p.numel() for k, p in model.named_parameters() if not k.startswith(_UNUSED_PREFIXES)}
+    total = sum(params.values())
+    left = sum(params.get(k, 0) for k in missing_keys)
+    if total and 2 * left > total:
+        raise CheckpointError(f"{path}: leaves {left} of {total} backbone parameters ({100 * left / total:.0f}%) at "
+                              "their random init; refused even with --allow-key-mismatch"
+                              + (f"; {hint}" if hint else " (is it a checkpoint of this model?)"))
 
 
 @dataclass
@@ -95,17 +152,19 @@ class BackboneInfo:
 
 
 class Backbone(nn.Module):
-    """A frozen timm ViT that returns the tokens of one block: ``[B, T, D]``, prefix tokens first.
+    """A frozen ViT that returns the tokens of one block: ``[B, T, D]``, prefix tokens first.
 
-    ``return_block`` (1-based, as the paper's reference code) stops after that many blocks;
-    later blocks are dropped. ``final_norm`` applies the ViT's last LayerNorm (the paper's
-    reference code does not).
+    ``model``: a timm ``VisionTransformer`` (registers included), a timm ``Beit`` (one shared or
+    per-block relative position bias) or a module of this package with ``prepare_tokens`` (CAPI).
+    ``return_block`` N stops after block N counted from 1 (the paper's reference code counts from
+    0: its ``--return_block N`` is ``return_block=N + 1``); later blocks are dropped.
+    ``final_norm`` applies the ViT's last norm (the paper's reference code does not).
     """
 
     def __init__(self, model: nn.Module, name: str, return_block: int | None = None, final_norm: bool = False):
         super().__init__()
         if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-            raise TypeError(f"{name}: not a timm VisionTransformer (no .blocks / .patch_embed)")
+            raise TypeError(f"{name}: not a ViT (no .blocks / .patch_embed)")
         depth = len(model.blocks)
         if return_block is not None:
             if not 1 <= return_block <= depth:
@@ -118,10 +177,11 @@ class Backbone(nn.Module):
         self.final_norm = final_norm
         grid = tuple(model.patch_embed.grid_size)
         img = model.patch_embed.img_size
+        has_cls = getattr(model, "cls_token", None) is not None
         self.info = BackboneInfo(
             name=name, embed_dim=model.embed_dim,
-            num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
-            has_cls=getattr(model, "cls_token", None) is not None,
+            num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0)),
+            has_cls=has_cls,
             num_blocks=len(model.blocks), img_size=int(img[0] if isinstance(img, (tuple, list)) else img),
             patch_grid=grid)
 
@@ -130,47 +190,81 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x = m.patch_embed(images)
-        x = m._pos_embed(x)
-        x = m.patch_drop(x)
-        x = m.norm_pre(x)
-        x = m.blocks(x)
+        block_kwargs = {}
+        if hasattr(m, "prepare_tokens"):  # CAPI: registers, RoPE inside its blocks
+            x = m.prepare_tokens(images)
+        elif hasattr(m, "_pos_embed"):  # timm VisionTransformer
+            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        else:  # timm Beit: [cls], optional absolute positions, one relative bias shared by all blocks
+            x = m.patch_embed(images)
+            x = torch.cat((m.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+            if m.pos_embed is not None:
+                x = x + m.pos_embed
+            block_kwargs["shared_rel_pos_bias"] = m.rel_pos_bias() if m.rel_pos_bias is not None else None
+        for block in m.blocks:
+            x = block(x, **block_kwargs)
         if self.final_norm:
             x = m.norm(x)
         return x
 
 
-def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bool = False,
-                    allow_key_mismatch: bool = False, return_block: int | None = None,
-                    final_norm: bool = False, trust_checkpoint: bool = False, **model_kwargs) -> Backbone:
-    """A frozen :class:`Backbone` for a timm ViT name with weights from a local file.
-
-    Nothing is downloaded. Without ``checkpoint`` the model is random unless ``random_init``
-    is False, in which case this raises (the weights would need the network).
-    """
+def build_model(name: str, **model_kwargs) -> nn.Module:
+    """The random-init architecture of a preset (its kwargs, overridden by ``model_kwargs``) or of a
+    timm name, without a classifier."""
     import timm
 
-    check_backbone_settings(name, checkpoint, random_init, return_block, model_kwargs)
+    preset = zoo.get_preset(name)
+    kwargs = {**(preset.kwargs if preset else {}), **model_kwargs}
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+        if preset is not None and preset.arch is None:
+            return preset.builder(**kwargs)
+        return timm.create_model(preset.arch if preset else name, pretrained=False, num_classes=0, **kwargs)
     except TypeError as err:  # an argument the model does not take
         raise ValueError(f"--model-kwargs {model_kwargs}: {name} does not take them ({err})") from None
+
+
+def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bool = False,
+                    allow_key_mismatch: bool = False, return_block: int | None = None,
+                    final_norm: bool = False, trust_checkpoint: bool = False, checkpoint_key: str | None = None,
+                    **model_kwargs) -> Backbone:
+    """A frozen :class:`Backbone` for a preset (``selagg-fast models``) or a timm ViT name, with
+    weights from a local file.
+
+    A preset reads its family's official file as released (``checkpoint_key`` picks the nesting
+    key, e.g. I-JEPA's ``encoder``). Nothing is downloaded. Without ``checkpoint`` the model is
+    random when ``random_init``, else this raises (the weights would need the network).
+    """
+    check_backbone_settings(name, checkpoint, random_init, return_block, model_kwargs, checkpoint_key)
+    preset = zoo.get_preset(name)
+    model = build_model(name, **model_kwargs)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint)
+        at_init = load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint,
+                                  preset=preset, key=checkpoint_key)
+        if at_init and final_norm and any(k.startswith("norm.") for k in at_init):
+            raise CheckpointError(f"--final-norm: {checkpoint} has no final norm ({', '.join(at_init[:4])} missing: "
+                                  "MAE's fine-tuned files keep fc_norm for pooled features, MaskFeat drops it); "
+                                  "probe without --final-norm")
+        if at_init:
+            log.info("%s: %s not in the file (unused without --final-norm)", checkpoint, ", ".join(at_init))
     else:
         log.warning("!!! %s is RANDOMLY INITIALISED (no --checkpoint): its accuracies say nothing "
                     "about any pretrained model !!!", name)
+    if preset is not None and preset.block is not None and return_block is None:
+        log.info("%s: the paper probes block %d (--return-block %d); probing the last block",
+                 name, preset.block, preset.block)
     return Backbone(model, name, return_block=return_block, final_norm=final_norm)
 
 
 def check_backbone_settings(name: str, checkpoint: str | None, random_init: bool, return_block: int | None,
-                            model_kwargs) -> None:
+                            model_kwargs, checkpoint_key: str | None = None) -> None:
     """The backbone flags' values, checked before anything is built or read."""
     import timm
 
-    if name not in timm.list_models():
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise ValueError(f"--model: unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    if zoo.get_preset(name) is None and name not in timm.list_models():
+        stem = name.split("_")[0]
+        close = [n for n in zoo.PRESETS if n.startswith(stem)][:6] + timm.list_models(f"*{stem}*")[:6]
+        raise ValueError(f"--model: unknown timm model or preset {name!r} (presets: selagg-fast models)"
+                         + (f"; similar: {', '.join(close)}" if close else ""))
     if checkpoint is None and not random_init:
         raise ValueError(f"{name}: no weights given. Pass --checkpoint FILE (a local .pth/.safetensors; "
                          "nothing is downloaded), or --random-init for a randomly initialised model")
@@ -178,6 +272,10 @@ def check_backbone_settings(name: str, checkpoint: str | None, random_init: bool
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file (checkpoint not found)")
     if checkpoint is not None and os.path.isdir(checkpoint):
         raise CheckpointError(f"--checkpoint {checkpoint}: is a folder, not a checkpoint file")
+    if checkpoint_key is not None and (not isinstance(checkpoint_key, str) or not checkpoint_key):
+        raise ValueError(f"--checkpoint-key {checkpoint_key!r}: expected a key name such as target_encoder")
+    if checkpoint_key is not None and checkpoint is None:
+        raise ValueError(f"--checkpoint-key {checkpoint_key}: needs --checkpoint")
     if return_block is not None and return_block < 1:
         raise ValueError(f"--return-block {return_block}: must be >= 1 (blocks are numbered from 1)")
     if not isinstance(model_kwargs, dict):
@@ -196,15 +294,17 @@ class BackboneSettings:
     final_norm: bool = False
     model_kwargs: dict = field(default_factory=dict)
     trust_checkpoint: bool = False  # full unpickling of --checkpoint: runs any code the file holds
+    checkpoint_key: str | None = None  # the dict of --checkpoint the weights sit under (default: the layout's)
 
     def check_backbone(self) -> None:
-        check_backbone_settings(self.model, self.checkpoint, self.random_init, self.return_block, self.model_kwargs)
+        check_backbone_settings(self.model, self.checkpoint, self.random_init, self.return_block, self.model_kwargs,
+                                self.checkpoint_key)
 
     def create_backbone(self) -> Backbone:
         return create_backbone(self.model, self.checkpoint, random_init=self.random_init,
                                allow_key_mismatch=self.allow_key_mismatch, return_block=self.return_block,
                                final_norm=self.final_norm, trust_checkpoint=self.trust_checkpoint,
-                               **self.model_kwargs)
+                               checkpoint_key=self.checkpoint_key, **self.model_kwargs)
 
     @classmethod
     def from_config(cls, config: Mapping, **overrides) -> "BackboneSettings":

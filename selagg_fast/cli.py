@@ -1,4 +1,4 @@
-"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, compare, bench}."""
+"""Command line: selagg-fast {demo, probe, analyze, plot, maps, localize, compare, models, bench}."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,11 @@ def _bench(args) -> None:
     if args.what in ("compare", "all"):
         from .bench import compare
         compare.run(quick=args.quick, csv_path=f"{args.out}/compare.csv")
+
+
+def _models(args) -> None:
+    from .zoo import preset_table
+    print(preset_table())
 
 
 def _demo(args) -> None:
@@ -83,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .analysis.cli import add_analysis_commands
     add_analysis_commands(sub)
+
+    p = sub.add_parser("models", help="the paper's backbones by name (--model presets): family, architecture, "
+                                      "official file, layout, probed block, the paper's top-1")
+    p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="microbenchmarks against eager PyTorch and torch.compile")
     p.add_argument("what", choices=["abmilp", "attention", "probe", "heads", "analyze", "compare", "sweep", "all"],

@@ -7,6 +7,7 @@ Every failure here raises :class:`OutputError` (an ``OSError``) or :class:`Check
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -124,15 +125,18 @@ def _sync(f) -> None:
     os.fsync(f.fileno())
 
 
-# Harmless types that real checkpoints carry beside their tensors (MAE / DeiT / SimMIM pickle their
-# argparse Namespace of plain values); torch.load(weights_only=True) refuses anything else.
-SAFE_GLOBALS = [argparse.Namespace]
+# Harmless types that real checkpoints carry beside their tensors; torch.load(weights_only=True)
+# refuses anything else. MAE, DeiT and BEiT-v2 pickle their argparse Namespace of plain values;
+# SimMIM its yacs CfgNode (a dict subclass of plain values), read as an OrderedDict of the same
+# items without importing yacs.
+SAFE_GLOBALS = [argparse.Namespace, (collections.OrderedDict, "yacs.config.CfgNode")]
 
 
 def load_torch_file(path: str, trust: bool = False, flag: str = "--checkpoint"):
     """``torch.load`` on the CPU without running code from the file.
 
-    Tensors, containers, numbers, strings and :data:`SAFE_GLOBALS` load; any other pickled object
+    Tensors, containers, numbers, strings and :data:`SAFE_GLOBALS` (argparse Namespace, yacs
+    CfgNode) load; any other pickled object
     is refused with a :class:`CheckpointError` that names its type and ``--trust-checkpoint``
     (``trust=True``: full unpickling, which runs whatever code the file holds). A file that is not
     a PyTorch checkpoint, or is truncated, is one :class:`CheckpointError` line too."""

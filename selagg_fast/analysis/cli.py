@@ -9,7 +9,7 @@ def add_analysis_commands(sub) -> None:
 
     p = sub.add_parser("analyze", help="per-block, per-head attention statistics over an image folder")
     add_backbone_arguments(p)
-    p.add_argument("--return-block", type=int, help="analyse blocks 1..N only; default: all blocks")
+    p.add_argument("--return-block", type=int, help="analyse blocks 1..N only (counted from 1); default: all blocks")
     p.add_argument("--data", help="image folder (DIR/val when present; class folders or flat) or 'synthetic' "
                                   "(required; no default)")
     p.add_argument("--limit", type=int, help="analyse a seeded random subset of N images; default: all")
@@ -83,12 +83,15 @@ def add_compare_command(sub) -> None:
     p.add_argument("--examples", type=int, default=4, help="images shown in maps.png")
     p.add_argument("--resume", action="store_true", help="continue from the partial sums in --output-dir")
     p.add_argument("--save-every", type=int, default=20, help="checkpoint the running sums every N batches")
-    p.add_argument("--selector-model", help="another timm ViT whose last-block [cls] attention selects the probed "
-                                            "model's patches (same patch grid), e.g. DINO for MAE")
+    p.add_argument("--selector-model", help="another ViT (a preset or a timm name) whose last-block [cls] attention "
+                                            "selects the probed model's patches (same patch grid), e.g. "
+                                            "dino_vit_base_patch16 for MAE")
     p.add_argument("--selector-checkpoint", help="local weights of --selector-model")
+    p.add_argument("--selector-checkpoint-key", help="the dict of --selector-checkpoint the weights sit under "
+                                                     "(default: the preset's layout)")
     p.add_argument("--selector-random-init", action="store_true", help="random --selector-model (testing only)")
     p.add_argument("--selector-model-kwargs", type=json_object, default={},
-                   help="JSON object passed to timm.create_model for --selector-model")
+                   help="JSON object overriding --selector-model's architecture arguments")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load backbone checkpoints with full unpickling (runs any code they hold)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when present")

@@ -60,6 +60,7 @@ class CompareConfig:
     trust_checkpoint: bool = False
     selector_model: str | None = None
     selector_checkpoint: str | None = None
+    selector_checkpoint_key: str | None = None
     selector_random_init: bool = False
     selector_model_kwargs: dict = field(default_factory=dict)
 
@@ -126,8 +127,10 @@ def validate_compare(cfg: CompareConfig) -> None:
         _probe_state(cfg.probe)  # raises with the reason
     check_image_pass(cfg)
     check_number("--examples", cfg.examples, minimum=0, integer=True)
-    if cfg.selector_model is None and (cfg.selector_checkpoint or cfg.selector_random_init):
-        raise ValueError("--selector-checkpoint / --selector-random-init need --selector-model")
+    if cfg.selector_model is None and (cfg.selector_checkpoint or cfg.selector_random_init
+                                       or cfg.selector_checkpoint_key):
+        raise ValueError("--selector-checkpoint / --selector-checkpoint-key / --selector-random-init need "
+                         "--selector-model")
     if cfg.selector_model is not None:
         selector_settings(cfg).check_backbone()
     if cfg.methods is not None and not [m for m in cfg.methods.split(",") if m.strip()]:
@@ -294,7 +297,8 @@ def run_compare(cfg: CompareConfig) -> dict | None:
 
     settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, limit=cfg.limit, images=len(dataset),
                     batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
-                    selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs],
+                    selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs]
+                    + ([cfg.selector_checkpoint_key] if cfg.selector_checkpoint_key else []),
                     precision="bf16" if use_bf16 else "fp32")
     sums = DivergenceSums(len(methods), device)
     examples = {}  # the first batch's images and weights, for maps.png (saved with the sums)

@@ -21,25 +21,35 @@ def json_object(text: str) -> dict:
 def add_backbone_arguments(g, help_suffix: str = "") -> None:
     """--model / --checkpoint / --random-init / --allow-key-mismatch / --trust-checkpoint /
     --model-kwargs, shared by probe and analyze."""
-    g.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name")
-    g.add_argument("--checkpoint", help="local weights: MAE .pth ('model'), I-JEPA ('encoder'/'target_encoder'), "
-                                        "timm .pth/.safetensors; nothing is downloaded (default: none, then "
-                                        "--random-init is required)")
+    g.add_argument("--model", default="vit_base_patch16_224",
+                   help="a preset of the paper's backbones (mae_vit_base_patch16, simmim_vit_base_patch16, "
+                        "dinov2_vit_base_patch14_reg4, ...: selagg-fast models), which reads its family's official "
+                        "file as released, or a timm ViT name")
+    g.add_argument("--checkpoint", help="local weights: a preset's official file, or for a timm name a timm "
+                                        ".pth/.safetensors, MAE ('model'), I-JEPA ('target_encoder'); nothing is "
+                                        "downloaded (default: none, then --random-init is required)")
+    g.add_argument("--checkpoint-key", help="the dict of --checkpoint the weights sit under, e.g. encoder for "
+                                            "I-JEPA's online encoder (default: the preset's layout: target_encoder, "
+                                            "model, model_state, state_dict, ...)")
     g.add_argument("--random-init", action="store_true", help="no weights: random init (only for testing)")
-    g.add_argument("--allow-key-mismatch", action="store_true", help="load a checkpoint despite missing/unexpected keys")
+    g.add_argument("--allow-key-mismatch", action="store_true",
+                   help="load a checkpoint despite missing/unexpected keys (never one that leaves more than half of "
+                        "the backbone's parameters at their random init, nor a file of another family)")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="load a .pth checkpoint that pickles objects other than tensors, numbers, strings and "
                         "argparse.Namespace: RUNS ANY CODE THE FILE HOLDS, only for files you trust")
     g.add_argument("--model-kwargs", type=json_object, default={},
-                   help='JSON object passed to timm.create_model, e.g. \'{"img_size": 448}\'')
+                   help='JSON object overriding the architecture\'s arguments (timm.create_model\'s; a preset\'s img_size, '
+                        'embed_dim, depth, num_heads), e.g. \'{"img_size": 448}\'')
 
 
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     d = ProbeConfig()
     g = p.add_argument_group("backbone")
     add_backbone_arguments(g)
-    g.add_argument("--return-block", type=int, help="probe the output of block N (1-based; SimMIM: 8); "
-                                                    "default: all blocks")
+    g.add_argument("--return-block", type=int,
+                   help="probe the output of block N counted from 1 (the paper's reference code counts from 0: its "
+                        "--return_block N is --return-block N+1; the paper probes SimMIM at block 8); default: the last")
     g.add_argument("--final-norm", action=argparse.BooleanOptionalAction, default=d.final_norm,
                    help="apply the ViT's last LayerNorm (the paper's reference code does not)")
     g.add_argument("--compile-backbone", action="store_true",
@@ -86,13 +96,16 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
                    help="auto: bf16 autocast on GPUs, fp32 on CPUs")
     g = p.add_argument_group("selector (the external_cls_attn head)")
-    g.add_argument("--selector-model", help="a second frozen timm ViT whose last-block [cls] attention (heads "
-                                            "averaged, not renormalised) weighs the probed tokens; same patch grid")
+    g.add_argument("--selector-model", help="a second frozen ViT (a preset or a timm name) whose last-block [cls] "
+                                            "attention (heads averaged, not renormalised) weighs the probed tokens; "
+                                            "same patch grid")
     g.add_argument("--selector-checkpoint", help="local weights of --selector-model (loaded as --checkpoint; "
                                                  "--trust-checkpoint and --allow-key-mismatch apply to both)")
+    g.add_argument("--selector-checkpoint-key", help="the dict of --selector-checkpoint the weights sit under "
+                                                     "(default: the preset's layout)")
     g.add_argument("--selector-random-init", action="store_true", help="random --selector-model (testing only)")
     g.add_argument("--selector-model-kwargs", type=json_object, default={},
-                   help="JSON object passed to timm.create_model for --selector-model")
+                   help="JSON object overriding --selector-model's architecture arguments")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir, help="folder of the run's outputs")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")

@@ -32,6 +32,7 @@ def selector_settings(cfg) -> BackboneSettings | None:
     if getattr(cfg, "selector_model", None) is None:
         return None
     return BackboneSettings(model=cfg.selector_model, checkpoint=cfg.selector_checkpoint,
+                            checkpoint_key=getattr(cfg, "selector_checkpoint_key", None),
                             random_init=cfg.selector_random_init, model_kwargs=dict(cfg.selector_model_kwargs or {}),
                             allow_key_mismatch=getattr(cfg, "allow_key_mismatch", False),
                             trust_checkpoint=getattr(cfg, "trust_checkpoint", False))
@@ -42,9 +43,10 @@ def check_selector_flags(cfg, specs) -> None:
     external = any(s.kind == "external_cls_attn" for s in specs)
     settings = selector_settings(cfg)
     if settings is None:
-        if cfg.selector_checkpoint is not None or cfg.selector_random_init or cfg.selector_model_kwargs:
-            raise ValueError("--selector-checkpoint / --selector-random-init / --selector-model-kwargs need "
-                             "--selector-model")
+        if (cfg.selector_checkpoint is not None or cfg.selector_random_init or cfg.selector_model_kwargs
+                or getattr(cfg, "selector_checkpoint_key", None) is not None):
+            raise ValueError("--selector-checkpoint / --selector-checkpoint-key / --selector-random-init / "
+                             "--selector-model-kwargs need --selector-model")
         if external:
             raise ValueError("head 'external_cls_attn' needs a selector: pass --selector-model NAME and "
                              "--selector-checkpoint FILE (a second frozen ViT with the same patch grid)")
@@ -126,6 +128,7 @@ def cache_settings(cfg, methods) -> dict:
     return dict(methods=list(methods), selector=None if getattr(cfg, "selector_model", None) is None else dict(
         model=cfg.selector_model, checkpoint=cfg.selector_checkpoint,
         checkpoint_stat=file_stamp(cfg.selector_checkpoint),
+        **({"checkpoint_key": cfg.selector_checkpoint_key} if getattr(cfg, "selector_checkpoint_key", None) else {}),
         model_kwargs=cfg.selector_model_kwargs, random_init=cfg.selector_random_init))
 
 

@@ -88,6 +88,7 @@ class ProbeConfig(BackboneSettings):
     # external_cls_attn's second frozen backbone (probe/selector.py), flags as the backbone's
     selector_model: str | None = None
     selector_checkpoint: str | None = None
+    selector_checkpoint_key: str | None = None
     selector_random_init: bool = False
     selector_model_kwargs: dict = dataclasses.field(default_factory=dict)
 
@@ -102,12 +103,13 @@ class ProbeConfig(BackboneSettings):
 
 
 # Settings that change what a run computes; --resume refuses a run whose values differ.
-_RESUME_KEYS = ("model", "checkpoint", "return_block", "final_norm", "model_kwargs", "data", "train_list",
+_RESUME_KEYS = ("model", "checkpoint", "checkpoint_key", "return_block", "final_norm", "model_kwargs", "data", "train_list",
                 "heads", "lrs", "optimizer", "protocol", "epochs", "warmup_epochs", "batch_size", "accum_iter",
                 "momentum", "weight_decay", "augment", "precision", "seed", "cache_features", "cache_dtype",
-                "selector_model", "selector_checkpoint", "selector_model_kwargs")
+                "selector_model", "selector_checkpoint", "selector_checkpoint_key", "selector_model_kwargs")
 # What a saved config without the key ran with (runs saved before the key existed).
-_SAVED_BEFORE = {"protocol": "mae", "selector_model_kwargs": {}}
+_SAVED_BEFORE = {"protocol": "mae", "selector_model_kwargs": {}, "checkpoint_key": None,
+                 "selector_checkpoint_key": None}
 
 
 def validate(cfg: ProbeConfig) -> None:
@@ -337,6 +339,7 @@ class _Run:
                 split=split, model=cfg.model, model_kwargs=cfg.model_kwargs, return_block=cfg.return_block,
                 final_norm=cfg.final_norm, compact=self.compact, precision=str(self.autocast_dtype),
                 checkpoint=cfg.checkpoint, checkpoint_stat=file_stamp(cfg.checkpoint), data=cfg.data,
+                **({"checkpoint_key": cfg.checkpoint_key} if cfg.checkpoint_key is not None else {}),
                 train_list=cfg.train_list, num_samples=len(dataset),
                 synthetic=[cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.synthetic_classes, cfg.seed]
                 if cfg.data == "synthetic" else None)

@@ -1,0 +1,356 @@
+"""The paper's backbones by name: one entry per preset, and how each family's official file maps
+onto the model that preset builds.
+
+A preset names a family (MAE, SimMIM, ..., DINOv2), the architecture that runs its weights (a timm
+model, or a module of this package), and the layout of the family's released checkpoint: the key
+its weights nest under, the prefixes its keys carry, the parts a frozen-token probe never uses
+(decoders, predictors, momentum encoders, pretraining heads) and how its position embeddings are
+interpolated to another grid. :func:`map_state` turns an official file into the model's state dict;
+:func:`detect_family` recognises a family from its key signature, so a file of another family is
+refused with the preset it fits. The table: ``selagg-fast models``; details: docs/backbones.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one family's released file maps onto its model.
+
+    ``nesting``: keys the weights may sit under, tried in order (the first one present wins; none
+    present: the file is the state dict). ``prefixes``: removed from the front of every key that
+    carries them (DDP's ``module.``, SimMIM's ``encoder.``), whichever keys they are on.
+    ``dropped``: key prefixes of parts a probe never uses. ``optional``: model keys a release may
+    lack (left at their init: harmless unless they are used, see :func:`check_optional`).
+    ``pos_offset``: how a position grid is resized to another input size: ``0.1`` is DINO's and
+    DINOv2's forward-time ``interpolate(scale_factor=(g + 0.1) / g0)``, ``None`` MAE's
+    ``interpolate(size=g)`` (both bicubic, no antialiasing, in float32).
+    """
+    nesting: tuple = ()
+    prefixes: tuple = ("module.",)
+    dropped: tuple = ("head.", "fc_norm.", "head_drop.")
+    optional: tuple = ()
+    pos_offset: float | None = None
+    text: str = ""
+
+
+# Family -> layout of its official release (read from each project's own save code).
+LAYOUTS = {
+    "MAE": Layout(
+        nesting=("model",), dropped=("decoder", "mask_token", "head.", "fc_norm."), optional=("norm.",),
+        text="{'model': ...}; visualize files add decoder_*, mask_token; fine-tuned files fc_norm, head, no norm"),
+    "SimMIM": Layout(
+        nesting=("model",), prefixes=("module.", "encoder."), dropped=("decoder.", "mask_token", "head."),
+        text="{'model': {encoder.*, encoder.mask_token, decoder.0.*}, optimizer, lr_scheduler, config (yacs)}"),
+    "MaskFeat": Layout(
+        nesting=("model_state",), dropped=("pred_head.", "hogs.", "mask_token", "head."), optional=("norm.",),
+        text="{'model_state': ..., 'optimizer_state', 'cfg'}; pred_head.*, hogs.*, mask_token; no norm"),
+    "BEiT-v2": Layout(
+        nesting=("model", "module"), dropped=("lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.",
+                                              "mask_token", "head.", "fc_norm."),
+        text="{'model': ..., 'args' (Namespace)}; lm_head.*, cls_pt_layers.*, mask_token; shared rel_pos_bias"),
+    "I-JEPA": Layout(
+        nesting=("target_encoder", "encoder"), dropped=("predictor.", "mask_token"),
+        text="{'encoder', 'target_encoder', 'predictor', 'opt', ...}; module.*; target_encoder probed"),
+    "CAPI": Layout(
+        prefixes=("module.", "backbone.", "encoder."), dropped=("decoder.", "mask_token", "head."),
+        text="flat: backbone.encoder.blocks.N.residual1.fn.q_proj ..., registers, enc_norm; decoder.*"),
+    "iBOT": Layout(
+        nesting=("state_dict", "teacher"), prefixes=("module.", "backbone."), dropped=("head.", "masked_embed"),
+        text="{'state_dict': backbone keys} (checkpoint_teacher.pth)"),
+    "DINO": Layout(
+        nesting=("teacher",), prefixes=("module.", "backbone."), dropped=("head.",), pos_offset=0.1,
+        text="flat teacher backbone (or {'teacher': backbone.*, head.*})"),
+    "MoCo-v3": Layout(
+        nesting=("state_dict",), prefixes=("module.", "base_encoder."),
+        dropped=("momentum_encoder.", "predictor.", "head."),
+        text="{'state_dict': module.base_encoder.*, module.momentum_encoder.*, module.predictor.*}"),
+    # mask_token stays: timm's DINOv2 converter recognises the family by it (and drops it)
+    "DINOv2": Layout(
+        pos_offset=0.1,
+        text="flat: cls_token, pos_embed (row 0: [cls]; 37x37 grid at 518 px), mask_token, blocks.N.ls1.gamma"),
+    "DINOv2-reg": Layout(
+        pos_offset=0.1,
+        text="flat: as DINOv2 plus register_tokens (4, no position embedding)"),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One name of ``--model``: the family, the architecture, the official file and the paper's numbers.
+
+    ``arch``: a timm model name built with ``kwargs`` (``--model-kwargs`` override them), or
+    ``None`` with ``builder(**kwargs)`` a module of this package. ``block``: the block whose output
+    the paper probes (1-based; ``None``: the last). ``paper``: Table 1's ImageNet-1k linear-probe
+    top-1 (avg of patches, [cls], Selective, Selective with [cls]; ``None`` where it prints "–").
+    """
+    name: str
+    family: str
+    arch: str | None
+    kwargs: dict = field(default_factory=dict)
+    files: str = ""
+    block: int | None = None
+    paper: tuple | None = None
+    builder: Callable | None = None
+
+    @property
+    def layout(self) -> Layout:
+        return LAYOUTS[self.family]
+
+    @property
+    def size(self) -> str:
+        return self.name.split("_")[2]
+
+
+def _p(name, family, arch, files, paper=None, block=None, **kwargs) -> Preset:
+    return Preset(name=name, family=family, arch=arch, kwargs={"img_size": 224, **kwargs}, files=files,
+                  block=block, paper=paper)
+
+
+# SimMIM's ViT-B and BEiT-v2's pretraining encoder: one relative position bias shared by all
+# blocks, no absolute position embedding, layer scale; the final norm kept (no mean pooling).
+_BEIT_SHARED = dict(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                    use_fc_norm=False)
+
+PRESETS = {p.name: p for p in [
+    _p("mae_vit_small_patch16", "MAE", "vit_small_patch16_224", "not released (the paper trained it)",
+       (47.1, 47.4, 54.4, 54.6)),
+    _p("mae_vit_base_patch16", "MAE", "vit_base_patch16_224",
+       "mae_pretrain_vit_base.pth / mae_visualize_vit_base.pth / mae_finetuned_vit_base.pth",
+       (65.8, 67.8, 71.6, 71.5)),
+    _p("mae_vit_large_patch16", "MAE", "vit_large_patch16_224",
+       "mae_pretrain_vit_large.pth / mae_visualize_vit_large.pth / mae_finetuned_vit_large.pth",
+       (73.0, 75.8, 77.4, 77.4)),
+    _p("mae_vit_huge_patch14", "MAE", "vit_huge_patch14_224",
+       "mae_pretrain_vit_huge.pth / mae_finetuned_vit_huge.pth", (73.8, 77.0, 78.1, 78.0)),
+    _p("simmim_vit_base_patch16", "SimMIM", "beit_base_patch16_224",
+       "simmim_pretrain__vit_base__img224__800ep.pth", (54.3, 51.5, 62.8, 62.0), block=8,
+       init_values=0.1, **_BEIT_SHARED),
+    _p("maskfeat_vit_base_patch16", "MaskFeat", "vit_base_patch16_224",
+       "SlowFast MaskFeat ViT-B IN-1k pretrain (.pyth)", (56.9, 62.9, 66.6, 65.8)),
+    _p("beitv2_vit_base_patch16", "BEiT-v2", "beit_base_patch16_224",
+       "beitv2_base_patch16_224_pt1k.pth (no 21k step)", (78.5, 78.9, 80.9, 81.0), init_values=0.1,
+       **_BEIT_SHARED),
+    _p("beitv2_vit_large_patch16", "BEiT-v2", "beit_large_patch16_224",
+       "beitv2_large_patch16_224_pt1k.pth (no 21k step)", init_values=1e-5, **_BEIT_SHARED),
+    _p("ijepa_vit_huge_patch14", "I-JEPA", "vit_huge_patch14_gap_224", "IN1K-vit.h.14-300e.pth.tar",
+       (77.7, None, 79.2, None)),
+    _p("ibot_vit_small_patch16", "iBOT", "vit_small_patch16_224", "checkpoint_teacher.pth (ViT-S/16)"),
+    _p("ibot_vit_base_patch16", "iBOT", "vit_base_patch16_224", "checkpoint_teacher.pth (ViT-B/16)",
+       (75.0, 77.8, 77.9, 78.2)),
+    _p("ibot_vit_large_patch16", "iBOT", "vit_large_patch16_224", "checkpoint_teacher.pth (ViT-L/16)"),
+    _p("dino_vit_small_patch16", "DINO", "vit_small_patch16_224", "dino_deitsmall16_pretrain.pth"),
+    _p("dino_vit_small_patch8", "DINO", "vit_small_patch8_224", "dino_deitsmall8_pretrain.pth"),
+    _p("dino_vit_base_patch16", "DINO", "vit_base_patch16_224", "dino_vitbase16_pretrain.pth",
+       (71.1, 76.6, 75.2, 76.2)),
+    _p("dino_vit_base_patch8", "DINO", "vit_base_patch8_224", "dino_vitbase8_pretrain.pth"),
+    # MoCo-v3's ViT-S has 12 heads (timm's ViT-S: 6)
+    _p("mocov3_vit_small_patch16", "MoCo-v3", "vit_small_patch16_224", "vit-s-300ep.pth.tar", num_heads=12),
+    _p("mocov3_vit_base_patch16", "MoCo-v3", "vit_base_patch16_224", "vit-b-300ep.pth.tar",
+       (71.1, 75.1, 75.1, 75.2)),
+    _p("dinov2_vit_small_patch14", "DINOv2", "vit_small_patch14_dinov2", "dinov2_vits14_pretrain.pth"),
+    _p("dinov2_vit_base_patch14", "DINOv2", "vit_base_patch14_dinov2", "dinov2_vitb14_pretrain.pth",
+       (81.9, 83.2, 83.5, 83.5)),
+    _p("dinov2_vit_large_patch14", "DINOv2", "vit_large_patch14_dinov2", "dinov2_vitl14_pretrain.pth"),
+    _p("dinov2_vit_small_patch14_reg4", "DINOv2-reg", "vit_small_patch14_reg4_dinov2",
+       "dinov2_vits14_reg4_pretrain.pth"),
+    _p("dinov2_vit_base_patch14_reg4", "DINOv2-reg", "vit_base_patch14_reg4_dinov2",
+       "dinov2_vitb14_reg4_pretrain.pth"),
+    _p("dinov2_vit_large_patch14_reg4", "DINOv2-reg", "vit_large_patch14_reg4_dinov2",
+       "dinov2_vitl14_reg4_pretrain.pth"),
+]}
+# The paper's MAE (+ FT) row: mae_vit_base_patch16 with the fine-tuned file.
+PAPER_FINETUNED_MAE_B = (76.6, 80.0, 79.1, 79.8)
+
+
+def get_preset(name: str) -> Preset | None:
+    return PRESETS.get(name)
+
+
+# --- reading an official file -------------------------------------------------------------------
+
+def unnest(raw: dict, nesting: tuple, key: str | None, path: str) -> dict:
+    """The dict the weights sit under: ``raw[key]`` when ``key`` (``--checkpoint-key``) is given,
+    else the first of ``nesting`` present, else ``raw`` itself."""
+    from .files import CheckpointError
+
+    if key is not None:
+        if not isinstance(raw.get(key), dict):
+            raise CheckpointError(f"--checkpoint-key {key}: {path} has no such dict of weights "
+                                  f"(top-level keys: {_top_keys(raw)})")
+        return raw[key]
+    for name in nesting:
+        if isinstance(raw.get(name), dict):
+            return raw[name]
+    return raw
+
+
+def _top_keys(raw: dict) -> str:
+    return ", ".join(sorted(str(k) for k in raw)[:12])
+
+
+def map_state(state: dict, layout: Layout) -> dict:
+    """The tensors of an un-nested official state dict with ``layout``'s prefixes removed from each
+    key and its unused parts dropped."""
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in layout.prefixes:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        if not key.startswith(layout.dropped):
+            out[key] = value
+    return out
+
+
+def interpolate_pos_grid(pos: torch.Tensor, grid: tuple, offset: float | None) -> torch.Tensor:
+    """A position table ``[1, g0*g0, D]`` resized to ``grid`` ``(rows, cols)``, as the family's own
+    code does at that input size: bicubic without antialiasing in float32, with DINO / DINOv2's
+    ``scale_factor = (g + offset) / g0`` when ``offset`` is set, else ``size = grid`` (MAE)."""
+    n, dim = pos.shape[1], pos.shape[2]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"position embedding of {n} patch rows is not a square grid")
+    table = pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if offset is None:
+        table = F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False)
+    else:
+        table = F.interpolate(table, mode="bicubic", align_corners=False,
+                              scale_factor=((grid[0] + offset) / side, (grid[1] + offset) / side))
+    if tuple(table.shape[-2:]) != tuple(grid):
+        raise ValueError(f"position grid {side}x{side} resized to {tuple(table.shape[-2:])}, expected {grid}")
+    return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos.dtype)
+
+
+def resize_pos_embed(state: dict, grid: tuple, offset: float | None) -> dict:
+    """``state`` with its ``pos_embed`` patch rows resized to ``grid`` when the file was trained at
+    another one; its prefix rows (0 or 1: [cls]) are kept as they are."""
+    pos = state.get("pos_embed")
+    if pos is None or pos.dim() != 3:
+        return state
+    n = pos.shape[1]
+    prefix = 0 if math.isqrt(n) ** 2 == n else 1
+    if n - prefix == grid[0] * grid[1]:
+        return state
+    patches = interpolate_pos_grid(pos[:, prefix:], grid, offset)
+    return {**state, "pos_embed": torch.cat([pos[:, :prefix], patches], 1)}
+
+
+# --- recognising a family -----------------------------------------------------------------------
+
+def _all_keys(raw: dict) -> tuple:
+    """Top-level keys, and the keys of every dict one level down (where released files nest)."""
+    top = set(str(k) for k in raw)
+    inner = set()
+    for value in raw.values():
+        if isinstance(value, dict):
+            inner.update(str(k) for k in value)
+    return top, inner | {k for k in top if isinstance(raw.get(k), torch.Tensor)}
+
+
+def detect_family(raw: dict) -> str | None:
+    """The family a checkpoint's key signature identifies (a :data:`LAYOUTS` key), ``"BEiT-style"``
+    when only its BEiT architecture is evident, or None when the keys fit a plain ViT of any family."""
+    top, keys = _all_keys(raw)
+
+    def has(fragment):
+        return any(fragment in k for k in keys)
+
+    if has("residual1.fn.q_proj") or has("enc_norm"):
+        return "CAPI"
+    if "model_state" in top or has("hogs.") or has("pred_head."):
+        return "MaskFeat"
+    if has("base_encoder.") or has("momentum_encoder."):
+        return "MoCo-v3"
+    if "target_encoder" in top:
+        return "I-JEPA"
+    if has("register_tokens"):
+        return "DINOv2-reg"
+    if has("ls1.gamma") and has("mask_token"):
+        return "DINOv2"
+    if has("lm_head.") or has("cls_pt_layers."):
+        return "BEiT-v2"
+    if any(k.startswith(("encoder.", "module.encoder.")) for k in keys) and has("decoder.0."):
+        return "SimMIM"
+    if has("rel_pos_bias") or has("gamma_1"):
+        return "BEiT-style"
+    if has("decoder_embed") or has("decoder_blocks"):
+        return "MAE"
+    return None
+
+
+def fits(preset: Preset | None, family: str | None, beit_model: bool = False) -> bool:
+    """Whether a file of ``family`` (from :func:`detect_family`) may load into ``preset``, or, for a
+    timm name (``preset`` None), into a timm ViT (``beit_model``: a timm BEiT)."""
+    if family is None:
+        return True
+    if preset is None:
+        if beit_model:
+            return family in ("SimMIM", "BEiT-v2", "BEiT-style")
+        return family in ("MAE", "MaskFeat", "I-JEPA", "iBOT", "DINO", "MoCo-v3", "DINOv2", "DINOv2-reg")
+    if family == "BEiT-style":
+        return preset.family in ("SimMIM", "BEiT-v2")
+    return preset.family == family
+
+
+def suggest(family: str, raw: dict) -> str:
+    """The preset(s) a file of ``family`` fits, the size picked from its embedding width."""
+    families = ("SimMIM", "BEiT-v2") if family == "BEiT-style" else (family,)
+    width = _width(raw)
+    names = []
+    for fam in families:
+        candidates = [p for p in PRESETS.values() if p.family == fam]
+        sized = [p for p in candidates if width is not None and _preset_width(p) == width]
+        names += [p.name for p in (sized or candidates)[:1]]
+    return " or ".join(f"--model {n}" for n in names) if names else ""
+
+
+def _width(raw: dict) -> int | None:
+    for value in [raw] + [v for v in raw.values() if isinstance(v, dict)]:
+        for key, tensor in value.items():
+            if isinstance(tensor, torch.Tensor) and str(key).endswith(("cls_token", "pos_embed", "registers")):
+                return int(tensor.shape[-1])
+    return None
+
+
+_WIDTHS = {"small": 384, "base": 768, "large": 1024, "huge": 1280}
+
+
+def _preset_width(preset: Preset) -> int:
+    return int(preset.kwargs.get("embed_dim", _WIDTHS.get(preset.size, 0)))
+
+
+# --- the table of `selagg-fast models` -----------------------------------------------------------
+
+def _score(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def preset_table() -> str:
+    """One line per preset: name, family, architecture, the official file it reads, its layout,
+    the block the paper probes and the paper's Table 1 top-1 ([cls] / Selective)."""
+    rows = [("preset", "family", "architecture", "official file", "probed block", "[cls] / Selective")]
+    for p in PRESETS.values():
+        paper = f"{_score(p.paper[1])} / {_score(p.paper[2])}" if p.paper else ""
+        if p.name == "mae_vit_base_patch16":
+            paper += f" (fine-tuned: {_score(PAPER_FINETUNED_MAE_B[1])} / {_score(PAPER_FINETUNED_MAE_B[2])})"
+        rows.append((p.name, p.family, p.arch or "selagg_fast." + p.builder.__qualname__, p.files,
+                     str(p.block) if p.block else "last", paper))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    lines.append("")
+    lines.append("Layouts read (key nesting; prefixes removed per key; unused parts dropped by name):")
+    lines += [f"  {family}: {layout.text}" for family, layout in LAYOUTS.items()]
+    lines.append("Blocks count from 1: --return-block N is the output of block N (the paper's reference "
+                 "code's --return_block N-1). Top-1: the paper's Table 1 (ImageNet-1k linear probe).")
+    return "\n".join(lines)

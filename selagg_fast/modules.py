@@ -322,39 +322,23 @@ class AttentionStatsRecorder:
                 for column, by_block in self._by_column().items()}
 
 
-def _vit_blocks(model: nn.Module):
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in blocks):
-        raise TypeError("record_attention_stats: expected a timm VisionTransformer (model.blocks[i].attn.qkv)")
-    return list(blocks)
-
-
-def _stats_attention_forward(attn, recorder: AttentionStatsRecorder, block: int):
-    """A forward for a timm ``Attention`` that runs the streaming kernel and records statistics."""
+def _stats_attention_forward(attn: nn.Module, adapter, recorder: AttentionStatsRecorder, block: int):
+    """A forward for ``attn`` that runs the streaming kernel on the family's q, k, v and logit
+    bias (``attention_adapters``) and records the statistics; its output is the layer's."""
     from .ops import attention_with_stats
 
-    def forward(x, attn_mask=None, is_causal=False, **_):
-        if attn_mask is not None or is_causal:
-            raise ValueError("record_attention_stats: attention masks are not supported")
-        B, N, _c = x.shape
-        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        out, stats = attention_with_stats(q, k, v, scale=attn.scale, num_prefix_tokens=recorder.num_prefix_tokens)
+    def forward(x, *args, **kwargs):
+        h = adapter.heads(attn, x, *args, **kwargs)
+        out, stats = attention_with_stats(h.q, h.k, h.v, scale=h.scale, num_prefix_tokens=recorder.num_prefix_tokens,
+                                          bias=h.bias)
         recorder.record(block, stats)
-        y = out.transpose(1, 2).reshape(B, N, -1)
-        if getattr(attn, "norm", None) is not None:
-            y = attn.norm(y)
-        if gate is not None:
-            y = y * gate
-        return attn.proj_drop(attn.proj(y))
+        return adapter.finish(attn, out, x)
 
     return forward
 
 
 class record_attention_stats:
-    """Context manager: every timm ``Attention`` of a ViT runs the streaming statistics kernel.
+    """Context manager: every attention layer of a ViT runs the streaming statistics kernel.
 
     Usage::
 
@@ -363,39 +347,50 @@ class record_attention_stats:
         rec.summary()["cls_cls_attention"]  # float64 [L, H]
 
     Args:
-        model: a timm VisionTransformer (any prefix-token count, with or without [cls]).
+        model: a ViT whose attention family has an adapter (``attention_adapters``: timm
+            VisionTransformer with any prefix-token count, with or without [cls]; timm Beit with
+            per-block or shared relative position bias; CAPIViT), or a Backbone of one.
         blocks: block indices to record (default: all).
-        magnitudes: also record ``||attention branch|| / ||block input||`` ([cls] and patch mean).
+        magnitudes: also record ``||attention branch|| / ||block input||`` ([cls] and patch mean);
+            the branch is the attention layer's output (after ``proj``, before any layer scale).
+
+    The layers' outputs are unchanged (up to the kernel's rounding); every hook and replaced
+    forward is removed on exit, also after an exception.
     """
 
     def __init__(self, model: nn.Module, blocks=None, magnitudes: bool = True):
+        from .attention_adapters import attention_layers, token_layout
+
         self.model = model
-        self.all_blocks = _vit_blocks(model)
-        self.block_indices = list(range(len(self.all_blocks))) if blocks is None else [int(b) for b in blocks]
+        self.layers = attention_layers(model)  # TypeError for an unsupported attention layer
+        n = len(self.layers)
+        self.block_indices = list(range(n)) if blocks is None else [int(b) for b in blocks]
         for b in self.block_indices:
-            if not 0 <= b < len(self.all_blocks):
-                raise ValueError(f"record_attention_stats: block {b} out of range (model has {len(self.all_blocks)})")
-        P = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
-        self.recorder = AttentionStatsRecorder(self.block_indices, P, magnitudes,
-                                               has_cls=getattr(model, "cls_token", None) is not None)
+            if not 0 <= b < n:
+                raise ValueError(f"record_attention_stats: block {b} out of range (model has {n})")
+        layout = token_layout(model)
+        self.recorder = AttentionStatsRecorder(self.block_indices, layout.num_prefix_tokens, magnitudes,
+                                               has_cls=layout.has_cls)
         self._handles = []
+        self._patched = []  # (attn, its own instance forward or None)
         self._residual = None  # the current block's input, set by its pre-hook
 
     def __enter__(self) -> AttentionStatsRecorder:
         try:
             for b in self.block_indices:
-                block = self.all_blocks[b]
-                block.attn.forward = _stats_attention_forward(block.attn, self.recorder, b)
+                block, attn, adapter = self.layers[b]
+                self._patched.append((attn, attn.__dict__.get("forward")))
+                attn.forward = _stats_attention_forward(attn, adapter, self.recorder, b)
                 if self.recorder.magnitudes:
-                    self._handles.append(block.register_forward_pre_hook(self._residual_hook))
-                    self._handles.append(block.attn.register_forward_hook(self._branch_hook(b)))
+                    self._handles.append(block.register_forward_pre_hook(self._residual_hook, with_kwargs=True))
+                    self._handles.append(attn.register_forward_hook(self._branch_hook(b)))
         except Exception:
             self._restore()
             raise
         return self.recorder
 
-    def _residual_hook(self, _module, args):
-        self._residual = args[0]
+    def _residual_hook(self, _module, args, kwargs):
+        self._residual = args[0] if args else kwargs["x"]
 
     def _branch_hook(self, b):
         def hook(_module, _args, output):
@@ -406,8 +401,12 @@ class record_attention_stats:
         for h in self._handles:
             h.remove()
         self._handles = []
-        for block in self.all_blocks:
-            block.attn.__dict__.pop("forward", None)
+        for attn, own in reversed(self._patched):
+            if own is None:
+                attn.__dict__.pop("forward", None)
+            else:
+                attn.forward = own
+        self._patched = []
 
     def __exit__(self, *exc) -> None:
         self._restore()

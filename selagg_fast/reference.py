@@ -91,17 +91,22 @@ def attention_with_stats_reference(
     *,
     scale: Optional[float] = None,
     num_prefix_tokens: int = 1,
+    bias: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float32,
 ):
     """Attention output and per-row statistics from the materialised map.
 
-    q, k, v: [B, H, T, d]. Returns (out [B, H, T, d] in q.dtype, AttentionStats).
+    q, k, v: [B, H, T, d]; bias: optional [H, T, T] logit bias shared by every image (BEiT's
+    relative position bias), added after scaling: ``softmax(q k^T * scale + bias[h])``.
+    Returns (out [B, H, T, d] in q.dtype, AttentionStats of the biased attention).
     """
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     P = num_prefix_tokens
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     s = torch.einsum("bhid,bhjd->bhij", qc, kc) * scale
+    if bias is not None:
+        s = s + bias.to(compute_dtype)
     attn = torch.softmax(s, dim=-1)
     out = torch.einsum("bhij,bhjd->bhid", attn, vc).to(q.dtype)
     self_attn = torch.diagonal(attn, dim1=-2, dim2=-1)

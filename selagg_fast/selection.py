@@ -2,9 +2,10 @@
 
 The paper's question (App. C.2, Table 5): can patches be selected without training a scorer?
 Each method gives, per image, a weight vector over the N patch tokens of the probed block,
-computed from that block's attention rows for the one or two query tokens it needs
+computed from that block's attention rows (the family's own logits, relative position bias and
+RoPE included: ``attention_adapters``) for the one or two query tokens it needs
 (``[B, H, Q, T]``, softmax over all T keys); never a ``T x T`` map. Definitions:
-``shared/reference-semantics.md``, "Non-trainable token aggregations".
+docs/statistics.md, "Attention selections".
 
 - ``cls_mean``: ``renorm(mean_h A_h[0, :])`` (heads averaged before renormalising);
 - ``cls_min_entropy``: per image the head whose ``renorm(A_h[0, :])`` has the lowest entropy;
@@ -20,8 +21,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .attention_adapters import attention_adapter, token_layout, vit_of
 
 METHODS = ("cls_mean", "cls_min_entropy", "center_mean")
 CLS_METHODS = ("cls_mean", "cls_min_entropy")
@@ -29,28 +31,6 @@ CLS_METHODS = ("cls_mean", "cls_min_entropy")
 
 class _Stop(Exception):
     """Raised by the capture hook once the chosen block's rows exist: later blocks never run."""
-
-
-def _vit(model: nn.Module) -> nn.Module:
-    """The timm VisionTransformer of ``model`` (itself, or a :class:`~selagg_fast.backbone.Backbone`'s)."""
-    vit = getattr(model, "model", model) if not hasattr(model, "blocks") else model
-    blocks = getattr(vit, "blocks", None)
-    # timm's vit Attention: one qkv Linear, q_norm / k_norm (Identity without qk_norm); BEiT-style
-    # attention (separate q/v biases, relative position bias) computes other logits
-    if blocks is None or not hasattr(vit, "patch_embed") or not all(
-            hasattr(b, "attn") and isinstance(getattr(b.attn, "qkv", None), nn.Linear)
-            and hasattr(b.attn, "q_norm") and hasattr(b.attn, "k_norm") for b in blocks):
-        raise TypeError("attention_selection: expected a timm VisionTransformer (model.blocks[i].attn with qkv, "
-                        f"q_norm, k_norm) or a selagg_fast Backbone, got {type(model).__name__}")
-    return vit
-
-
-def model_tokens(model: nn.Module) -> tuple:
-    """``(num_prefix_tokens, has_cls, (grid rows, grid cols))`` of a timm ViT or Backbone."""
-    vit = _vit(model)
-    has_cls = getattr(vit, "cls_token", None) is not None
-    P = int(getattr(vit, "num_prefix_tokens", 1 if has_cls else 0))
-    return P, has_cls, tuple(int(g) for g in vit.patch_embed.grid_size)
 
 
 def center_query(grid: Sequence[int], num_prefix_tokens: int) -> int:
@@ -73,24 +53,20 @@ def method_query(method: str, grid: Sequence[int], num_prefix_tokens: int, has_c
     return center_query(grid, num_prefix_tokens)
 
 
-def attention_rows_from_input(attn: nn.Module, x: torch.Tensor, queries: Sequence[int]) -> torch.Tensor:
+def attention_rows_from_input(attn: nn.Module, x: torch.Tensor, queries: Sequence[int], *forward_args,
+                              **forward_kwargs) -> torch.Tensor:
     """Softmax attention rows of the ``queries`` tokens over all keys: float32 ``[B, H, Q, T]``.
 
-    ``attn`` is a timm ``Attention`` and ``x`` its input ``[B, T, C]``. Only the query rows' q
-    and every key's k are projected (q/k norms applied as the layer does); logits and softmax in
-    float32. The layer itself is not called.
+    ``attn`` is an attention layer of a supported family (``attention_adapters``), ``x`` its
+    input ``[B, T, C]`` and ``forward_args`` / ``forward_kwargs`` the other arguments it is called with (BEiT's
+    ``shared_rel_pos_bias``). The rows are ``softmax(q k^T * scale + bias)`` with the family's
+    q, k and logit bias (q/k norms, q biases, RoPE, relative position bias), logits and softmax
+    in float32; timm layers project only the query rows' q. The layer itself is not called.
     """
-    B, T, _ = x.shape
-    H = attn.num_heads
-    dim = attn.qkv.out_features // 3
-    w, b = attn.qkv.weight, attn.qkv.bias
-    # basic indexing per query: an index tensor would be a host-to-device copy (a sync) per batch
-    q_in = torch.stack([x[:, int(i)] for i in queries], 1)  # [B, Q, C]
-    q = F.linear(q_in, w[:dim], None if b is None else b[:dim])
-    k = F.linear(x, w[dim:2 * dim], None if b is None else b[dim:2 * dim])
-    q = attn.q_norm(q.reshape(B, q_in.shape[1], H, -1).transpose(1, 2))
-    k = attn.k_norm(k.reshape(B, T, H, -1).transpose(1, 2))
-    logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
+    qk = attention_adapter(attn).query_keys(attn, x, queries, *forward_args, **forward_kwargs)
+    logits = (qk.q.float() * qk.scale) @ qk.k.float().transpose(-2, -1)
+    if qk.bias is not None:
+        logits = logits + qk.bias.float()
     return logits.softmax(-1)
 
 
@@ -110,21 +86,23 @@ class capture_attention_rows:
     """
 
     def __init__(self, model: nn.Module, queries: Sequence[int], block: int = -1, stop: bool = False):
-        vit = _vit(model)
+        vit = vit_of(model)
         n = len(vit.blocks)
         if not -n <= int(block) < n:
             raise ValueError(f"block {block} out of range: the model has {n} blocks (-{n} .. {n - 1})")
         self.attn = vit.blocks[int(block)].attn
+        attention_adapter(self.attn)  # TypeError for an unsupported family, before any forward
         self.queries = [int(q) for q in queries]
         self.stop = stop
         self.rows = None
         self._handle = None
 
     def _hook(self, attn, args, kwargs):
-        x = args[0] if args else kwargs["x"]
+        kwargs = dict(kwargs)
+        x = args[0] if args else kwargs.pop("x")
         if max(self.queries) >= x.shape[1]:
             raise ValueError(f"query token {max(self.queries)} out of range: the block sees {x.shape[1]} tokens")
-        self.rows = attention_rows_from_input(attn, x, self.queries)
+        self.rows = attention_rows_from_input(attn, x, self.queries, *args[1:], **kwargs)
         if self.stop:
             raise _Stop
 
@@ -183,8 +161,9 @@ def attention_selection(model: nn.Module, images: torch.Tensor, method: str, *, 
     """Weights over the patch tokens from a ViT's attention, without training: float32 ``[B, N]``.
 
     Args:
-        model: a timm VisionTransformer (registers and ``qk_norm`` included) or a selagg_fast
-            ``Backbone`` (whose ``blocks`` end at its ``return_block``).
+        model: a ViT whose attention family has an adapter (``attention_adapters``: timm
+            VisionTransformer with registers / ``qk_norm``, timm Beit with its relative position
+            bias, CAPIViT) or a selagg_fast ``Backbone`` (whose ``blocks`` end at its ``return_block``).
         images: ``[B, 3, H, W]``, normalised as the model expects (moved to its device).
         method: ``"cls_mean"``, ``"cls_min_entropy"`` (both need a [cls] token) or ``"center_mean"``.
         block: which block's attention (Python index; default the last one).
@@ -194,9 +173,9 @@ def attention_selection(model: nn.Module, images: torch.Tensor, method: str, *, 
     attention) plus its attention rows for one query token; later blocks are not run and the
     model is left as it was.
     """
-    P, has_cls, grid = model_tokens(model)
+    P, has_cls, grid = token_layout(model)
     query = method_query(method, grid, P, has_cls)
-    device = next(_vit(model).parameters()).device
+    device = next(vit_of(model).parameters()).device
     rows = attention_rows(model, images.to(device), [query], block)
     if rows.shape[-1] != P + grid[0] * grid[1]:
         raise ValueError(f"attention_selection: {rows.shape[-1]} tokens, expected {P} prefix + {grid[0]}x{grid[1]} "

@@ -26,7 +26,8 @@ from ..distributed import all_reduce_sum, barrier, init_distributed
 from ..files import atomic_json, atomic_write, check_number, check_writable, load_torch_file
 from ..probe.heads import ProbeHeads, pair_name, parse_heads
 from ..probe.selector import EXTERNAL, AttentionWeights, build_selector, selector_settings
-from ..selection import CLS_METHODS, METHODS, model_tokens
+from ..attention_adapters import token_layout
+from ..selection import CLS_METHODS, METHODS
 from .analyze import check_image_pass
 from .image_pass import ImagePass
 from .probe_maps import upsample
@@ -249,7 +250,7 @@ class _Methods:
 
     def __init__(self, backbone, heads, methods: list, selector=None):
         self.backbone, self.heads, self.methods = backbone, heads, methods
-        P, _, grid = model_tokens(backbone)
+        P, _, grid = token_layout(backbone)
         self.N = grid[0] * grid[1]
         self.attention_methods = [EXTERNAL if m == SELECTOR else m for m in methods if m in METHODS or m == SELECTOR]
         self.attention = AttentionWeights(backbone, self.attention_methods, selector)

@@ -58,8 +58,11 @@ def _tail_rows_config(rows: int, BD: int) -> dict:
     return dict(BM=max(16, next_pow2(rows)), BN=32 if BD > 64 else 64, num_warps=4, num_stages=2, PEEL_TAIL=False)
 
 
-def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float) -> Optional[str]:
+def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float,
+                        bias: Optional[torch.Tensor] = None) -> Optional[str]:
     d = q.shape[-1]
+    if bias is not None:
+        return "logit bias (kernel path pending)"
     if scale <= 0:  # the kernel takes row maxima of the unscaled logits and masks them unscaled
         return f"scale {scale} <= 0"
     if d > MAX_HEAD_DIM:
@@ -69,7 +72,7 @@ def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float) -
     return None
 
 
-def attention_stats_fwd(q, k, v, scale: float, P: int):
+def attention_stats_fwd(q, k, v, scale: float, P: int, bias: Optional[torch.Tensor] = None):
     """Launch the forward. Returns out [B, H, T, d] (a view of a [B, T, H, d] buffer) and the statistics."""
     B, H, T, d = q.shape
     out = _dispatch.empty((B, T, H, d), q.device, q.dtype).transpose(1, 2)
@@ -106,12 +109,13 @@ def attention_stats_fwd(q, k, v, scale: float, P: int):
 
 
 class AttentionWithStatsFunction(torch.autograd.Function):
-    """Forward: the streaming kernel. Backward: recomputes through SDPA (statistics get no gradient)."""
+    """Forward: the streaming kernel. Backward: recomputes through SDPA, the bias as its float
+    ``attn_mask`` (statistics get no gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, num_prefix_tokens):
-        out, stats = attention_stats_fwd(q, k, v, scale, num_prefix_tokens)
-        ctx.save_for_backward(q, k, v)
+    def forward(ctx, q, k, v, scale, num_prefix_tokens, bias=None):
+        out, stats = attention_stats_fwd(q, k, v, scale, num_prefix_tokens, bias)
+        ctx.save_for_backward(q, k, v, bias)
         ctx.scale = scale
         ctx.mark_non_differentiable(*stats)
         ctx.set_materialize_grads(False)  # no zero-filled [B, H, T] gradients for the statistics
@@ -119,12 +123,34 @@ class AttentionWithStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_dstats):
-        q, k, v = ctx.saved_tensors
+        q, k, v, bias = ctx.saved_tensors
+        if dout is None:
+            return None, None, None, None, None, None
         with torch.enable_grad():
             qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qg, kg, vg, scale=ctx.scale)
-            dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), dout)
-        return dq, dk, dv, None, None
+            inputs = [qg, kg, vg]
+            mask = None
+            if bias is not None:
+                # SDPA wants the mask in the query dtype; [1, H, T, T] broadcasts over the batch
+                mask = bias.detach().to(q.dtype).requires_grad_(ctx.needs_input_grad[5])
+                if ctx.needs_input_grad[5]:
+                    inputs.append(mask)
+                mask = mask[None]
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=ctx.scale)
+            grads = torch.autograd.grad(out, inputs, dout)
+        dbias = grads[3].to(bias.dtype) if len(grads) == 4 else None
+        return grads[0], grads[1], grads[2], None, None, dbias
+
+
+def _check_bias(bias, q):
+    if bias is None:
+        return
+    check_float(OP, "bias", bias)
+    B, H, T, _ = q.shape
+    if tuple(bias.shape) != (H, T, T):
+        raise ValueError(f"{OP}: bias must be [H, T, T] = [{H}, {T}, {T}] (one per head, shared by the batch), "
+                         f"got shape {tuple(bias.shape)}")
+    check_same_device(OP, q=q, bias=bias)
 
 
 def _check_inputs(q, k, v, num_prefix_tokens):
@@ -152,15 +178,20 @@ def attention_with_stats(
     *,
     scale: Optional[float] = None,
     num_prefix_tokens: int = 1,
+    bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ):
-    """``softmax(q k^T * scale) v`` plus per-row attention statistics, without attention maps.
+    """``softmax(q k^T * scale + bias[h]) v`` plus per-row attention statistics, without attention maps.
 
     Args:
         q, k, v: ``[B, H, T, d]`` (float32, bfloat16 or float16, one dtype); any strides
             with a unit last stride (e.g. timm's ``qkv.unbind``) are read in place.
         scale: logit scale, default ``d ** -0.5``.
         num_prefix_tokens: P, the leading [cls]/register tokens.
+        bias: optional additive logit bias ``[H, T, T]``, one per head and the same for every
+            image (BEiT's relative position bias); float32, bfloat16 or float16, read as float32.
+            The statistics are those of the biased attention. It gets a gradient when it
+            requires one (through SDPA's float ``attn_mask``, in ``q.dtype``).
         backend: "auto", "triton" or "reference" (see ``abmilp_pool``).
 
     Returns:
@@ -172,16 +203,20 @@ def attention_with_stats(
         differentiable (backward recomputes via SDPA); the statistics are not.
     """
     _check_inputs(q, k, v, num_prefix_tokens)
+    _check_bias(bias, q)
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale}")
-    path = choose_backend(OP, backend, q.device, _unsupported_reason(q, num_prefix_tokens, scale))
+    path = choose_backend(OP, backend, q.device, _unsupported_reason(q, num_prefix_tokens, scale, bias))
     if path == "reference" or q.shape[0] * q.shape[1] == 0:
         with torch.autocast(q.device.type, enabled=False):
-            return attention_with_stats_reference(q, k, v, scale=scale, num_prefix_tokens=num_prefix_tokens)
+            return attention_with_stats_reference(q, k, v, scale=scale, num_prefix_tokens=num_prefix_tokens,
+                                                  bias=bias)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, *stats = AttentionWithStatsFunction.apply(q, k, v, scale, num_prefix_tokens)
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+        out, *stats = AttentionWithStatsFunction.apply(q, k, v, scale, num_prefix_tokens, bias)
         return out, AttentionStats(*stats)
-    return attention_stats_fwd(q, k, v, scale, num_prefix_tokens)  # analysis: no autograd bookkeeping
+    return attention_stats_fwd(q, k, v, scale, num_prefix_tokens, bias)  # analysis: no autograd bookkeeping

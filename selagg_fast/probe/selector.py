@@ -11,7 +11,7 @@ renormalised (its patch mass scales each image's pooled feature, as the referenc
 Weights travel beside the tokens as one float32 ``[B, M, N]`` tensor, methods in
 :attr:`AttentionWeights.methods` order (ProbeHeads' ``selection_methods``); the feature cache
 stores them so a cached run runs neither backbone nor selector. Definitions:
-``shared/reference-semantics.md``, "Non-trainable token aggregations".
+docs/statistics.md, "Attention selections".
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import BackboneSettings
-from ..selection import attention_rows, capture_attention_rows, center_query, model_tokens, weights_from_rows
+from ..attention_adapters import token_layout
+from ..selection import attention_rows, capture_attention_rows, center_query, weights_from_rows
 from .cache import file_stamp
 from .heads import ATTENTION_HEADS
 
@@ -65,7 +66,7 @@ def build_selector(cfg, info, device):
     """The frozen selector backbone, refused unless it has a [cls] token and ``info``'s patch grid."""
     settings = selector_settings(cfg)
     model = settings.create_backbone().to(device)
-    _, has_cls, grid = model_tokens(model)
+    _, has_cls, grid = token_layout(model)
     if not has_cls:
         raise ValueError(f"--selector-model {cfg.selector_model}: has no [cls] token to select with")
     if tuple(grid) != tuple(info.patch_grid):
@@ -89,7 +90,7 @@ class AttentionWeights:
         self.backbone, self.methods, self.selector = backbone, list(methods), selector
         if EXTERNAL in self.methods and selector is None:
             raise ValueError("external_cls_attn needs a selector backbone")
-        P, has_cls, grid = model_tokens(backbone)
+        P, has_cls, grid = token_layout(backbone)
         self.P, self.grid = P, grid
         own = [m for m in self.methods if m != EXTERNAL]
         if not has_cls and any(m in ("cls_mean", "cls_min_entropy") for m in own):

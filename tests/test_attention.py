@@ -219,8 +219,17 @@ def test_backward_fills_no_gradients_for_the_statistics():
         (lambda: (torch.randn(1, 2, 5, 8),) * 3 + ({"num_prefix_tokens": 6},), ValueError, "exceeds"),
         (lambda: (torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8, device="meta"), torch.randn(1, 2, 5, 8), {}),
          ValueError, "one device"),
+        (lambda: (*make_qkv(2, 3, 5, 8, torch.float32), {"bias": torch.randn(3, 5, 6)}), ValueError,
+         r"bias must be \[H, T, T\] = \[3, 5, 5\].*\(3, 5, 6\)"),
+        (lambda: (*make_qkv(2, 3, 5, 8, torch.float32), {"bias": torch.randn(2, 3, 5, 5)}), ValueError,
+         "one per head"),
+        (lambda: (*make_qkv(2, 3, 5, 8, torch.float32), {"bias": torch.zeros(3, 5, 5, dtype=torch.int64)}),
+         TypeError, "bias must be float32"),
+        (lambda: (*make_qkv(2, 3, 5, 8, torch.float32), {"bias": torch.zeros(3, 5, 5, device="meta")}),
+         ValueError, "one device"),
     ],
-    ids=["rank", "shapes", "dtypes", "int", "P>T", "devices"],
+    ids=["rank", "shapes", "dtypes", "int", "P>T", "devices", "bias-shape", "bias-per-image", "bias-int",
+         "bias-device"],
 )
 def test_bad_input(make, exc, match):
     q, k, v, kw = make()
@@ -245,6 +254,133 @@ def test_non_positive_scale_falls_back_to_the_reference():
         assert rel_err(out, ref_out) < 1e-6 and max_abs(stats.patch_entropy, ref.patch_entropy) < 1e-6
         with pytest.raises(ValueError, match="scale"):
             attention_with_stats(q, k, v, scale=scale, backend="triton")
+
+
+# ---- logit bias (BEiT's relative position bias) ------------------------------------------
+
+
+def biased_attention_float64(q, k, v, bias, scale, P):
+    """out and the four statistics of softmax(q k^T * scale + bias[h]), written out in float64."""
+    s = torch.einsum("bhid,bhjd->bhij", q.double().cpu(), k.double().cpu()) * scale + bias.double().cpu()
+    a = torch.softmax(s, dim=-1)
+    out = torch.einsum("bhij,bhjd->bhid", a, v.double().cpu())
+    log_p = torch.log_softmax(s[..., P:], dim=-1)  # the patch keys renormalised (all keys when P = 0)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return out, dict(self_attn=torch.diagonal(a, dim1=-2, dim2=-1), prefix_attn=a[..., :P].sum(-1),
+                     patch_entropy=entropy, cls_attn=a[..., 0])
+
+
+def make_bias(H, T, dtype, spread=2.0):
+    # per head and asymmetric (bias[h, i, j] != bias[h, j, i]): a transposed or per-image read fails
+    return (torch.randn(H, T, T, device=DEVICE) * spread).to(dtype)
+
+
+def assert_matches_biased(out, stats, ref_out, ref, dtype):
+    assert rel_err(out, ref_out) < OUT_TOL[dtype]
+    for name in ("self_attn", "prefix_attn", "cls_attn"):
+        got = getattr(stats, name)
+        assert got.dtype == torch.float32
+        assert max_abs(got, ref[name]) < PROB_TOL[dtype], name
+    assert max_abs(stats.patch_entropy, ref["patch_entropy"]) < ENT_TOL[dtype]
+
+
+# (T, d, P, q/k/v dtype, bias dtype): T = 1, 17, 65 (one key past a block), 197 (ViT-B: 16-bit
+# inputs take the query-tail launch), P in {0, 1, 5}, float32 inputs on their own tile config
+BIAS_CASES = [
+    (1, 32, 0, torch.float32, torch.float32),
+    (17, 32, 1, torch.bfloat16, torch.bfloat16),
+    (65, 64, 5, torch.float32, torch.bfloat16),
+    (65, 64, 0, torch.bfloat16, torch.float16),
+    (197, 64, 1, torch.bfloat16, torch.float32),
+    (33, 32, 5, torch.float32, torch.float32),
+]
+
+
+@requires_kernels
+@pytest.mark.parametrize("T,d,P,dtype,bias_dtype", BIAS_CASES,
+                         ids=[f"T{c[0]}-d{c[1]}-P{c[2]}-{str(c[3])[6:]}-bias_{str(c[4])[6:]}" for c in BIAS_CASES])
+def test_logit_bias_output_and_statistics(T, d, P, dtype, bias_dtype, poisoned):
+    B, H = 2, 3
+    q, k, v = make_qkv(B, H, T, d, dtype, spread=1.0)
+    bias = make_bias(H, T, bias_dtype)
+    out, stats = attention_with_stats(q, k, v, num_prefix_tokens=P, bias=bias, backend="triton")
+    ref_out, ref = biased_attention_float64(q, k, v, bias, d ** -0.5, P)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_matches_biased(out, stats, ref_out, ref, dtype)
+    # the bias matters here: the unbiased statistics are far from the biased ones
+    _, plain = biased_attention_float64(q, k, v, torch.zeros(H, T, T), d ** -0.5, P)
+    if T > 1:
+        assert max_abs(plain["patch_entropy"], ref["patch_entropy"]) > 10 * ENT_TOL[dtype]
+
+
+@requires_kernels
+@pytest.mark.parametrize("T", [64, 65])
+def test_logit_bias_with_the_peeled_tail(T, monkeypatch, poisoned):
+    # PEEL_TAIL: unmasked full key blocks read unmasked bias tiles, the tail block a masked one
+    from selagg_fast.ops import attention as attention_ops
+    base = attention_ops._launch_config
+    monkeypatch.setenv("SELAGG_AUTOTUNE", "0")
+    monkeypatch.setattr(attention_ops, "_launch_config",
+                        lambda d, fp32=False: dict(base(d, fp32), BM=32, BN=32, PEEL_TAIL=True))
+    q, k, v = make_qkv(1, 2, T, 64, torch.float32, spread=1.0)
+    bias = make_bias(2, T, torch.float32)
+    out, stats = attention_with_stats(q, k, v, num_prefix_tokens=1, bias=bias)
+    ref_out, ref = biased_attention_float64(q, k, v, bias, 64 ** -0.5, 1)
+    assert_matches_biased(out, stats, ref_out, ref, torch.float32)
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype,gap", [(torch.float32, 1000.0), (torch.bfloat16, 150.0)], ids=["fp32", "bf16"])
+def test_logit_bias_sink_keeps_the_patch_entropy_exact(dtype, gap, poisoned):
+    # the bias makes a prefix key (a register, P = 5) outscore every patch key by `gap` nats for
+    # every other query row: those tiles take the sink pass, which must add the bias too
+    B, H, T, d, P, sink = 2, 2, 70, 32, 5, 3
+    q, k, v = make_qkv(B, H, T, d, dtype, spread=1.0)
+    bias = make_bias(H, T, torch.float32)
+    rows = torch.arange(T, device=DEVICE) % 2 == 0
+    bias[:, rows, sink] += gap
+    out, stats = attention_with_stats(q, k, v, num_prefix_tokens=P, bias=bias, backend="triton")
+    ref_out, ref = biased_attention_float64(q, k, v, bias, d ** -0.5, P)
+    for t in (out, *stats):
+        assert torch.isfinite(t).all()
+    rows = rows.cpu()
+    assert (ref["patch_entropy"][..., rows] > 0.5).all()  # a non-trivial entropy that a zero would miss
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    assert max_abs(stats.patch_entropy, ref["patch_entropy"]) < tol
+    for name in ("self_attn", "prefix_attn", "cls_attn"):  # fp32 rounding of logits ~gap
+        assert max_abs(getattr(stats, name), ref[name]) < 1e-6 * gap, name
+    assert rel_err(out, ref_out) < OUT_TOL[dtype]
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logit_bias_gradients(dtype):
+    # out's gradients w.r.t. q, k, v and the bias (which requires one here) against float64 autograd
+    B, H, T, d, P = 2, 3, 17, 32, 1
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(B, H, T, d, dtype, spread=1.0))
+    bias = make_bias(H, T, torch.float32).requires_grad_(True)
+    out, stats = attention_with_stats(q, k, v, num_prefix_tokens=P, bias=bias)
+    assert not stats.patch_entropy.requires_grad
+    g = torch.randn_like(out, dtype=torch.float32)
+    grads = torch.autograd.grad(out.float(), (q, k, v, bias), g)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
+    ref_out, _ = biased_attention_float64(*leaves, d ** -0.5, P)
+    ref_grads = torch.autograd.grad(ref_out, leaves, g.double().cpu())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for got, exp, like in zip(grads, ref_grads, (q, k, v, bias)):
+        assert got.dtype == like.dtype and got.shape == like.shape
+        assert rel_err(got, exp) < tol
+    # a bias that requires no gradient gets none, and q, k, v still do
+    out, _ = attention_with_stats(q, k, v, num_prefix_tokens=P, bias=bias.detach())
+    assert rel_err(torch.autograd.grad(out.float(), q, g)[0], ref_grads[0]) < tol
+
+
+def test_logit_bias_reference_matches_the_explicit_softmax():
+    q, k, v = make_qkv(2, 3, 11, 16, torch.float32)
+    bias = make_bias(3, 11, torch.bfloat16)
+    out, stats = attention_with_stats(q, k, v, num_prefix_tokens=2, bias=bias, backend="reference")
+    ref_out, ref = biased_attention_float64(q, k, v, bias, 0.25, 2)
+    assert_matches_biased(out, stats, ref_out, ref, torch.float32)
 
 
 # ---- timm integration --------------------------------------------------------------------

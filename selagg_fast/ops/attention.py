@@ -24,22 +24,22 @@ MIN_BN = 32  # every config's key block holds all prefix tokens when P <= MIN_BN
 _CONFIGS = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s, PEEL_TAIL=peel)
             for bm, bn, w, s in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2))
             for peel in (False, True)]
-_launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST", "T"])
+_launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST", "T", "HAS_BIAS"])
 # Query tail: T = 197 in 64-row blocks is 3 full blocks and one of 5 rows that costs as much as a
 # full one (a quarter of the work for 2.5% of the rows). When the last block would be at most half
 # full, full 64-row blocks run in one launch and the remaining rows in a second, narrower one.
 SPLIT_BM = 64
 _launch_full_blocks = launcher(attention_stats_fwd_kernel, [c for c in _CONFIGS if c["BM"] == SPLIT_BM],
-                               key=["BD", "UPCAST", "T"])
+                               key=["BD", "UPCAST", "T", "HAS_BIAS"])
 # the tail launch tunes its key block and warps per row-block height (16 or 32 rows)
 _TAIL_LAUNCHERS = {bm: launcher(attention_stats_fwd_kernel,
                                 [dict(BM=bm, BN=bn, num_warps=w, num_stages=2, PEEL_TAIL=False)
-                                 for bn in (32, 64) for w in (2, 4)], key=["BD", "UPCAST", "T"])
+                                 for bn in (32, 64) for w in (2, 4)], key=["BD", "UPCAST", "T", "HAS_BIAS"])
                    for bm in (16, 32)}
 
 # fp32 inputs use 3xTF32 dots (float32-accurate), whose operands need more shared memory
 _F32_CONFIG = dict(BM=32, BN=32, num_warps=4, num_stages=1)
-_launch_f32 = launcher(attention_stats_fwd_kernel, [_F32_CONFIG], key=["BD"])
+_launch_f32 = launcher(attention_stats_fwd_kernel, [_F32_CONFIG], key=["BD", "HAS_BIAS"])
 
 
 def _launch_tail_rows(grid, device, cfg: dict, **kwargs) -> None:
@@ -61,8 +61,6 @@ def _tail_rows_config(rows: int, BD: int) -> dict:
 def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float,
                         bias: Optional[torch.Tensor] = None) -> Optional[str]:
     d = q.shape[-1]
-    if bias is not None:
-        return "logit bias (kernel path pending)"
     if scale <= 0:  # the kernel takes row maxima of the unscaled logits and masks them unscaled
         return f"scale {scale} <= 0"
     if d > MAX_HEAD_DIM:
@@ -83,11 +81,13 @@ def attention_stats_fwd(q, k, v, scale: float, P: int, bias: Optional[torch.Tens
     BD = cfg.pop("BD")
     args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out,
-        self_ptr=stats[0], prefix_ptr=stats[1], ent_ptr=stats[2], cls_ptr=stats[3],
+        self_ptr=stats[0], prefix_ptr=stats[1], ent_ptr=stats[2], cls_ptr=stats[3], bias_ptr=bias,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kt=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vt=v.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
+        stride_bh=bias.stride(0) if bias is not None else 0, stride_bt=bias.stride(1) if bias is not None else 0,
+        HAS_BIAS=bias is not None,
         H=H, T=T, P=P, d=d, qk_scale=scale * LOG2E, BD=BD,
         MASK_D=BD != d,  # a power-of-two head dim needs no column mask
         # the interpreter computes bf16/fp16 dots on raw bits: upcast there, never on a GPU

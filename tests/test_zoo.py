@@ -27,7 +27,7 @@ CASES = [(preset, family) for preset, (family, *_) in PRESETS.items()] + [
     ("mae_vit_base_patch16", "mae_visualize"), ("mae_vit_base_patch16", "mae_finetuned")]
 CASE_IDS = [f"{p}-{f}" for p, f in CASES]
 TOKEN_TOL = 1e-6     # float64 model against the float64 transcription (relative, max-norm)
-STATS_TOL = 2e-5     # statistics: the streaming kernel computes in float32
+STATS_TOL = 5e-5     # statistics of a float32 model (the kernel's dtypes) against float64, absolute
 SELECT_TOL = 1e-5    # selection weights: float32 rows
 
 
@@ -51,6 +51,22 @@ def official(tmp_path_factory):
             g = torch.Generator().manual_seed(1)
             images = torch.randn(3, 3, run_img, run_img, generator=g, dtype=torch.float64)
             cache[case] = (path, state, images)
+        return cache[case]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def built32(official):
+    """case -> float32 Backbone from the preset (the statistics kernel takes float32 / bf16 / fp16)."""
+    from selagg_fast.backbone import create_backbone
+
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            preset, _family = case
+            cache[case] = create_backbone(preset, official(case)[0], img_size=_size(preset)[2], **TINY)
         return cache[case]
 
     return get
@@ -234,13 +250,14 @@ def test_return_block_and_final_norm_equal_official(case, official):
 
 @requires_kernels
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_attention_statistics_equal_official(case, official, built):
+def test_attention_statistics_equal_official(case, official, built, built32):
     from selagg_fast import record_attention_stats
 
-    backbone, fwd = built(case)
+    fwd = built(case)[1]
+    backbone = built32(case)
     images = official(case)[2]
     with torch.no_grad(), record_attention_stats(backbone.model) as rec:
-        backbone(images)
+        backbone(images.float())
     summary = rec.summary()
     expected = official_statistics(fwd)
     assert set(expected) <= set(summary), f"{case}: columns missing: {sorted(set(expected) - set(summary))}"
@@ -253,15 +270,16 @@ def test_attention_statistics_equal_official(case, official, built):
 
 @requires_kernels
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_magnitudes_equal_official(case, official, built):
+def test_magnitudes_equal_official(case, official, built, built32):
     from selagg_fast import record_attention_stats
 
-    backbone, fwd = built(case)
+    fwd = built(case)[1]
+    backbone = built32(case)
     with torch.no_grad(), record_attention_stats(backbone.model) as rec:
-        backbone(official(case)[2])
+        backbone(official(case)[2].float())
     summary = rec.summary()
     bad = {name: (summary[name].double() - ref).abs().max().item() for name, ref in official_magnitudes(fwd).items()
-           if name not in summary or (summary[name].double() - ref).abs().max().item() > STATS_TOL * ref.abs().max()}
+           if name not in summary or (summary[name].double() - ref).abs().max().item() > 1e-4 * ref.abs().max()}
     assert not bad, f"{case}: magnitude ratios off: {bad}"
 
 

@@ -83,6 +83,8 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
     and, always, a file that would leave more than half of the backbone's parameters at their
     random init. Returns the keys a release may lack that this file lacks (left at init)."""
     raw = read_checkpoint(path, trust)
+    if key is not None:
+        zoo.unnest(raw, (), key, path)  # refused first: the key names what the user meant to load
     family = zoo.detect_family(raw)
     hint = f"this file holds a {family} checkpoint: {zoo.suggest(family, raw)}" if family else ""
     from timm.models.beit import Beit

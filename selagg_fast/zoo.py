@@ -28,6 +28,7 @@ class Layout:
     carries them (DDP's ``module.``, SimMIM's ``encoder.``), whichever keys they are on.
     ``dropped``: key prefixes of parts a probe never uses. ``optional``: model keys a release may
     lack (left at their init: harmless unless they are used, see :func:`check_optional`).
+    ``convert``: the family's own mapping of an un-nested state dict, where it has one.
     ``pos_offset``: how a position grid is resized to another input size: ``0.1`` is DINO's and
     DINOv2's forward-time ``interpolate(scale_factor=(g + 0.1) / g0)``, ``None`` MAE's
     ``interpolate(size=g)`` (both bicubic, no antialiasing, in float32).
@@ -38,6 +39,7 @@ class Layout:
     optional: tuple = ()
     pos_offset: float | None = None
     text: str = ""
+    convert: Callable | None = None  # a family's own key mapping, used instead of prefixes / dropped
 
 
 # Family -> layout of its official release (read from each project's own save code).
@@ -59,8 +61,8 @@ LAYOUTS = {
         nesting=("target_encoder", "encoder"), dropped=("predictor.", "mask_token"),
         text="{'encoder', 'target_encoder', 'predictor', 'opt', ...}; module.*; target_encoder probed"),
     "CAPI": Layout(
-        prefixes=("module.", "backbone.", "encoder."), dropped=("decoder.", "mask_token", "head."),
-        text="flat: backbone.encoder.blocks.N.residual1.fn.q_proj ..., registers, enc_norm; decoder.*"),
+        convert=lambda state: _capi().capi_state_dict(state),
+        text="flat: backbone.encoder.blocks.N.residual1.fn.q_proj ..., backbone.registers; decoder.*, mask_token"),
     "iBOT": Layout(
         nesting=("state_dict", "teacher"), prefixes=("module.", "backbone."), dropped=("head.", "masked_embed"),
         text="{'state_dict': backbone keys} (checkpoint_teacher.pth)"),
@@ -108,6 +110,15 @@ class Preset:
         return self.name.split("_")[2]
 
 
+def _capi():
+    from . import capi
+    return capi
+
+
+def _capi_large(**kwargs):
+    return _capi().capi_vit_large_patch14(**kwargs)
+
+
 def _p(name, family, arch, files, paper=None, block=None, **kwargs) -> Preset:
     return Preset(name=name, family=family, arch=arch, kwargs={"img_size": 224, **kwargs}, files=files,
                   block=block, paper=paper)
@@ -141,6 +152,8 @@ PRESETS = {p.name: p for p in [
        "beitv2_large_patch16_224_pt1k.pth (no 21k step)", init_values=1e-5, **_BEIT_SHARED),
     _p("ijepa_vit_huge_patch14", "I-JEPA", "vit_huge_patch14_gap_224", "IN1K-vit.h.14-300e.pth.tar",
        (77.7, None, 79.2, None)),
+    Preset(name="capi_vit_large_patch14", family="CAPI", arch=None, builder=_capi_large, kwargs={"img_size": 224},
+           files="capi_vitl14_in1k.pth (backbone.* keys)", paper=(76.2, None, 82.4, None)),
     _p("ibot_vit_small_patch16", "iBOT", "vit_small_patch16_224", "checkpoint_teacher.pth (ViT-S/16)"),
     _p("ibot_vit_base_patch16", "iBOT", "vit_base_patch16_224", "checkpoint_teacher.pth (ViT-B/16)",
        (75.0, 77.8, 77.9, 78.2)),
@@ -197,7 +210,9 @@ def _top_keys(raw: dict) -> str:
 
 def map_state(state: dict, layout: Layout) -> dict:
     """The tensors of an un-nested official state dict with ``layout``'s prefixes removed from each
-    key and its unused parts dropped."""
+    key and its unused parts dropped (or mapped by the family's own ``convert``)."""
+    if layout.convert is not None:
+        return {k: v for k, v in layout.convert(state).items() if isinstance(v, torch.Tensor)}
     out = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -344,7 +359,7 @@ def preset_table() -> str:
         paper = f"{_score(p.paper[1])} / {_score(p.paper[2])}" if p.paper else ""
         if p.name == "mae_vit_base_patch16":
             paper += f" (fine-tuned: {_score(PAPER_FINETUNED_MAE_B[1])} / {_score(PAPER_FINETUNED_MAE_B[2])})"
-        rows.append((p.name, p.family, p.arch or "selagg_fast." + p.builder.__qualname__, p.files,
+        rows.append((p.name, p.family, p.arch or "selagg_fast.capi.CAPIViT", p.files,
                      str(p.block) if p.block else "last", paper))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]

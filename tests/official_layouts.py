@@ -5,7 +5,7 @@ prefixes, SimMIM's partial ``encoder.`` prefix, CAPI's ``backbone.`` prefix, and
 official files carry: decoders, predictors, momentum / target encoders, heads, optimizer states,
 epochs, pickled config objects) and returns the backbone's state dict under the official model's
 own parameter names: what ``tests/official_vit.py`` consumes. Layouts follow each project's
-model and save code (see docs of the model zoo); the values are random, with non-trivial biases,
+model and save code; the values are random, with non-trivial biases,
 layer scales and relative-position tables so that a wrong key mapping changes the tokens.
 """
 from __future__ import annotations
@@ -108,12 +108,12 @@ def beit_relative_position_index(grid: tuple) -> torch.Tensor:
     return index
 
 
-def _std_vit(r, D, depth, p, grid, *, cls=True, pos_rows=None, norm=True, layer_scale=False) -> dict:
+def _std_vit(r, D, depth, p, grid, *, cls=True, norm=True, layer_scale=False) -> dict:
     n = grid[0] * grid[1]
     s = {}
     if cls:
         s["cls_token"] = r.normal(1, 1, D, std=0.5)
-    s["pos_embed"] = r.normal(1, pos_rows if pos_rows is not None else n + int(cls), D, std=0.5)
+    s["pos_embed"] = r.normal(1, n + int(cls), D, std=0.5)
     s.update(_patch_embed(r, D, p))
     s.update(_blocks(r, depth, D, layer_scale=layer_scale))
     if norm:
@@ -222,7 +222,7 @@ def make_official_checkpoint(family: str, path: str, *, embed_dim: int = 32, dep
         backbone = _std_vit(r, D, depth, p, grid, norm=family != "mae_finetuned")
         model = dict(backbone)
         if family == "mae_visualize":  # the decoder MAE's visualisation demo needs
-            Dd = D // 2 * 2
+            Dd = 2 * D  # a decoder width of its own
             model.update({"mask_token": r.normal(1, 1, Dd, std=0.02),
                           "decoder_embed.weight": r.linear(Dd, D), "decoder_embed.bias": r.bias(Dd),
                           "decoder_pos_embed": r.normal(1, n + 1, Dd)})
@@ -271,7 +271,7 @@ def make_official_checkpoint(family: str, path: str, *, embed_dim: int = 32, dep
     elif family == "ijepa":
         encoder = _std_vit(r, D, depth, p, grid, cls=False)
         backbone = _std_vit(r, D, depth, p, grid, cls=False)  # the target (EMA) encoder differs
-        Dp = D // 2 * 2
+        Dp = 2 * D
         predictor = {"predictor_embed.weight": r.linear(Dp, D), "predictor_embed.bias": r.bias(Dp),
                      "mask_token": r.normal(1, 1, Dp, std=0.02), "predictor_pos_embed": r.normal(1, n, Dp)}
         predictor.update(_blocks(r, 1, Dp, prefix="predictor_blocks"))

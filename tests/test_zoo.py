@@ -328,6 +328,27 @@ def test_attention_selection_equals_official(case, official, built):
             attention_selection(backbone, images, "cls_mean")
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_probe_attention_heads_equal_official(case, official, built):
+    """The probe's cls_attn / cls_attn_min_entropy / center_attn weights (read off the probing pass
+    itself) and that pass's tokens."""
+    from selagg_fast.probe.heads import ATTENTION_HEADS
+    from selagg_fast.probe.selector import AttentionWeights
+
+    backbone, fwd = built(case)
+    images = official(case)[2]
+    heads = ["center_attn"] + (["cls_attn", "cls_attn_min_entropy"] if fwd.has_cls else [])
+    methods = [ATTENTION_HEADS[h] for h in heads]
+    with torch.no_grad():
+        tokens, weights = AttentionWeights(backbone, methods)(backbone, images)
+    err = _rel(tokens, fwd.tokens)
+    assert err < TOKEN_TOL, f"{case}: the probing pass's tokens differ from the official forward by {err:.3g}"
+    errors = {h: (weights[:, i].double() - official_selection(fwd, m)).abs().max().item()
+              for i, (h, m) in enumerate(zip(heads, methods))}
+    bad = {h: e for h, e in errors.items() if not e <= SELECT_TOL}
+    assert not bad, f"{case}: probe head weights off (max abs): {bad}"
+
+
 # ---------------------------------------------------------------- the CLI on each tiny preset
 
 # Three presets that between them take every distinct path (a timm Beit with a shared relative

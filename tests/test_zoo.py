@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import requires_kernels, run_cli  # noqa: E402
+from conftest import DEVICE, requires_kernels, run_cli  # noqa: E402
 from official_layouts import PRESETS, make_official_checkpoint  # noqa: E402
 from official_vit import official_forward  # noqa: E402
 
@@ -58,7 +58,8 @@ def official(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built32(official):
-    """case -> float32 Backbone from the preset (the statistics kernel takes float32 / bf16 / fp16)."""
+    """case -> float32 Backbone from the preset on the kernels' device (the statistics kernel takes
+    float32 / bf16 / fp16); everything else runs in float64 on the CPU."""
     from selagg_fast.backbone import create_backbone
 
     cache = {}
@@ -66,7 +67,7 @@ def built32(official):
     def get(case):
         if case not in cache:
             preset, _family = case
-            cache[case] = create_backbone(preset, official(case)[0], img_size=_size(preset)[2], **TINY)
+            cache[case] = create_backbone(preset, official(case)[0], img_size=_size(preset)[2], **TINY).to(DEVICE)
         return cache[case]
 
     return get
@@ -83,7 +84,7 @@ def recorded(official, built32):
         if case not in cache:
             backbone = built32(case)
             with torch.no_grad(), record_attention_stats(backbone.model) as rec:
-                backbone(official(case)[2].float())
+                backbone(official(case)[2].float().to(DEVICE))
             cache[case] = rec.summary()
         return cache[case]
 

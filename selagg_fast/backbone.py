@@ -89,7 +89,8 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
     hint = f"this file holds a {family} checkpoint: {zoo.suggest(family, raw)}" if family else ""
     from timm.models.beit import Beit
     if not zoo.fits(preset, family, beit_model=isinstance(model, Beit)):
-        raise CheckpointError(f"--checkpoint {path}: {hint} (not --model {preset.name if preset else '<timm name>'})")
+        name = preset.name if preset else getattr(model, "pretrained_cfg", {}).get("architecture", "a timm ViT")
+        raise CheckpointError(f"--checkpoint {path}: {hint} (not --model {name})")
     if preset is None:
         state = _generic_state(raw, path, key)
         state = {k: v for k, v in state.items() if k == "mask_token" or not k.startswith(_UNUSED_PREFIXES)}
@@ -100,7 +101,7 @@ def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, t
         if not state:
             raise CheckpointError(f"{path}: no tensors found for {preset.name} (top-level keys: {sorted(raw)[:10]})")
         if getattr(model, "pos_embed", None) is not None:
-            state = zoo.resize_pos_embed(state, tuple(model.patch_embed.grid_size), layout.pos_offset)
+            state = zoo.resize_pos_embed(state, tuple(model.patch_embed.grid_size), layout)
         optional = layout.optional
     convert = _timm_converter(model)
     if convert is not None:

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .files import CheckpointError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -29,15 +31,17 @@ class Layout:
     ``dropped``: key prefixes of parts a probe never uses. ``optional``: model keys a release may
     lack (left at their init: harmless unless they are used, see :func:`check_optional`).
     ``convert``: the family's own mapping of an un-nested state dict, where it has one.
-    ``pos_offset``: how a position grid is resized to another input size: ``0.1`` is DINO's and
-    DINOv2's forward-time ``interpolate(scale_factor=(g + 0.1) / g0)``, ``None`` MAE's
-    ``interpolate(size=g)`` (both bicubic, no antialiasing, in float32).
+    ``pos_offset`` / ``pos_antialias``: how a position grid is resized to another input size, as
+    the family's forward does it: ``0.1`` is DINO's and DINOv2's
+    ``interpolate(scale_factor=(g + 0.1) / g0)``, ``None`` ``interpolate(size=g)`` (MAE; DINOv2
+    with registers, antialiased); bicubic, in float32.
     """
     nesting: tuple = ()
     prefixes: tuple = ("module.",)
     dropped: tuple = ("head.", "fc_norm.", "head_drop.")
     optional: tuple = ()
     pos_offset: float | None = None
+    pos_antialias: bool = False
     text: str = ""
     convert: Callable | None = None  # a family's own key mapping, used instead of prefixes / dropped
 
@@ -63,8 +67,9 @@ LAYOUTS = {
     "CAPI": Layout(
         convert=lambda state: _capi().capi_state_dict(state),
         text="flat: backbone.encoder.blocks.N.residual1.fn.q_proj ..., backbone.registers; decoder.*, mask_token"),
-    "iBOT": Layout(
+    "iBOT": Layout(  # its ViT is DINO's: the same forward-time interpolation
         nesting=("state_dict", "teacher"), prefixes=("module.", "backbone."), dropped=("head.", "masked_embed"),
+        pos_offset=0.1,
         text="{'state_dict': backbone keys} (checkpoint_teacher.pth)"),
     "DINO": Layout(
         nesting=("teacher",), prefixes=("module.", "backbone."), dropped=("head.",), pos_offset=0.1,
@@ -77,8 +82,10 @@ LAYOUTS = {
     "DINOv2": Layout(
         pos_offset=0.1,
         text="flat: cls_token, pos_embed (row 0: [cls]; 37x37 grid at 518 px), mask_token, blocks.N.ls1.gamma"),
+    # the register releases interpolate to the size, antialiased (dinov2 hub: interpolate_offset=0.0,
+    # interpolate_antialias=True)
     "DINOv2-reg": Layout(
-        pos_offset=0.1,
+        pos_antialias=True,
         text="flat: as DINOv2 plus register_tokens (4, no position embedding)"),
 }
 
@@ -125,9 +132,10 @@ def _p(name, family, arch, files, paper=None, block=None, **kwargs) -> Preset:
 
 
 # SimMIM's ViT-B and BEiT-v2's pretraining encoder: one relative position bias shared by all
-# blocks, no absolute position embedding, layer scale; the final norm kept (no mean pooling).
+# blocks, no absolute position embedding, layer scale; the final norm kept ("token" pooling: timm
+# makes it the per-token norm rather than a norm of the mean).
 _BEIT_SHARED = dict(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
-                    use_fc_norm=False)
+                    global_pool="token")
 
 PRESETS = {p.name: p for p in [
     _p("mae_vit_small_patch16", "MAE", "vit_small_patch16_224", "not released (the paper trained it)",
@@ -191,8 +199,6 @@ def get_preset(name: str) -> Preset | None:
 def unnest(raw: dict, nesting: tuple, key: str | None, path: str) -> dict:
     """The dict the weights sit under: ``raw[key]`` when ``key`` (``--checkpoint-key``) is given,
     else the first of ``nesting`` present, else ``raw`` itself."""
-    from .files import CheckpointError
-
     if key is not None:
         if not isinstance(raw.get(key), dict):
             raise CheckpointError(f"--checkpoint-key {key}: {path} has no such dict of weights "
@@ -228,26 +234,27 @@ def map_state(state: dict, layout: Layout) -> dict:
     return out
 
 
-def interpolate_pos_grid(pos: torch.Tensor, grid: tuple, offset: float | None) -> torch.Tensor:
+def interpolate_pos_grid(pos: torch.Tensor, grid: tuple, offset: float | None,
+                         antialias: bool = False) -> torch.Tensor:
     """A position table ``[1, g0*g0, D]`` resized to ``grid`` ``(rows, cols)``, as the family's own
-    code does at that input size: bicubic without antialiasing in float32, with DINO / DINOv2's
-    ``scale_factor = (g + offset) / g0`` when ``offset`` is set, else ``size = grid`` (MAE)."""
+    code does at that input size: bicubic in float32, with DINO / DINOv2's
+    ``scale_factor = (g + offset) / g0`` when ``offset`` is set, else ``size = grid``."""
     n, dim = pos.shape[1], pos.shape[2]
     side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"position embedding of {n} patch rows is not a square grid")
     table = pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
     if offset is None:
-        table = F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False)
+        table = F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False, antialias=antialias)
     else:
-        table = F.interpolate(table, mode="bicubic", align_corners=False,
+        table = F.interpolate(table, mode="bicubic", align_corners=False, antialias=antialias,
                               scale_factor=((grid[0] + offset) / side, (grid[1] + offset) / side))
     if tuple(table.shape[-2:]) != tuple(grid):
         raise ValueError(f"position grid {side}x{side} resized to {tuple(table.shape[-2:])}, expected {grid}")
     return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos.dtype)
 
 
-def resize_pos_embed(state: dict, grid: tuple, offset: float | None) -> dict:
+def resize_pos_embed(state: dict, grid: tuple, layout: Layout) -> dict:
     """``state`` with its ``pos_embed`` patch rows resized to ``grid`` when the file was trained at
     another one; its prefix rows (0 or 1: [cls]) are kept as they are."""
     pos = state.get("pos_embed")
@@ -257,7 +264,7 @@ def resize_pos_embed(state: dict, grid: tuple, offset: float | None) -> dict:
     prefix = 0 if math.isqrt(n) ** 2 == n else 1
     if n - prefix == grid[0] * grid[1]:
         return state
-    patches = interpolate_pos_grid(pos[:, prefix:], grid, offset)
+    patches = interpolate_pos_grid(pos[:, prefix:], grid, layout.pos_offset, layout.pos_antialias)
     return {**state, "pos_embed": torch.cat([pos[:, :prefix], patches], 1)}
 
 

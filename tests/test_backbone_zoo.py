@@ -192,21 +192,28 @@ def test_beit_style_forward_is_timms(final_norm):
     assert len(short.model.blocks) == 1
 
 
-def _official_dinov2_pos(pos, img, patch):
-    """DINOv2's interpolate_pos_encoding (facebookresearch/dinov2 vision_transformer.py) for a
-    square ``img``: the [cls] row kept, the patch grid resized with scale (w0 + 0.1) / sqrt(N)."""
+def _official_dinov2_pos(pos, img, patch, interpolate_offset, interpolate_antialias):
+    """DINOv2's interpolate_pos_encoding (facebookresearch/dinov2 models/vision_transformer.py) for
+    a square ``img``: the [cls] row kept, the patch grid resized bicubically with the scale factor
+    ``(w0 + offset) / M`` when ``interpolate_offset`` is set, else to the size ``(w0, h0)``."""
     N = pos.shape[1] - 1
+    M = int(math.sqrt(N))
     w0 = h0 = img // patch
-    w0, h0 = w0 + 0.1, h0 + 0.1
-    grid = pos[:, 1:].float().reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=(float(w0 / math.sqrt(N)), float(h0 / math.sqrt(N))), mode="bicubic")
-    assert int(w0) == grid.shape[-2] and int(h0) == grid.shape[-1]
+    kwargs = {}
+    if interpolate_offset:
+        kwargs["scale_factor"] = (float(w0 + interpolate_offset) / M, float(h0 + interpolate_offset) / M)
+    else:
+        kwargs["size"] = (w0, h0)
+    grid = pos[:, 1:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, mode="bicubic", antialias=interpolate_antialias, **kwargs)
+    assert (w0, h0) == grid.shape[-2:]
     return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], 1)
 
 
 @pytest.mark.parametrize("name", ["dinov2_vit_base_patch14", "dinov2_vit_base_patch14_reg4"])
 def test_dinov2_518_file_runs_at_224_as_the_official_interpolation(tmp_path, name):
-    """A file saved at DINOv2's 518 px (37x37 position grid) probed at 224 px (16x16)."""
+    """A file saved at DINOv2's 518 px (37x37 position grid) probed at 224 px (16x16), with the hub
+    models' settings: offset 0.1 without antialiasing; registers: offset 0 (the size), antialiased."""
     file_model = timm.create_model(zoo.PRESETS[name].arch, pretrained=False, num_classes=0,
                                    **{**TINY14, "img_size": 518})
     state = {k: torch.randn_like(v) for k, v in file_model.state_dict().items()}
@@ -218,7 +225,7 @@ def test_dinov2_518_file_runs_at_224_as_the_official_interpolation(tmp_path, nam
         official["register_tokens"] = official.pop("reg_token")
     torch.save(official, tmp_path / "dinov2_518.pth")
     backbone = create_backbone(name, str(tmp_path / "dinov2_518.pth"), **{**TINY14, "img_size": 224})
-    expected = _official_dinov2_pos(pos, 224, 14)
+    expected = _official_dinov2_pos(pos, 224, 14, *((0.0, True) if "reg4" in name else (0.1, False)))
     m = backbone.model
     assert backbone.info.patch_grid == (16, 16)
     if "reg4" in name:  # timm's layout: the [cls] row folded into cls_token, registers without positions

@@ -322,6 +322,17 @@ class AttentionStatsRecorder:
                 for column, by_block in self._by_column().items()}
 
 
+def _attention_dtype(q, k, v):
+    """q, k, v in the dtype the layer's own SDPA call would use: the autocast dtype inside autocast
+    (on CUDA timm's q/k LayerNorms return float32 beside a bf16 v), else the promoted one."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return tuple(t.to(dtype) for t in (q, k, v))
+
+
 def _stats_attention_forward(attn: nn.Module, adapter, recorder: AttentionStatsRecorder, block: int):
     """A forward for ``attn`` that runs the streaming kernel on the family's q, k, v and logit
     bias (``attention_adapters``) and records the statistics; its output is the layer's."""
@@ -329,7 +340,8 @@ def _stats_attention_forward(attn: nn.Module, adapter, recorder: AttentionStatsR
 
     def forward(x, *args, **kwargs):
         h = adapter.heads(attn, x, *args, **kwargs)
-        out, stats = attention_with_stats(h.q, h.k, h.v, scale=h.scale, num_prefix_tokens=recorder.num_prefix_tokens,
+        q, k, v = _attention_dtype(h.q, h.k, h.v)
+        out, stats = attention_with_stats(q, k, v, scale=h.scale, num_prefix_tokens=recorder.num_prefix_tokens,
                                           bias=h.bias)
         recorder.record(block, stats)
         return adapter.finish(attn, out, x)

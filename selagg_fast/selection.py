@@ -58,8 +58,8 @@ def attention_rows_from_input(attn: nn.Module, x: torch.Tensor, queries: Sequenc
     """Softmax attention rows of the ``queries`` tokens over all keys: float32 ``[B, H, Q, T]``.
 
     ``attn`` is an attention layer of a supported family (``attention_adapters``), ``x`` its
-    input ``[B, T, C]`` and ``forward_args`` / ``forward_kwargs`` the other arguments it is called with (BEiT's
-    ``shared_rel_pos_bias``). The rows are ``softmax(q k^T * scale + bias)`` with the family's
+    input ``[B, T, C]``, ``forward_args`` / ``forward_kwargs`` the other arguments of its call
+    (BEiT's ``shared_rel_pos_bias``). The rows are ``softmax(q k^T * scale + bias)`` with the family's
     q, k and logit bias (q/k norms, q biases, RoPE, relative position bias), logits and softmax
     in float32; timm layers project only the query rows' q. The layer itself is not called.
     """

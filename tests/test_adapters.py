@@ -18,6 +18,7 @@ from selagg_fast import attention_selection, record_attention_stats
 from selagg_fast.attention_adapters import (HeadsAttention, TimmBeitAttention, TimmVitAttention, attention_adapter,
                                             token_layout)
 from selagg_fast.backbone import Backbone
+from selagg_fast.capi import CAPIViT
 from selagg_fast.selection import capture_attention_rows, center_query
 
 VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
@@ -48,8 +49,7 @@ def make_model(kind):
                 elif name.endswith("relative_position_bias_table"):
                     p.normal_(0, 1.0)
         return model.to(DEVICE).eval()
-    capi = pytest.importorskip("selagg_fast.capi")
-    return capi.CAPIViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_registers=4).to(DEVICE).eval()
+    return CAPIViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_registers=4).to(DEVICE).eval()
 
 
 def images_for(model, batch=3):
@@ -119,9 +119,10 @@ def expected_columns(A, P, has_cls):
 
 
 def test_each_family_has_its_adapter_and_layout():
-    expect = {"vit-registers": (TimmVitAttention, (5, True, (4, 4))), "vit-qk-norm": (TimmVitAttention, (1, True, (4, 4))),
-              "vit-no-cls": (TimmVitAttention, (2, False, (4, 4))), "beit-shared": (TimmBeitAttention, (1, True, (4, 4))),
-              "beit-per-block": (TimmBeitAttention, (1, True, (4, 4)))}
+    vit, beit = TimmVitAttention, TimmBeitAttention
+    expect = {"vit-registers": (vit, (5, True, (4, 4))), "vit-qk-norm": (vit, (1, True, (4, 4))),
+              "vit-no-cls": (vit, (2, False, (4, 4))), "beit-shared": (beit, (1, True, (4, 4))),
+              "beit-per-block": (beit, (1, True, (4, 4))), "capi": (HeadsAttention, (4, False, (4, 4)))}
     for kind, (adapter, layout) in expect.items():
         model = make_model(kind)
         assert isinstance(attention_adapter(model.blocks[0].attn), adapter), kind
@@ -243,3 +244,45 @@ def test_heads_adapter_takes_the_module_bias_and_merge():
     rows = torch.softmax(qk.q @ qk.k.transpose(-2, -1) * qk.scale + qk.bias, -1)
     torch.testing.assert_close(rows, A[:, :, [4, 1]])
     torch.testing.assert_close(adapter.finish(attn, A @ h.v, x), attn.merge_heads(A @ h.v))
+
+
+def test_statistics_inputs_take_the_dtype_the_layer_would_use():
+    # on CUDA under autocast timm's q/k LayerNorms give float32 beside a bf16 v: SDPA runs them in bf16
+    from selagg_fast.modules import _attention_dtype
+    q = torch.randn(1, 1, 3, 4)
+    assert {t.dtype for t in _attention_dtype(q, q, q.bfloat16())} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in _attention_dtype(q, q, q.bfloat16())} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kind", ["beit-per-block", "capi"])
+def test_probe_attention_weights_on_a_backbone_of_each_family(kind):
+    # the probe's cls_attn / center_attn heads and compare read weights through AttentionWeights
+    from selagg_fast.probe.selector import AttentionWeights
+    model = make_model(kind)
+    images = images_for(model, 2)
+    P, has_cls, grid = token_layout(model)
+    A = float64_pass(model, images)[-1]["A"]
+    backbone = Backbone(model, kind)
+    methods = ["center_mean"] + (["cls_mean", "cls_min_entropy"] if has_cls else [])
+    with torch.no_grad():
+        plain = backbone(images)
+        tokens, weights = AttentionWeights(backbone, methods)(backbone, images)
+    torch.testing.assert_close(tokens, plain, rtol=0, atol=0)
+    for i, method in enumerate(methods):
+        torch.testing.assert_close(weights[:, i].double().cpu(), expected_weights(A, method, P, grid).cpu(),
+                                   rtol=1e-4, atol=1e-6, msg=method)
+
+
+@requires_kernels
+@pytest.mark.parametrize("kind", ["vit-qk-norm", "beit-per-block"])
+def test_statistics_under_bf16_autocast(kind):
+    # analyze's GPU precision: bf16 q, k, v beside a float32 relative position bias
+    model = make_model(kind)
+    images = images_for(model, 2)
+    with torch.no_grad(), record_attention_stats(model) as full:
+        model.forward_features(images)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16), record_attention_stats(model) as half:
+        model.forward_features(images)
+    for name, value in full.summary().items():
+        torch.testing.assert_close(half.summary()[name], value, rtol=0.05, atol=0.02, msg=name)

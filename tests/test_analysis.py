@@ -272,3 +272,26 @@ def test_localize_warns_with_a_count_of_images_without_boxes(tiny_probe, tmp_pat
                           progress=False)
     assert "9 of 12 images under" in caplog.text and "have no box" in caplog.text
     assert result["images_without_box"] == 9 and result["images"] == 2
+
+
+@requires_kernels
+def test_analyze_cli_on_a_beit_model_equals_its_float64_attention(tmp_path):
+    # BEiT's attention (q/v biases, shared relative position bias, layer scale) through the CLI
+    from test_adapters import BEIT, BEITS, expected_columns, float64_pass, make_model
+    model = make_model("beit-shared").cpu()
+    ckpt = tmp_path / "beit.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    run_cli(["analyze", "--model", "beit_base_patch16_224", "--checkpoint", str(ckpt),
+             "--model-kwargs", json.dumps({**BEIT, **BEITS["beit-shared"]}), "--data", "synthetic", "--limit", "6",
+             "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--device", DEVICE,
+             "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    stats = json.load(open(tmp_path / "run" / "stats.json"))
+    assert stats["images"] == 6 and stats["num_prefix_tokens"] == 1 and stats["heads"] == 2
+    images = torch.stack([analysis_images("synthetic", 64, 6)[i][0] for i in range(6)])
+    ref = float64_pass(model.to(DEVICE), images.to(DEVICE))
+    for name in expected_columns(ref[0]["A"], 1, True):
+        expected = torch.stack([expected_columns(r["A"], 1, True)[name] for r in ref]).cpu().numpy()
+        assert np.abs(np.asarray(stats["metrics"][name]) - expected).max() < 1e-4, name
+    ratio = torch.stack([r["y"].norm(dim=-1) / r["res"].norm(dim=-1) for r in ref])  # [L, B, T]
+    assert np.abs(np.asarray(stats["metrics"]["pos_magnitude_ratio"])[:, 0]
+                  - ratio[..., 1:].mean((1, 2)).cpu().numpy()).max() < 1e-4

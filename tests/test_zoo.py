@@ -352,11 +352,13 @@ def test_probe_attention_heads_equal_official(case, official, built):
 
 # ---------------------------------------------------------------- the CLI on each tiny preset
 
-# Three presets that between them take every distinct path (a timm Beit with a shared relative
+# Four presets that between them take every distinct path (a timm Beit with a shared relative
 # position bias read from a file that pickles a yacs config; selagg_fast's CAPI module, registers
-# first and no [cls]; DINOv2 registers with forward-time position interpolation): a CLI run costs
-# three interpreter starts, so the other presets are checked through the API above only.
-CLI_PRESETS = ["simmim_vit_base_patch16", "capi_vit_large_patch14", "dinov2_vit_base_patch14_reg4"]
+# first and no [cls]; DINOv2 registers with forward-time position interpolation; a timm ViT without
+# [cls] from a nested DDP file): a CLI run costs three interpreter starts, so the other presets are
+# checked through the API above only.
+CLI_PRESETS = ["simmim_vit_base_patch16", "capi_vit_large_patch14", "dinov2_vit_base_patch14_reg4",
+               "ijepa_vit_huge_patch14"]
 
 
 @pytest.mark.parametrize("preset", CLI_PRESETS)

@@ -238,7 +238,8 @@ def make_official_checkpoint(family: str, path: str, *, embed_dim: int = 32, dep
         backbone = _beit_vit(r, D, depth, p, grid, H)
         backbone["mask_token"] = r.normal(1, 1, D, std=0.02)
         model = {f"encoder.{k}": v for k, v in backbone.items()}
-        model.update({"decoder.0.weight": r.normal(16 * 16 * 3, D, 1, 1, std=0.1), "decoder.0.bias": r.bias(16 * 16 * 3)})
+        out = p * p * 3  # the 1x1 conv before PixelShuffle(encoder_stride)
+        model.update({"decoder.0.weight": r.normal(out, D, 1, 1, std=0.1), "decoder.0.bias": r.bias(out)})
         _save_with_fake_yacs({"model": model, "optimizer": _adam_state(model),
                               "lr_scheduler": {"t_initial": 800, "decay_rate": 0.1}, "max_accuracy": 0.0,
                               "epoch": 799, "config": _simmim_config(img, p, D, depth, H)}, path)
@@ -249,10 +250,12 @@ def make_official_checkpoint(family: str, path: str, *, embed_dim: int = 32, dep
         model["mask_token"] = r.normal(1, 1, D, std=0.02)
         hog_out = 9 * (p // 8) ** 2 * 3
         model.update({"pred_head.transforms.0.0.weight": r.norm_weight(D), "pred_head.transforms.0.0.bias": r.bias(D),
-                      "pred_head.projections.0.weight": r.linear(hog_out, D), "pred_head.projections.0.bias": r.bias(hog_out),
+                      "pred_head.projections.0.weight": r.linear(hog_out, D),
+                      "pred_head.projections.0.bias": r.bias(hog_out),
                       "hogs.0.weight_x": r.normal(3, 1, 3, 3), "hogs.0.weight_y": r.normal(3, 1, 3, 3),
                       "hogs.0.gkern": r.uniform(16, 16)})
-        cfg = ("MODEL:\n  ARCH: maskmvit\n  MODEL_NAME: MaskMViT\nMVIT:\n  EMBED_DIM: %d\n  DEPTH: %d\n  NUM_HEADS: %d\n"
+        cfg = ("MODEL:\n  ARCH: maskmvit\n  MODEL_NAME: MaskMViT\n"
+               "MVIT:\n  EMBED_DIM: %d\n  DEPTH: %d\n  NUM_HEADS: %d\n"
                "  PATCH_2D: true\nMASK:\n  PRED_HOG: true\n" % (D, depth, H))
         torch.save({"epoch": 300, "model_state": model, "optimizer_state": _adam_state(model), "cfg": cfg}, path)
 

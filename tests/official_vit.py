@@ -63,7 +63,8 @@ def patch_embed(images, w, b):
     B, C, Hh, Ww = images.shape
     D, _, p, _ = w.shape
     gh, gw = Hh // p, Ww // p
-    x = images[:, :, :gh * p, :gw * p].reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+    x = images[:, :, :gh * p, :gw * p].reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+    x = x.reshape(B, gh * gw, C * p * p)
     return x @ w.reshape(D, -1).T + b, (gh, gw)
 
 
@@ -175,7 +176,8 @@ def official_forward(family: str, state: dict, images: torch.Tensor, *, num_head
 
     shared_bias = None
     if "rel_pos_bias.relative_position_bias_table" in s:
-        shared_bias = beit_rel_bias(s["rel_pos_bias.relative_position_bias_table"], s["rel_pos_bias.relative_position_index"])
+        shared_bias = beit_rel_bias(s["rel_pos_bias.relative_position_bias_table"],
+                                    s["rel_pos_bias.relative_position_index"])
 
     attns, ratios = [], []
     for i in range(run):

@@ -137,13 +137,13 @@ def main() -> None:
                            stride_db="i32", stride_dt="i32", T="i32", D="i32"),
                       dict(BT=tile["BT"], BD=tile["BD"]), tile["num_warps"]))
     from ..kernels.columns import attention_columns_kernel
-    from ..ops.columns import TILE
+    from ..ops.columns import columns_config
     for T in (197, 577):  # the analysis' per-block columns
-        BT = 1 << (T - 1).bit_length()
+        cfg = columns_config(T)  # as ops/columns.py launches it
         cases.append((f"attention columns T={T}", attention_columns_kernel,
                       dict(rows_ptr="*fp32", prev_ptr="*fp64", part_ptr="*fp64", B="i32", H="i32", T="i32",
                            P="i32"),
-                      dict(HAS_CLS=True, HAS_PREV=True, BB=max(1, TILE // BT), BT=BT), 4))
+                      dict(HAS_CLS=True, HAS_PREV=True, BB=cfg["BB"], BT=cfg["BT"]), cfg["num_warps"]))
     print(f"{'kernel':<44} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem':>7} {'mma':>8} {'async':>5}")
     for name, fn, sig, ce, warps, *stages in cases:  # an optional 6th item: num_stages of the launch
         try:

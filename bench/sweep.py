@@ -64,7 +64,7 @@ def _max_abs_diff(got, ref) -> float:
 
 def _whole_configs(BD: int, K: int) -> list:
     """The split kernels' one-program-an-image (WHOLE) configs, where the accumulator fits."""
-    if BD * max(16, abmilp_ops.next_pow2(K)) > abmilp_ops.MAX_ACC_ELEMENTS:
+    if BD * abmilp_ops.dot_dim(K) > abmilp_ops.MAX_ACC_ELEMENTS:
         return []
     return [dict(BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
             for bt, ns in itertools.product((16, 32), (2, 3))]
@@ -98,7 +98,7 @@ def sweep_abmilp_multi(device, dtype, B, T, D, K) -> list:
     x = torch.randn(B, T, D, device=device, dtype=dtype)
     w = torch.randn(K, D, device=device) * D ** -0.5
     b = torch.zeros(K, device=device)
-    BD = max(16, abmilp_ops.next_pow2(D))
+    BD = abmilp_ops.dot_dim(D)
     configs = [dict(BC=bc, BT=bt, num_warps=nw, num_stages=ns)
                for bc, bt, nw, ns in itertools.product((64, 128, 256, 512, 1024), (16, 32), (4, 8), (2, 3))
                 if bc <= BD and (bc >= 128 or BD < 128)]  # 2+ stages: async token copies
@@ -114,7 +114,7 @@ def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
     b = torch.zeros(K, device=device)
     out, out32, lse, scores, _ = abmilp_ops.abmilp_fwd(x, w, b, 1, store_f32=True, store_scores=K == 1)
     dout = torch.randn_like(out)
-    BD = max(16, abmilp_ops.next_pow2(D))
+    BD = abmilp_ops.dot_dim(D)
     if K == 1:
         # also the grid: image walkers per SM (4: ~2 images a program at ViT-B; 8: one, as the forward)
         configs = [dict(BT=bt, num_warps=nw, PROGRAMS_PER_SM=n)
@@ -133,7 +133,7 @@ def sweep_abmilp_backward(device, dtype, B, T, D, K) -> list:
 
 def sweep_attention(device, dtype, B, H, T, d) -> list:
     q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype) for _ in range(3))
-    BD = max(16, attention_ops.next_pow2(d))
+    BD = attention_ops.dot_dim(d)
     # kernel variants: one masked key loop; the tail key block peeled (full blocks unmasked). (The
     # head-dim mask is dropped whenever d is a power of two.)
     variants = [dict(PEEL_TAIL=False), dict(PEEL_TAIL=True)]

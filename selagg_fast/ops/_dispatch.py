@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Optional, TypedDict
 
 import torch
 
@@ -97,17 +97,60 @@ def autotuning(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("SELAGG_AUTOTUNE", "1") != "0"
 
 
-def launcher(kernel, configs: list, key: list):
-    """Pick the kernel to launch: autotuned over ``configs`` on a GPU, fixed on the interpreter.
+class LaunchConfig(TypedDict, total=False):
+    """One launch of a Triton kernel, the one config format of every op: tile sizes and other
+    tuned constexprs (the keys a kernel declares) plus Triton's ``num_warps`` / ``num_stages``.
 
-    Returns ``launch(grid, device, default, **kwargs)``; ``default`` is the config (a dict
-    of tile constexprs plus num_warps / num_stages) used where nothing is tuned. ``launch``
-    returns the config it ran (a launcher whose grid depends on the config needs it).
+    A plain dict at run time, so a default config can be updated with a tuned one
+    (``dict(default, **tuned)``), which is how tests and the bench sweep patch them. An absent
+    ``num_stages`` leaves Triton's own default."""
+
+    BM: int  # query / token rows a program
+    BN: int  # key columns, hidden units or scores a step
+    BD: int  # features (head dim, token dim), padded to a power of two
+    BK: int  # branches (K), padded for tl.dot
+    BC: int  # feature chunk a program pools
+    BT: int  # tokens (or query rows) a step
+    BB: int  # images a program
+    num_warps: int
+    num_stages: int
+    PREFETCH: bool  # abmilp K = 1: load the next tile before this tile's math
+    WHOLE: bool  # abmilp K > 1: one program an image
+    PEEL_TAIL: bool  # attention: the last key block peeled off the unmasked loop
+
+
+# the entries of a LaunchConfig that are options of the launch, not kernel arguments
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def without(cfg: LaunchConfig, fixed) -> LaunchConfig:
+    """``cfg`` less the ``fixed`` entries: those every candidate of a launcher shares (a padded
+    dim), which the launcher passes to the kernel directly; what is left is what is tuned."""
+    return {k: v for k, v in cfg.items() if k not in fixed}
+
+
+def config_list(first: LaunchConfig, *more: LaunchConfig, fits=None) -> list:
+    """An autotune list: ``first`` (the untuned default), then each of ``more`` that is not in
+    the list yet and, where ``fits`` is given, fits its budget."""
+    configs = [first]
+    for cfg in more:
+        if cfg not in configs and (fits is None or fits(cfg)):
+            configs.append(cfg)
+    return configs
+
+
+def launcher(kernel, configs: list, key: list):
+    """Pick the kernel to launch: autotuned over ``configs`` (LaunchConfigs) on a GPU, fixed on
+    the interpreter.
+
+    Returns ``launch(grid, device, default, **kwargs)``; ``default`` is the LaunchConfig used
+    where nothing is tuned. ``launch`` returns the config it ran (a launcher whose grid depends
+    on the config needs it).
     """
     import triton
 
     tuned = triton.autotune(
-        configs=[triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+        configs=[triton.Config(without(c, LAUNCH_OPTIONS),
                                num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
                  for c in configs],
         key=key,
@@ -118,7 +161,7 @@ def launcher(kernel, configs: list, key: list):
     # the eager timing of a small kernel when the host is the bottleneck (bench/RESULTS.md, session 4).
     picked = {}
 
-    def launch(grid, device, default: dict, **kwargs):
+    def launch(grid, device, default: LaunchConfig, **kwargs):
         if len(configs) > 1 and autotuning(device):
             # the autotuner's own key: the named arguments plus every tensor argument's dtype
             tuning_key = tuple(kwargs[k] for k in key) + tuple(
@@ -140,21 +183,35 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-# Register budgets of the launchers, in float32 elements a program holds at once.
+def dot_dim(n: int) -> int:
+    """A tile dim covering ``n``: a power of two, at least MIN_DOT_DIM (tl.dot's smallest)."""
+    return max(MIN_DOT_DIM, next_pow2(n))
+
+
+# Budgets shared by every op's launch configs, in float32 elements a program holds at once.
 # A kernel that reads whole tokens (rows of D features) by default keeps a [BT, BD] tile of about
 # TILE_ELEMENTS (32 KB of float32 across the program's 4-8 warps): enough tokens in flight to
 # stream at bandwidth without spilling. Autotune candidates may go up to MAX_TILE_ELEMENTS.
 TILE_ELEMENTS = 8192
 MAX_TILE_ELEMENTS = 16384
+# A K-branch pooling kernel keeps a [BC, BK] float32 accumulator beside its tiles: the default
+# configs hold ACC_ELEMENTS, the largest autotune candidates (whole images over 8 warps) up to
+# MAX_ACC_ELEMENTS.
+ACC_ELEMENTS = 4096
+MAX_ACC_ELEMENTS = 16384
+# tl.dot needs every tile dim to be at least 16
+MIN_DOT_DIM = 16
+# a whole-token tile up to this many features a row streams with 4 warps; wider rows take 8
+FOUR_WARP_FEATURES = 1024
 
 
-def token_tile(D: int, max_tokens: Optional[int] = None) -> dict:
+def token_tile(D: int, max_tokens: Optional[int] = None) -> LaunchConfig:
     """The default tile of a kernel that reads whole tokens of D features (token_norm_ratio, K = 1
     pooling): BD = D rounded up to a power of two (>= 16), BT tokens (<= ``max_tokens``) so that
-    the tile holds ~TILE_ELEMENTS, 8 warps once a token is wider than 1024 features."""
-    BD = max(16, next_pow2(D))
+    the tile holds ~TILE_ELEMENTS, 8 warps once a token is wider than FOUR_WARP_FEATURES."""
+    BD = dot_dim(D)
     BT = TILE_ELEMENTS // BD if max_tokens is None else min(max_tokens, TILE_ELEMENTS // BD)
-    return dict(BD=BD, BT=max(1, BT), num_warps=4 if BD <= 1024 else 8)
+    return dict(BD=BD, BT=max(1, BT), num_warps=4 if BD <= FOUR_WARP_FEATURES else 8)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,38 +16,47 @@ from ..kernels.abmilp import (
 from ..reference import abmilp_pool_reference
 from . import _dispatch
 from ._dispatch import (
+    ACC_ELEMENTS,
+    MAX_ACC_ELEMENTS,
     MAX_TILE_ELEMENTS,
+    MIN_DOT_DIM,
     TILE_ELEMENTS,
+    LaunchConfig,
     check_float,
     check_num_prefix_tokens,
     check_same_device,
     choose_backend,
+    config_list,
+    dot_dim,
     dot_settings,
     launcher,
     next_pow2,
     persistent_programs,
     token_tile,
+    without,
 )
 
 OP = "abmilp_pool"
-# K = 1 holds a whole token in one tile row: up to 8192 features (2-token tiles: MAX_TILE_ELEMENTS).
-MAX_SINGLE_BD = 8192
+# K = 1 holds a whole token in one tile row: at least 2-token tiles within MAX_TILE_ELEMENTS.
+MAX_SINGLE_BD = MAX_TILE_ELEMENTS // 2
 # K > 1 ("split"): past 64 branches the [BC, BK] accumulator leaves too few features per program to pay.
 MAX_K = 64
-# Accumulator budgets of the split kernels ([BC, BK] float32): the default config's, and the
-# largest any autotune candidate keeps (the whole-image [BD, BK] one, over 8 warps).
-SPLIT_ACC_ELEMENTS = 4096
-MAX_ACC_ELEMENTS = 16384
+# K > 1 default chunk widths (3 programs per ViT-B image); float32 operands (3xTF32 splits each
+# into two) take narrower ones: wider ones spill on sm_90
+SPLIT_CHUNK, SPLIT_CHUNK_F32 = 256, 64
+TOKENS_A_STEP = 16  # tokens a step of the defaults
+# the entries every candidate of a launcher shares: passed to the kernel directly
+SINGLE_FIXED, SPLIT_FIXED = ("BD",), ("BD", "BK")
 # Launcher setting (not a kernel parameter): image-walking programs per SM of the K = 1 backward.
 # Each program reduces its images into one partial row; 4 a SM is the occupancy of its 4-warp
 # default (~128 registers a thread). `bench sweep` times 4 and 8.
 SINGLE_BWD_PROGRAMS_PER_SM = 4
 
 
-def single_config(D: int) -> dict:
+def single_config(D: int) -> LaunchConfig:
     """K = 1 default (forward and backward, and the launch where nothing is tuned): the shared
-    whole-token tile (ops/_dispatch.token_tile), at most 16 tokens a step."""
-    return dict(token_tile(D, max_tokens=16), PREFETCH=False)
+    whole-token tile (ops/_dispatch.token_tile), at most TOKENS_A_STEP tokens a step."""
+    return dict(token_tile(D, max_tokens=TOKENS_A_STEP), PREFETCH=False)
 
 
 def single_configs(BD: int, *, prefetch: bool) -> list:
@@ -63,13 +72,13 @@ def single_configs(BD: int, *, prefetch: bool) -> list:
     return configs
 
 
-def split_config(D: int, K: int, *, fp32: bool) -> dict:
-    """K > 1 default: 256-feature chunks (3 programs per ViT-B image), narrower as K grows so that
-    the [BC, BK] accumulator stays within SPLIT_ACC_ELEMENTS; tl.dot needs every tile dim >= 16.
-    float32 operands (3xTF32 splits each into two) take 64-wide chunks: wider ones spill on sm_90."""
-    BK = max(16, next_pow2(K))
-    BC = max(16, min(next_pow2(D), 64 if fp32 else 256, SPLIT_ACC_ELEMENTS // BK))
-    return dict(BK=BK, BC=BC, BT=16, num_warps=4)
+def split_config(D: int, K: int, *, fp32: bool) -> LaunchConfig:
+    """K > 1 default: SPLIT_CHUNK-feature chunks (SPLIT_CHUNK_F32 for float32 operands), narrower
+    as K grows so that the [BC, BK] accumulator stays within ACC_ELEMENTS; tl.dot needs every
+    tile dim >= MIN_DOT_DIM."""
+    BK = dot_dim(K)
+    BC = max(MIN_DOT_DIM, min(next_pow2(D), SPLIT_CHUNK_F32 if fp32 else SPLIT_CHUNK, ACC_ELEMENTS // BK))
+    return dict(BK=BK, BC=BC, BT=TOKENS_A_STEP, num_warps=4)
 
 
 def split_configs(D: int, K: int, *, fp32: bool, standardize: bool = False) -> list:
@@ -83,24 +92,16 @@ def split_configs(D: int, K: int, *, fp32: bool, standardize: bool = False) -> l
     hundreds to thousands of bytes on sm_90). Registers and spills of every config on sm_90:
     bench/results/compile_sm90_*.txt."""
     default = split_config(D, K, fp32=fp32)
-    BD, BK = max(16, next_pow2(D)), default["BK"]
+    BD, BK = dot_dim(D), default["BK"]
     shapes = ((32, 16, 4), (64, 16, 8)) if fp32 else ((512, 32, 4), (1024, 16, 4), (1024, 32, 8))
-    configs = [default]
-    for bc, bt, w in shapes:
-        cfg = dict(BK=BK, BC=min(bc, BD), BT=bt, num_warps=w)
-        if cfg["BC"] * BK <= MAX_ACC_ELEMENTS and cfg not in configs:
-            configs.append(cfg)
+    configs = config_list(default, *(dict(BK=BK, BC=min(bc, BD), BT=bt, num_warps=w) for bc, bt, w in shapes),
+                          fits=lambda c: c["BC"] * BK <= MAX_ACC_ELEMENTS)
     if not fp32 and BD * BK <= MAX_ACC_ELEMENTS:
         configs += [dict(BK=BK, BC=BD, BT=bt, num_warps=8, num_stages=ns, WHOLE=True)
                     for bt, ns in ((16, 2), (32, 2), (16, 3))]
     if standardize:
         configs = [c for c in configs if (c["BT"] == 16 if c.get("WHOLE") else c["BC"] <= 256)]
     return configs
-
-
-def _tuned(cfg: dict, fixed=("BD", "BK")) -> dict:
-    """A config without the entries every candidate shares (passed to the kernel directly)."""
-    return {k: v for k, v in cfg.items() if k not in fixed}
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +113,7 @@ def _single_launcher(kernel, BD: int, *, backward: bool):
 @functools.lru_cache(maxsize=None)
 def _split_launcher(kernel, D: int, K: int, *, fp32: bool, standardize: bool, backward: bool):
     key = ["D", "K"] + (["HAS_DX"] if backward else [])  # one launcher per standardize flag
-    return launcher(kernel, [_tuned(c) for c in split_configs(D, K, fp32=fp32, standardize=standardize)], key=key)
+    return launcher(kernel, [without(c, SPLIT_FIXED) for c in split_configs(D, K, fp32=fp32, standardize=standardize)], key=key)
 
 
 def _launch_split(kernel, programs: int, x: torch.Tensor, K: int, kwargs: dict, *, backward: bool) -> None:
@@ -120,7 +121,7 @@ def _launch_split(kernel, programs: int, x: torch.Tensor, K: int, kwargs: dict, 
     D, fp32 = x.shape[-1], x.dtype == torch.float32
     cfg = split_config(D, K, fp32=fp32)
     _split_launcher(kernel, D, K, fp32=fp32, standardize=kwargs["STANDARDIZE"], backward=backward)(
-        lambda meta: (programs * triton.cdiv(D, meta["BC"]),), x.device, _tuned(cfg), **kwargs, BK=cfg["BK"])
+        lambda meta: (programs * triton.cdiv(D, meta["BC"]),), x.device, without(cfg, SPLIT_FIXED), **kwargs, BK=cfg["BK"])
 
 
 def _unsupported_reason(x: torch.Tensor, K: int) -> Optional[str]:
@@ -166,7 +167,7 @@ def abmilp_fwd(x, weight, bias, P, *, store_f32: bool, store_scores: bool, stand
     if K == 1:
         cfg = single_config(D)
         _single_launcher(abmilp_fwd_single_kernel, cfg["BD"], backward=False)(
-            (B,), x.device, _tuned(cfg), **common, BD=cfg["BD"])
+            (B,), x.device, without(cfg, SINGLE_FIXED), **common, BD=cfg["BD"])
     else:
         _launch_split(abmilp_fwd_split_kernel, B, x, K, dict(common, **_dot_operands(weight, x.dtype), K=K),
                       backward=False)
@@ -198,7 +199,7 @@ def abmilp_bwd(x, weight, bias, P, lse, out32, dout, *, need_dx: bool, scores=No
         G = persistent_programs(x.device, B, SINGLE_BWD_PROGRAMS_PER_SM)
         partials = _partials(x.device, G, K, D)
         _single_launcher(abmilp_bwd_single_kernel, cfg["BD"], backward=True)(
-            (G,), x.device, _tuned(cfg, fixed=("BD", "PREFETCH")), **common, **_partial_ptrs(partials, K, D),
+            (G,), x.device, without(cfg, SINGLE_FIXED + ("PREFETCH",)), **common, **_partial_ptrs(partials, K, D),
             s_ptr=scores, BD=cfg["BD"])
     else:
         G = persistent_programs(x.device, B)

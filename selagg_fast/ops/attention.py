@@ -11,7 +11,18 @@ import triton
 from ..kernels.attention import attention_stats_fwd_kernel
 from ..reference import AttentionStats, attention_with_stats_reference
 from . import _dispatch
-from ._dispatch import check_float, check_num_prefix_tokens, check_same_device, choose_backend, interpreter_active, launcher, next_pow2
+from ._dispatch import (
+    MIN_DOT_DIM,
+    LaunchConfig,
+    check_float,
+    check_num_prefix_tokens,
+    check_same_device,
+    choose_backend,
+    dot_dim,
+    interpreter_active,
+    launcher,
+    without,
+)
 
 OP = "attention_with_stats"
 MAX_HEAD_DIM = 256
@@ -19,43 +30,45 @@ LOG2E = 1.4426950408889634
 
 
 MIN_BN = 32  # every config's key block holds all prefix tokens when P <= MIN_BN
+KEY = ["BD", "UPCAST", "T", "HAS_BIAS"]  # what the tuned launches are tuned for
 # Tiles x warps x stages, each with the key loop as one masked loop or with the tail block peeled
 # off (full blocks unmasked): the tuner keeps whichever is faster for the sequence length.
-_CONFIGS = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s, PEEL_TAIL=peel)
+_CONFIGS: list = [dict(BM=bm, BN=bn, num_warps=w, num_stages=s, PEEL_TAIL=peel)
             for bm, bn, w, s in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2))
             for peel in (False, True)]
-_launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=["BD", "UPCAST", "T", "HAS_BIAS"])
+_launch = launcher(attention_stats_fwd_kernel, _CONFIGS, key=KEY)
 # Query tail: T = 197 in 64-row blocks is 3 full blocks and one of 5 rows that costs as much as a
 # full one (a quarter of the work for 2.5% of the rows). When the last block would be at most half
 # full, full 64-row blocks run in one launch and the remaining rows in a second, narrower one.
 SPLIT_BM = 64
-_launch_full_blocks = launcher(attention_stats_fwd_kernel, [c for c in _CONFIGS if c["BM"] == SPLIT_BM],
-                               key=["BD", "UPCAST", "T", "HAS_BIAS"])
+_launch_full_blocks = launcher(attention_stats_fwd_kernel, [c for c in _CONFIGS if c["BM"] == SPLIT_BM], key=KEY)
 # the tail launch tunes its key block and warps per row-block height (16 or 32 rows)
 _TAIL_LAUNCHERS = {bm: launcher(attention_stats_fwd_kernel,
                                 [dict(BM=bm, BN=bn, num_warps=w, num_stages=2, PEEL_TAIL=False)
-                                 for bn in (32, 64) for w in (2, 4)], key=["BD", "UPCAST", "T", "HAS_BIAS"])
-                   for bm in (16, 32)}
+                                 for bn in (32, 64) for w in (2, 4)], key=KEY)
+                   for bm in (MIN_DOT_DIM, 2 * MIN_DOT_DIM)}
 
 # fp32 inputs use 3xTF32 dots (float32-accurate), whose operands need more shared memory
-_F32_CONFIG = dict(BM=32, BN=32, num_warps=4, num_stages=1)
+_F32_CONFIG: LaunchConfig = dict(BM=32, BN=32, num_warps=4, num_stages=1)
 _launch_f32 = launcher(attention_stats_fwd_kernel, [_F32_CONFIG], key=["BD", "HAS_BIAS"])
 
 
-def _launch_tail_rows(grid, device, cfg: dict, **kwargs) -> None:
+def _launch_tail_rows(grid, device, cfg: LaunchConfig, **kwargs) -> None:
     _TAIL_LAUNCHERS[cfg["BM"]](grid, device, cfg, **kwargs)
 
 
-def _launch_config(d: int, fp32: bool = False) -> dict:
-    BD = max(16, next_pow2(d))
+def _launch_config(d: int, fp32: bool = False) -> LaunchConfig:
+    """The untuned launch: 64-row blocks (SPLIT_BM), key blocks and stages that fit the head dim
+    in shared memory (BD, the padded head dim, is passed to the kernel directly)."""
+    BD = dot_dim(d)
     if fp32:
         return dict(_F32_CONFIG, BD=BD)
     return dict(BM=64, BN=32 if BD > 64 else 64, BD=BD, num_warps=4, num_stages=3 if BD <= 64 else 2)
 
 
-def _tail_rows_config(rows: int, BD: int) -> dict:
+def _tail_rows_config(rows: int, BD: int) -> LaunchConfig:
     """The second launch's untuned config for the last ``rows`` (<= half a block, <= 32) query rows."""
-    return dict(BM=max(16, next_pow2(rows)), BN=32 if BD > 64 else 64, num_warps=4, num_stages=2, PEEL_TAIL=False)
+    return dict(BM=dot_dim(rows), BN=32 if BD > 64 else 64, num_warps=4, num_stages=2, PEEL_TAIL=False)
 
 
 def _unsupported_reason(q: torch.Tensor, num_prefix_tokens: int, scale: float) -> Optional[str]:
@@ -87,7 +100,7 @@ def attention_stats_fwd(q, k, v, scale: float, P: int, bias: Optional[torch.Tens
     stats = _dispatch.empty((4, B, H, T), q.device, torch.float32).unbind(0)
     fp32 = q.dtype == torch.float32
     cfg = _launch_config(d, fp32)
-    BD = cfg.pop("BD")
+    BD, cfg = cfg["BD"], without(cfg, ("BD",))
     args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out,
         self_ptr=stats[0], prefix_ptr=stats[1], ent_ptr=stats[2], cls_ptr=stats[3], bias_ptr=bias,

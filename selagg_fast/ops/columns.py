@@ -10,10 +10,10 @@ import triton
 from ..kernels.columns import attention_columns_kernel
 from ..reference import CLS_COLUMNS, AttentionStats, attention_stats_columns
 from . import _dispatch
-from ._dispatch import choose_backend, next_pow2
+from ._dispatch import MAX_TILE_ELEMENTS, LaunchConfig, choose_backend, dot_dim, next_pow2
 
 OP = "attention_column_sums"
-MAX_T = 16384
+MAX_T = MAX_TILE_ELEMENTS  # a whole row of statistics in one tile row
 TILE = 2048  # statistics of one kind per program: BB images x BT (>= T) query rows
 
 
@@ -30,6 +30,12 @@ def column_names(has_cls: bool) -> tuple:
 
 def num_columns(has_cls: bool) -> int:
     return len(column_names(has_cls))
+
+
+def columns_config(T: int) -> LaunchConfig:
+    """The launch: whole rows of T statistics (BT >= T), as many images a program as fill TILE."""
+    BT = dot_dim(T)
+    return dict(BB=max(1, TILE // BT), BT=BT, num_warps=4)
 
 
 def attention_column_sums_reference(rows: torch.Tensor, num_prefix_tokens: int, has_cls: bool) -> torch.Tensor:
@@ -63,12 +69,11 @@ def attention_column_sums(rows: torch.Tensor, num_prefix_tokens: int, has_cls: b
         total = attention_column_sums_reference(rows, num_prefix_tokens, has_cls)
         return total if previous is None else previous + total
     rows = rows.contiguous()
-    BT = max(16, next_pow2(T))
-    BB = max(1, TILE // BT)
-    chunks = triton.cdiv(B, BB)
+    cfg = columns_config(T)
+    chunks = triton.cdiv(B, cfg["BB"])
     part = _dispatch.empty((chunks, C, H), rows.device, torch.float64)
     attention_columns_kernel[(H, chunks)](
         rows_ptr=rows, prev_ptr=previous if previous is not None else part, part_ptr=part,
         B=B, H=H, T=T, P=num_prefix_tokens,
-        HAS_CLS=has_cls, HAS_PREV=previous is not None, BB=BB, BT=BT, num_warps=4)
+        HAS_CLS=has_cls, HAS_PREV=previous is not None, **cfg)
     return part.sum(0)

@@ -14,10 +14,13 @@ from ._dispatch import (
     check_float,
     check_num_prefix_tokens,
     check_same_device,
+    LaunchConfig,
     choose_backend,
+    config_list,
+    dot_dim,
     dot_settings,
     launcher,
-    next_pow2,
+    without,
 )
 
 OP = "mlp_scores"
@@ -40,29 +43,24 @@ BWD_TILES = ((128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128
              (64, 64, 64, 4, 4))
 
 
+FIXED = ("BK",)  # the entry every candidate shares: passed to the kernel directly
+
+
 def _configs(D: int, DH: int, K: int, backward: bool) -> list:
     """The autotune list (tile dims clipped to the problem, each >= 16 for tl.dot)."""
-    BND, BDD = max(16, next_pow2(DH)), max(16, next_pow2(D))
-    configs = []
-    for bm, bn, bd, w, st in BWD_TILES if backward else FWD_TILES:
-        cfg = dict(BM=bm, BN=min(bn, BND), BD=min(bd, BDD), num_warps=w, num_stages=st)
-        if cfg not in configs:
-            configs.append(cfg)
-    return configs
+    BND, BDD = dot_dim(DH), dot_dim(D)
+    return config_list(*(dict(BM=bm, BN=min(bn, BND), BD=min(bd, BDD), num_warps=w, num_stages=st)
+                         for bm, bn, bd, w, st in (BWD_TILES if backward else FWD_TILES)))
 
 
-def _launch_config(D: int, DH: int, K: int, backward: bool = False) -> dict:
+def _launch_config(D: int, DH: int, K: int, backward: bool = False) -> LaunchConfig:
     """The untuned launch: the first config of the list, plus BK (second-layer outputs, padded)."""
-    return dict(_configs(D, DH, K, backward)[0], BK=1 if K == 1 else max(16, next_pow2(K)))
+    return dict(_configs(D, DH, K, backward)[0], BK=1 if K == 1 else dot_dim(K))
 
 
 @functools.lru_cache(maxsize=None)
 def _launcher(kernel, D: int, DH: int, K: int, backward: bool):
     return launcher(kernel, _configs(D, DH, K, backward), key=["D", "DH", "K"])
-
-
-def _default(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("BM", "BN", "BD", "num_warps", "num_stages")}
 
 
 def _kernel_settings(x_dtype: torch.dtype, activation: str) -> dict:
@@ -87,7 +85,7 @@ def mlp_scores_fwd(x, w1, b1, w2, b2, P, activation):
     scores = _dispatch.empty((B, K, N), x.device, torch.float32)
     cfg = _launch_config(D, DH, K)
     _launcher(mlp_scores_fwd_kernel, D, DH, K, False)(
-        lambda meta: (triton.cdiv(M, meta["BM"]),), x.device, _default(cfg),
+        lambda meta: (triton.cdiv(M, meta["BM"]),), x.device, without(cfg, FIXED),
         x_ptr=x, w1_ptr=w1, b1_ptr=b1 if b1 is not None else w1, w2_ptr=w2, b2_ptr=b2 if b2 is not None else w2,
         s_ptr=scores, stride_xb=x.stride(0), stride_xt=x.stride(1), P=P, N=N, M=M, D=D, DH=DH, K=K,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, SINGLE=K == 1, BK=cfg["BK"],
@@ -123,7 +121,7 @@ def mlp_scores_bwd(x, w1, b1, w2, P, activation, ds, need_dx, need_dw1=True):
         nb = min(chunk, B - b0)
         M = nb * T  # every token of the chunk's images, prefix tokens included
         ran = _launcher(mlp_scores_bwd_kernel, D, DH, K, True)(
-            lambda meta: (triton.cdiv(M, meta["BM"]),), x.device, _default(cfg),
+            lambda meta: (triton.cdiv(M, meta["BM"]),), x.device, without(cfg, FIXED),
             x_ptr=x, w1_ptr=w1, b1_ptr=b1 if b1 is not None else w1, w2_ptr=w2, ds_ptr=ds, dpre_ptr=dpre_buf,
             part_ptr=partials, stride_xb=x.stride(0), stride_xt=x.stride(1), stride_part=partials.stride(0),
             b0=b0, P=P, N=N, M=M, T=T, D=D, DH=DH, K=K, HAS_B1=b1 is not None, SINGLE=K == 1, BK=cfg["BK"],

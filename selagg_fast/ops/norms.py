@@ -6,10 +6,10 @@ import triton
 
 from ..kernels.norms import token_norm_ratio_kernel
 from . import _dispatch
-from ._dispatch import check_float, check_same_device, choose_backend, next_pow2, token_tile
+from ._dispatch import MAX_TILE_ELEMENTS, check_float, check_same_device, choose_backend, next_pow2, token_tile
 
 OP = "token_norm_ratio"
-MAX_D = 16384  # a whole token in one tile row (a 1-token tile: 16K float32 per tensor per program)
+MAX_D = MAX_TILE_ELEMENTS  # a whole token in one tile row (at widest a 1-token tile per tensor per program)
 
 
 def token_norm_ratio_reference(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -11,77 +11,89 @@ from ..kernels.softmax_pool import softmax_pool_bwd_kernel, softmax_pool_fwd_ker
 from ..reference import softmax_pool_reference
 from . import _dispatch
 from ._dispatch import (
+    ACC_ELEMENTS,
+    MAX_TILE_ELEMENTS,
+    MIN_DOT_DIM,
+    TILE_ELEMENTS,
+    LaunchConfig,
     check_float,
     check_num_prefix_tokens,
     check_same_device,
     choose_backend,
+    config_list,
+    dot_dim,
     dot_settings,
     launcher,
     next_pow2,
     persistent_programs,
+    without,
 )
 
 OP = "softmax_pool"
 MAX_K = 64  # branches: the K > 1 kernels keep a [BC, BK] accumulator and [BC, BK] tiles of dout
-MAX_BD = 16384
+MAX_BD = MAX_TILE_ELEMENTS  # the widest token any config tiles
 # scores read per step of the forward's log-sum-exp pass ([BK, BN] tile)
 SCORE_TILE = 4096
+# K = 1 is pure bandwidth: a program pools at most SINGLE_CHUNK features of an image, with 8
+# warps once its chunk is wider than SINGLE_FOUR_WARP_CHUNK
+SINGLE_CHUNK = 1024
+SINGLE_FOUR_WARP_CHUNK = 512
+# K > 1 default chunk widths: float32 operands (3xTF32 splits each into two) need narrower ones
+SPLIT_CHUNK, SPLIT_CHUNK_F32 = 128, 64
+TOKENS_A_STEP = 16  # tokens a step of the defaults (and the backward's token split granule)
+# the entries every candidate of a launcher shares: passed to the kernel directly
+FIXED = ("BK", "BN")
 
 
-def _launch_config(D: int, K: int, fp32: bool = False) -> dict:
+def _launch_config(D: int, K: int, fp32: bool = False) -> LaunchConfig:
     """Untuned defaults. K = 1 is pure bandwidth (as abmilp's K = 1 kernel): a program per image
-    and up to 1024 features, ~8K-element tiles. K > 1: [BC, BK] tiles for tl.dot (every dim >= 16)."""
-    BD = max(16, next_pow2(D))
+    and up to SINGLE_CHUNK features, ~TILE_ELEMENTS tiles. K > 1: [BC, BK] tiles for tl.dot
+    within ACC_ELEMENTS."""
+    BD = dot_dim(D)
     if K == 1:
-        BC = min(BD, 1024)
-        return dict(BK=1, BN=SCORE_TILE, BC=BC, BT=max(1, min(16, 8192 // BC)), num_warps=4 if BC <= 512 else 8)
-    BK = max(16, next_pow2(K))
-    return dict(BK=BK, BN=max(16, SCORE_TILE // BK), BC=max(16, min(BD, 64 if fp32 else 128, 4096 // BK)), BT=16,
-                num_warps=4)
+        BC = min(BD, SINGLE_CHUNK)
+        return dict(BK=1, BN=SCORE_TILE, BC=BC, BT=max(1, min(TOKENS_A_STEP, TILE_ELEMENTS // BC)),
+                    num_warps=4 if BC <= SINGLE_FOUR_WARP_CHUNK else 8)
+    BK = dot_dim(K)
+    return dict(BK=BK, BN=max(MIN_DOT_DIM, SCORE_TILE // BK),
+                BC=max(MIN_DOT_DIM, min(BD, SPLIT_CHUNK_F32 if fp32 else SPLIT_CHUNK, ACC_ELEMENTS // BK)),
+                BT=TOKENS_A_STEP, num_warps=4)
+
+
+def _chunks(BD: int, shapes) -> list:
+    """Candidates from (feature chunk, tokens a step, warps) triples, the chunk clipped to BD."""
+    return [dict(BC=min(bc, BD), BT=bt, num_warps=w) for bc, bt, w in shapes]
 
 
 def _fwd_configs(D: int, K: int, fp32: bool) -> list:
     """Forward autotune list: the default, then wider / narrower feature chunks (more programs an
-    image share its tokens through L2) and more tokens a step."""
+    image share its tokens through L2) and more tokens a step, each tile within MAX_TILE_ELEMENTS."""
     default = _launch_config(D, K, fp32)
-    BD, BK = max(16, next_pow2(D)), default["BK"]
+    BD, BK = dot_dim(D), default["BK"]
     if K == 1:
         shapes = ((256, 16, 4), (512, 16, 4), (1024, 8, 4), (1024, 16, 8), (BD, 4, 4), (BD, 8, 8))
     else:
         shapes = ((32, 16, 4), (64, 32, 4)) if fp32 else ((128, 32, 4), (256, 16, 4), (256, 32, 8))
-    configs = [{k: default[k] for k in ("BC", "BT", "num_warps")}]
-    for bc, bt, w in shapes:
-        cfg = dict(BC=min(bc, BD), BT=bt, num_warps=w)
-        if cfg["BC"] * max(bt, BK) <= 16384 and cfg not in configs:
-            configs.append(cfg)
-    return configs
+    return config_list(without(default, FIXED), *_chunks(BD, shapes),
+                       fits=lambda c: c["BC"] * max(c["BT"], BK) <= MAX_TILE_ELEMENTS)
 
 
 def _bwd_configs(D: int, K: int, fp32: bool) -> list:
     """Backward autotune list: feature chunk x tokens a step x warps (sm_90 compiles without
     spills, bench/compile_cases_softmax_pool.py; float32 dots need narrow chunks)."""
     default = _launch_config(D, K, fp32)
-    BD = max(16, next_pow2(D))
+    BD = dot_dim(D)
     if K == 1:
-        shapes = ((BD if BD <= 1024 else 1024, 4, 4), (256, 16, 4), (512, 8, 4))
+        shapes = ((min(BD, SINGLE_CHUNK), 4, 4), (256, 16, 4), (512, 8, 4))
     else:
         shapes = ((32, 16, 4), (64, 32, 4)) if fp32 else ((64, 16, 4), (128, 32, 4), (256, 16, 8))
-    configs = [{k: default[k] for k in ("BC", "BT", "num_warps")}]
-    for bc, bt, w in shapes:
-        cfg = dict(BC=min(bc, BD), BT=bt, num_warps=w)
-        if cfg not in configs:
-            configs.append(cfg)
-    return configs
+    return config_list(without(default, FIXED), *_chunks(BD, shapes))
 
 
 @functools.lru_cache(maxsize=None)
 def _launcher(kernel, D: int, K: int, fp32: bool, backward: bool):
     configs = (_bwd_configs if backward else _fwd_configs)(D, K, fp32)
     return launcher(kernel, configs, key=["D", "K"])
-
-
-def _default(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("BC", "BT", "num_warps")}
 
 
 def softmax_pool_fwd(scores, x, P, store_f32):
@@ -97,7 +109,7 @@ def softmax_pool_fwd(scores, x, P, store_f32):
     fp32 = x.dtype == torch.float32
     cfg = _launch_config(D, K, fp32)
     _launcher(softmax_pool_fwd_kernel, D, K, fp32, False)(
-        lambda meta: (B * triton.cdiv(D, meta["BC"]),), x.device, _default(cfg),
+        lambda meta: (B * triton.cdiv(D, meta["BC"]),), x.device, without(cfg, FIXED),
         s_ptr=scores, x_ptr=x, out_ptr=out, out32_ptr=out32 if out32 is not None else out, lse_ptr=lse,
         stride_xb=x.stride(0), stride_xt=x.stride(1), P=P, N=N, D=D, K=K,
         STORE_F32=out32 is not None and out32 is not out, SINGLE=K == 1, BK=cfg["BK"], BN=cfg["BN"],
@@ -120,9 +132,9 @@ def softmax_pool_bwd(scores, x, P, lse, out32, dout, need_ds, need_dx):
     cfg = _launch_config(D, K, fp32)
 
     # token splits an image: enough programs to fill the GPU (4 an SM); any NTS >= 1 covers every tile
-    NTS = max(1, min(triton.cdiv(N, 16), triton.cdiv(persistent_programs(x.device, 1 << 30), B)))
+    NTS = max(1, min(triton.cdiv(N, TOKENS_A_STEP), triton.cdiv(persistent_programs(x.device, 1 << 30), B)))
     _launcher(softmax_pool_bwd_kernel, D, K, fp32, True)(
-        (B * NTS,), x.device, _default(cfg),
+        (B * NTS,), x.device, without(cfg, FIXED),
         s_ptr=scores, x_ptr=x, lse_ptr=lse, out32_ptr=out32, dout_ptr=dout,
         ds_ptr=ds if ds is not None else lse, dx_ptr=dx if dx is not None else x,
         stride_xb=x.stride(0), stride_xt=x.stride(1),

@@ -183,7 +183,8 @@ def test_model_without_cls_leaves_the_cls_methods_out(tmp_path, capsys):
     (["--selector-model", "vit_tiny_patch16_224", "--selector-random-init", "--selector-model-kwargs",
       '{"img_size": 32, "patch_size": 16, "depth": 1}'], "patch grid"),
     (["--probe", "NOCKPT"], "no checkpoint.pt"),
-], ids=["unknown-method", "selector-grid", "no-checkpoint"])
+    (["--selector-model-kwargs", '{"depth": 1}'], "need --selector-model"),
+], ids=["unknown-method", "selector-grid", "no-checkpoint", "selector-kwargs-alone"])
 def test_bad_input_is_one_error_line(probe_run, tmp_path, capsys, monkeypatch, extra, match):
     monkeypatch.delenv("SELAGG_TRACEBACK", raising=False)
     root = probe_run

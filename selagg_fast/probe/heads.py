@@ -62,7 +62,8 @@ class HeadSpec:
 
     @property
     def selective(self) -> bool:
-        """The name :attr:`learns_weights` had first (true for attentive and efficient probes too)."""
+        """:attr:`learns_weights` under its earlier name, kept for callers (true for attentive and efficient
+        probes too)."""
         return self.learns_weights
 
     @property
@@ -246,7 +247,7 @@ class ProbeHeads(nn.Module):
 
     @property
     def selection_methods(self) -> list:
-        """The name :attr:`attention_methods` had first."""
+        """:attr:`attention_methods` under its earlier name, kept for callers."""
         return self.attention_methods
 
     @staticmethod
@@ -320,7 +321,7 @@ class ProbeHeads(nn.Module):
         """``tokens [B, T, D]``; heads of fixed attention weights (cls_attn & co.) also need
         ``attention_weights [B, M, N]`` (float32, methods in ``attention_methods`` order), given as
         the argument or as ``tokens = (tokens, attention_weights)`` (the trainer's batches carry
-        that pair); ``selection``: the keyword's first name, still accepted."""
+        that pair); ``selection``: the keyword's earlier name, still accepted."""
         if attention_weights is None:
             attention_weights = selection
         if isinstance(tokens, (tuple, list)):
@@ -354,7 +355,7 @@ class ProbeHeads(nn.Module):
                 return w.reshape(tokens.shape[0], -1, w.shape[-1])
         raise KeyError(f"no head {name!r}; have {self.pair_names()}")
 
-    selection_weights = trained_weights  # the name it had first
+    selection_weights = trained_weights  # its earlier name, kept for callers
 
 
 def _aggregator(spec: HeadSpec, dim: int, prefix: int, grid_size) -> nn.Module:

@@ -28,11 +28,12 @@ from ..datasets import check_data_flags, layout_files, probe_datasets, probe_spl
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
 from ..files import (CheckpointError, Interrupted, check_number, check_writable, interrupts_deferred, load_torch_file,
                      output_lock, refuse_existing_run)
+from ..precision import PRECISIONS, uses_bf16
 from ..profiling import nvtx_range
 from .cache import CacheError, extract, file_stamp, open_store, source_files
 from .curves import plot_curves
 from .knn_run import parse_ks, parse_temperatures, run_knn
-from .heads import pair_name, parse_heads, probe_loss
+from .heads import pair_name, parse_heads, parse_lrs, probe_loss
 from .optim import build_optimizer, set_lr
 from .sizes import check_fits, head_sizes, seeds_sizes
 from .selector import attention_weights_for, batch_to, cache_settings, check_selector_flags
@@ -108,13 +109,7 @@ class ProbeConfig(BackboneSettings):
     knn_memory_gb: float = 1.0
 
     def lr_list(self) -> list:
-        try:
-            lrs = [float(v) for v in str(self.lrs).split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--lrs {self.lrs!r}: expected comma-separated numbers, e.g. 0.05,0.1,0.3") from None
-        if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
-            raise ValueError(f"--lrs {self.lrs!r}: expected distinct finite positive base learning rates")
-        return lrs
+        return parse_lrs(self.lrs)
 
     def seed_list(self) -> list:
         """The seeds the heads train with: ``seeds``, or ``[seed]``."""
@@ -158,7 +153,7 @@ def validate(cfg: ProbeConfig) -> None:
         raise (ValueError if os.path.isdir(cfg.train_list) else FileNotFoundError)(
             f"--train-list {cfg.train_list}: {what}")
     for flag, value, choices in (("--optimizer", cfg.optimizer, ("lars", "sgd")),
-                                 ("--precision", cfg.precision, ("auto", "bf16", "fp32")),
+                                 ("--precision", cfg.precision, PRECISIONS),
                                  ("--cache-dtype", cfg.cache_dtype, ("bf16", "fp32")),
                                  ("--protocol", cfg.protocol, (None, *PROTOCOLS))):
         if value not in choices:
@@ -218,8 +213,7 @@ class _Run:
         # batch (paper protocol), so one epoch alone can miss some; the count is over every epoch
         self.unreadable_indices = {"train": set(), "val": set()}
         self.diverged = set()                     # pair names whose loss or parameters went non-finite
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = torch.bfloat16 if uses_bf16(cfg.precision, self.device) else None
         torch.manual_seed(cfg.seed)
 
         # the data's files first: a class-folder, --train-list or --knn-k error costs no backbone build

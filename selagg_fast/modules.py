@@ -77,7 +77,8 @@ class SelectiveAggregation(PoolingProtocol, nn.Module):
     The default (``depth=1``, no self-attention, not positional) is the paper's main head,
     ``softmax_i(w_k . z_i + b_k)``, one fused ``abmilp_pool``. The other settings are the
     reference head's (``ABMILPHead``, paper App. C.2, Table 4), state-dict keys included, so a
-    head trained by the paper's code loads (``load_state_dict``) and gives the same outputs.
+    head trained by the paper's code loads (``load_state_dict``) and gives the same outputs. Maths:
+    docs/semantics.md ("The Selective Aggregation head's configurations").
 
     Args:
         dim: token width D.

@@ -2,9 +2,8 @@
 
 These functions are the specification: the tests compare the Triton kernels against
 them (in float64), the benchmarks time them as the "eager" peer, and the ops fall back
-to them on CPU when the Triton interpreter is not active. They follow the definitions of
-docs/api.md (pooling) and docs/statistics.md (attention statistics) exactly (without the paper
-code's ``1e-6`` terms).
+to them on CPU when the Triton interpreter is not active. They compute the formulas of
+docs/semantics.md exactly (without the paper code's ``1e-6`` terms).
 """
 from __future__ import annotations
 

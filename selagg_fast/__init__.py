@@ -33,7 +33,9 @@ def _install_checkout_finder() -> None:
     if not _os.path.isfile(_os.path.join(root, "kernels", "__init__.py")):
         return
     if not any(isinstance(f, _CheckoutSubpackages) for f in _sys.meta_path):
-        _sys.meta_path.append(_CheckoutSubpackages(root))
+        # first, so that another install's finder (an editable one of another checkout) cannot pair
+        # this checkout's ops with its kernels
+        _sys.meta_path.insert(0, _CheckoutSubpackages(root))
 
 
 _install_checkout_finder()

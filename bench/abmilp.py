@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from selagg_fast import abmilp_pool
-from selagg_fast.reference import abmilp_pool_eager
 
 from .common import (
+    abmilp_pool_eager,
     bench_graph_ms,
     bench_ms,
     copy_bandwidth_gbs,

@@ -41,9 +41,8 @@ from torch import nn
 
 from selagg_fast import AttentivePooling, EfficientProbing, SelectiveAggregation
 from selagg_fast.branches import pool_branches
-from selagg_fast.reference import abmilp_pool_eager
 
-from .common import bench_ms, environment, peak_extra_mib, print_banner, print_table, write_csv
+from .common import abmilp_pool_eager, bench_ms, environment, peak_extra_mib, print_banner, print_table, write_csv
 
 # (name, B, T, D): the GPU shape first; FULL adds ViT-S and ViT-L
 GPU_SHAPES = [("ViT-B", 1024, 197, 768), ("ViT-S", 1024, 197, 384), ("ViT-L", 1024, 197, 1024)]

@@ -41,6 +41,7 @@ from torch import nn
 
 from selagg_fast import AttentivePooling, EfficientProbing, SelectiveAggregation
 from selagg_fast.branches import pool_branches
+from selagg_fast.probe.heads import LinearProbe  # the trainer's own BatchNorm + Linear
 
 from .common import abmilp_pool_eager, bench_ms, environment, peak_extra_mib, print_banner, print_table, write_csv
 
@@ -113,18 +114,6 @@ def _timm_pool(D: int, H: int) -> nn.Module:
 
 VARIANTS = {"selective": {}, "mlp_tanh": dict(depth=2, activation="tanh"),
             "sa_abmilp": dict(depth=2, activation="tanh", self_attention="both")}  # SelectiveAggregation kwargs
-
-
-class _Probe(nn.Module):
-    """BatchNorm1d(D, affine=False, eps=1e-6) + Linear(D, 1000), as the trainer's probe."""
-
-    def __init__(self, D: int):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(D, affine=False, eps=1e-6)
-        self.fc = nn.Linear(D, NUM_CLASSES)
-
-    def forward(self, features):
-        return self.fc(self.norm(features.float()))
 
 
 def _step(heads: list, modules: nn.Module, tokens, labels, autocast):
@@ -253,7 +242,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
             if task == "ap12 x 4 lrs":
                 # one abmilp_pool call for the 4 modules' folded queries vs 4 separate timm pools
                 mods = nn.ModuleList([AttentivePooling(D, 12, num_prefix_tokens=P) for _ in range(LRS)]).to(device)
-                probes = nn.ModuleList([_Probe(D) for _ in range(LRS)]).to(device)
+                probes = nn.ModuleList([LinearProbe(D, NUM_CLASSES) for _ in range(LRS)]).to(device)
                 add(task, "fused (1 pass)", "step", _grouped_step(mods, probes, tokens, labels, autocast))
                 pools = nn.ModuleList([_timm_pool(D, 12) for _ in range(LRS)]).to(device)
                 add(task, f"timm ({LRS} pools)", "step",
@@ -272,7 +261,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
                 compile_here = with_compile and (not quick or name == "ap12")
                 providers = _build(name, D, device, tokens, patches, compile_here, notes)
                 for provider, (head_fn, mods) in providers.items():
-                    probe = _Probe(D).to(device)
+                    probe = LinearProbe(D, NUM_CLASSES).to(device)
                     add(name, provider, "step", _step([(head_fn, probe)], nn.ModuleList([mods, probe]),
                                                       tokens, labels, autocast))
                 if name in ("ap12", "ep32"):  # the head alone (the CPU targets' measure): fused vs its peer

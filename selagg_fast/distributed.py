@@ -50,8 +50,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def shutdown_distributed(synchronize: bool = True) -> None:
     """Destroy the process group, if any, before the interpreter exits. Left to interpreter exit,
-    gloo's threads were torn down mid-flight once in a test run and one rank aborted ("terminate
-    called without an active exception") after the job had finished. ``synchronize``: wait for
+    gloo's threads can be torn down mid-flight, and a rank then aborts ("terminate called without
+    an active exception") after the job has finished. ``synchronize``: wait for
     every rank first (on the success path; after an error the others may never arrive)."""
     if dist.is_available() and dist.is_initialized():
         if synchronize and dist.get_world_size() > 1:

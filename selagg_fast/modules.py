@@ -129,7 +129,7 @@ class SelectiveAggregation(PoolingProtocol, nn.Module):
         self.depth, self.activation, self.self_attention = depth, activation, self_attention
         self.positional = bool(positional)
         self.grid_size = None if grid_size is None else _grid_hw(grid_size)
-        # the paper's main head keeps today's parameters and its one fused op
+        # the paper's main head: weight [K, D] / bias [K] and one fused abmilp_pool
         self.linear = depth == 1 and self_attention == "none" and not self.positional
         if self.linear:
             self.weight = nn.Parameter(torch.empty(branches, dim))

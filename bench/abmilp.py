@@ -1,8 +1,8 @@
 """`selagg-fast bench abmilp`: fused AbMILP pooling vs the eager reference and torch.compile.
 
-K = 1, 4, 16 and 32 branches (32: efficient probing's default queries, issue 20). On a GPU the
-run ends with issue 20's prediction to check: at ViT-B the K = 32 fused forward within 2x the
-K = 1 forward (the tokens are read once for all branches).
+K = 1, 4, 16 and 32 branches (32: efficient probing's default queries). On a GPU the run ends
+with the prediction to check: at ViT-B the K = 32 fused forward within 2x the K = 1 forward (the
+tokens are read once for all branches).
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from selagg_fast import abmilp_pool
-from selagg_fast.reference import abmilp_pool_eager
 
 from .common import (
+    abmilp_pool_eager,
     bench_graph_ms,
     bench_ms,
     copy_bandwidth_gbs,
@@ -60,7 +60,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
     ceiling = copy_bandwidth_gbs()
     if cuda:
         print(f"measured device copy bandwidth: {ceiling:.0f} GB/s (read + write)")
-    # the issue's shape (ViT-B) first: a run cut short still has it
+    # the target shape (ViT-B) first: a run cut short still has it
     shapes = sorted(SHAPES, key=lambda s: s[0] != "ViT-B") if cuda else [("tiny", 64, 197, 384)]
     if quick:
         shapes = shapes[:1]
@@ -95,7 +95,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
             results = {}
             for prov, pool in providers.items():
                 modes = ("fwd", "pool_graph", "probe", "probe_graph") if name == "ViT-B" else (
-                    "fwd", "probe", "probe_graph")  # pool_graph: the issue's shape only, to save time
+                    "fwd", "probe", "probe_graph")  # pool_graph: the target shape only, to save time
                 if prov == "fused_std":
                     modes = ("fwd", "pool_graph")
                 for mode in modes if cuda else ("fwd", "probe"):

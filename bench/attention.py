@@ -92,7 +92,7 @@ def op_rows(env, quick: bool, with_compile: bool) -> list:
                              peak_MiB=peak_extra_mib(fn), **env))
         for r in [r for r in rows if r["shape"] == name]:
             r["pct_of_sdpa"] = 100 * r["ms"] / times["sdpa (no stats)"] if "sdpa (no stats)" in times else None
-        if "fused" in times and "fused + logit bias" in times:  # the target: <= 1.15 at ViT-B
+        if "fused" in times and "fused + logit bias" in times:  # the target: <= 1.15 at ViT-B
             print(f"{name}: fused with / without logit bias = {times['fused + logit bias'] / times['fused']:.3f}")
         # each shape's table as soon as it is measured (a run cut short keeps what it has)
         print_table([r for r in rows if r["shape"] == name], ["shape", "provider", "ms", "pct_of_sdpa", "peak_MiB"],

@@ -26,6 +26,20 @@ def environment() -> dict:
             "date": datetime.date.today().isoformat(), "commit": commit or "?"}
 
 
+
+def abmilp_pool_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      num_prefix_tokens: int = 0) -> torch.Tensor:
+    """The paper code's formulation (Linear -> softmax over tokens -> (x * a).sum(1)), the "eager" peer
+    the benchmarks time: it runs under autocast like the paper's head and materialises the [B, N, D]
+    product."""
+    z = x[:, num_prefix_tokens:, :]
+    w = weight.reshape(-1, weight.shape[-1])
+    scores = torch.nn.functional.linear(z, w, None if bias is None else bias.reshape(-1))  # [B, N, K]
+    attn = torch.softmax(scores.float(), dim=1)
+    pooled = (z.unsqueeze(2) * attn.unsqueeze(-1)).sum(1)  # [B, K, D]
+    return pooled[:, 0] if weight.dim() == 1 else pooled
+
+
 def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> tuple:
     """Median, 20% and 80% quantile milliseconds (CUDA events via do_bench; host clock on CPU)."""
     if torch.cuda.is_available():

@@ -21,11 +21,11 @@ one ``abmilp_pool`` call) vs one ``ap12`` and vs 4 separate timm pools; the MLP-
 hidden-layer GEMMs alone (forward ``x·W1ᵀ`` and the ``dW1`` GEMM); the head alone (forward +
 backward, no probe) for ``ap12`` vs timm and for ``ep32`` vs the peer, the CPU targets' measure.
 
-Targets (issue 12; ViT-B tokens B=1024 bf16 on an H100/H200): ap12 >= 5x timm eager and >= 2x
+Targets (ViT-B tokens B=1024 bf16 on an H100/H200): ap12 >= 5x timm eager and >= 2x
 timm compiled, <= 1/4 of timm's peak extra memory, <= 1.6x the selective step; ap12 x 4 lrs in
 one pass <= 1.3x one ap12; MLP-Tanh <= 1.3x its hidden GEMMs alone, <= 1/3 of the eager
 reference's peak. On a CPU (ViT-S, B=64, float32): the folded ap12 head forward + backward
->= 6x faster than timm's. Issue 20 (EP): the ep32 step <= 1.5x the selective step on the GPU
+>= 6x faster than timm's. Efficient probing: the ep32 step <= 1.5x the selective step on the GPU
 (a prediction until measured); on a CPU at ViT-B width (B=64, T=197, float32) the folded ep32
 head forward + backward >= 4x faster than the peer's eager module.
 """
@@ -41,14 +41,14 @@ from torch import nn
 
 from selagg_fast import AttentivePooling, EfficientProbing, SelectiveAggregation
 from selagg_fast.branches import pool_branches
-from selagg_fast.reference import abmilp_pool_eager
+from selagg_fast.probe.heads import LinearProbe  # the trainer's own BatchNorm + Linear
 
-from .common import bench_ms, environment, peak_extra_mib, print_banner, print_table, write_csv
+from .common import abmilp_pool_eager, bench_ms, environment, peak_extra_mib, print_banner, print_table, write_csv
 
-# (name, B, T, D): the issue's GPU shape first; FULL adds ViT-S and ViT-L
+# (name, B, T, D): the target GPU shape first; FULL adds ViT-S and ViT-L
 GPU_SHAPES = [("ViT-B", 1024, 197, 768), ("ViT-S", 1024, 197, 384), ("ViT-L", 1024, 197, 1024)]
 CPU_SHAPE = ("ViT-S", 64, 197, 384)
-EP_CPU_SHAPE = ("ViT-B", 64, 197, 768)  # the EP CPU target's shape (issue 20)
+EP_CPU_SHAPE = ("ViT-B", 64, 197, 768)  # the EP CPU target's shape
 NUM_CLASSES, P, LRS = 1000, 1, 4
 # the heads (selective, ap1, ap12, ap12_ln, mlp_tanh, sa_abmilp) and the extra rows, measured in this
 # order: the rows behind the GPU targets first
@@ -114,18 +114,6 @@ def _timm_pool(D: int, H: int) -> nn.Module:
 
 VARIANTS = {"selective": {}, "mlp_tanh": dict(depth=2, activation="tanh"),
             "sa_abmilp": dict(depth=2, activation="tanh", self_attention="both")}  # SelectiveAggregation kwargs
-
-
-class _Probe(nn.Module):
-    """BatchNorm1d(D, affine=False, eps=1e-6) + Linear(D, 1000), as the trainer's probe."""
-
-    def __init__(self, D: int):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(D, affine=False, eps=1e-6)
-        self.fc = nn.Linear(D, NUM_CLASSES)
-
-    def forward(self, features):
-        return self.fc(self.norm(features.float()))
 
 
 def _step(heads: list, modules: nn.Module, tokens, labels, autocast):
@@ -248,13 +236,13 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
             shape_rows.append(r)
             print(f"  {shape} {head:>22} {provider:>14} {mode:>12}: {r['ms']:.3f} ms", flush=True)
 
-        # the rows that carry the issue's targets first: a run cut short keeps them (CSV after each task)
+        # the rows that carry the targets first: a run cut short keeps them (CSV after each task)
         print(f"Heads probe step ({label}), {shape} tokens B={B} T={T} D={D} {base['dtype']}, as measured:")
         for task in TASKS:
             if task == "ap12 x 4 lrs":
                 # one abmilp_pool call for the 4 modules' folded queries vs 4 separate timm pools
                 mods = nn.ModuleList([AttentivePooling(D, 12, num_prefix_tokens=P) for _ in range(LRS)]).to(device)
-                probes = nn.ModuleList([_Probe(D) for _ in range(LRS)]).to(device)
+                probes = nn.ModuleList([LinearProbe(D, NUM_CLASSES) for _ in range(LRS)]).to(device)
                 add(task, "fused (1 pass)", "step", _grouped_step(mods, probes, tokens, labels, autocast))
                 pools = nn.ModuleList([_timm_pool(D, 12) for _ in range(LRS)]).to(device)
                 add(task, f"timm ({LRS} pools)", "step",
@@ -273,7 +261,7 @@ def run(quick: bool = False, with_compile: bool = True, csv_path: str = "bench/o
                 compile_here = with_compile and (not quick or name == "ap12")
                 providers = _build(name, D, device, tokens, patches, compile_here, notes)
                 for provider, (head_fn, mods) in providers.items():
-                    probe = _Probe(D).to(device)
+                    probe = LinearProbe(D, NUM_CLASSES).to(device)
                     add(name, provider, "step", _step([(head_fn, probe)], nn.ModuleList([mods, probe]),
                                                       tokens, labels, autocast))
                 if name in ("ap12", "ep32"):  # the head alone (the CPU targets' measure): fused vs its peer
@@ -335,7 +323,7 @@ _GOAL = {"ap12": 6.0, "ep32": 4.0}
 
 
 def _ep_cpu_target(env) -> list:
-    """Issue 20's CPU target at ViT-B width: the ep32 head forward + backward, folded vs the peer."""
+    """The efficient-probing CPU target at ViT-B width: the ep32 head forward + backward, folded vs the peer."""
     shape, B, T, D = EP_CPU_SHAPE
     torch.manual_seed(0)
     tokens = torch.randn(B, T, D)
@@ -385,7 +373,7 @@ def _ratio(a, b):
 
 
 def targets(rows: list, cuda: bool) -> list:
-    """(what, measured or None, comparison, goal) for issue 12's targets, from one shape's rows."""
+    """(what, measured or None, comparison, goal) for the heads' targets, from one shape's rows."""
     step = lambda head, provider, col="ms": _get(rows, col, head=head, provider=provider, mode="step")
     if not cuda:
         fused = _get(rows, "ms", head="ap12", provider="fused", mode=f"head x{CPU_ROUNDS} rounds")

@@ -1,7 +1,7 @@
 """`selagg-fast bench sweep`: time the kernels over a wide grid of launch configs (GPU only).
 
 The library launches a short autotune list; this sweep shows what the current kernels can reach
-at the issue shapes (AbMILP K=1 and K=16 forward, attention+stats, and the probe step's K=1 and
+at the target shapes (AbMILP K=1 and K=16 forward, attention+stats, and the probe step's K=1 and
 K=4 backward, all at ViT-B) and which tile /
 warp / stage choice gets there, so a GPU session spends its minutes on the right change. Each
 config's output is checked against the first one's before it is timed.

@@ -75,7 +75,7 @@ def targets(out: str) -> list:
         (5, "analyze peak / plain", _ratio(_value(an, "peak_MiB", **an_rows), _value(an, "peak_MiB", **an_plain)),
          "<=", 1.1),
     ]
-    hd = read_rows(out, "heads")  # issue 12: bench/heads.py, ViT-B tokens B=1024 bf16
+    hd = read_rows(out, "heads")  # bench/heads.py: ViT-B tokens B=1024 bf16
 
     def step(head, provider, column="ms"):
         return _value(hd, column, shape="ViT-B", head=head, provider=provider, mode="step")
@@ -97,7 +97,7 @@ def targets(out: str) -> list:
     fused_block = _value(at, "ms", shape="ViT-B", provider="fused")
     rows.append((19, "attention+stats block with logit bias / without, ViT-B",
                  _ratio(_value(at, "ms", shape="ViT-B", provider="fused + logit bias"), fused_block), "<=", 1.15))
-    kn = read_rows(out, "knn")  # issue 20: 1.28 M x 50 k bf16 ViT-B features on the GPU
+    kn = read_rows(out, "knn")  # bench/knn.py: 1.28 M x 50 k bf16 ViT-B features on the GPU
     rows += [
         (20, "ep32 step / selective step", _ratio(step("ep32", "fused"), step("selective", "fused")), "<=", 1.5),
         (20, "pool fwd K=32 / K=1", _ratio(_value(ab, "ms", K=32, mode="fwd", **vit_b), k1_fwd), "<=", 2.0),

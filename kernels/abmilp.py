@@ -1,6 +1,6 @@
 """Triton kernels for Selective Aggregation (AbMILP pooling).
 
-Maths (docs/api.md, Pooling; docs/kernels.md, abmilp_pool). For the N pooled tokens x_t of one image (after
+Maths (docs/semantics.md, "Selective Aggregation"; docs/kernels.md, abmilp_pool). For the N pooled tokens x_t of one image (after
 the P prefix tokens) and branch k:
 
     s_tk = w_k . z_t + b_k        a_tk = softmax_t(s_tk)        out_k = sum_t a_tk z_t

@@ -13,7 +13,7 @@ is all -inf, which pools to NaN as ``torch.softmax`` does.
 Forward: one program per (image, chunk of BC features), the chunk programs of an image side by
 side. Backward: one program per (image, token split); ``<g_k, out_k>`` comes from the forward's
 float32 output, so every token is independent: no partials to reduce.
-Maths: docs/kernels.md (`softmax_pool`) and docs/api.md (Pooling).
+Maths: docs/semantics.md ("Fused softmax pool"); layout: docs/kernels.md (`softmax_pool`).
 Legend: ``b_a`` weights, ``b_gx`` g . x, ``b_c`` g . out, SINGLE: K = 1 without tl.dot.
 """
 import triton

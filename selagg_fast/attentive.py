@@ -7,7 +7,8 @@ every token (it cancels in the softmax). Head h's output is ``W_v,h p_h + b_v,h`
 weights ``u_h`` followed by tiny per-head matrices on ``[B, H, D]``: no key or value of any
 token is computed. A token LayerNorm ``z = γ ∘ x̂ + β`` folds too: the pool standardises the
 tokens on the fly with weights ``γ ∘ u_h``, and ``γ ∘ p + β`` follows the pool.
-See docs/api.md ("AttentivePooling", "The pooling protocol").
+Maths: docs/semantics.md ("Attentive probing"); API: docs/api.md ("AttentivePooling",
+"The pooling protocol").
 """
 from __future__ import annotations
 

@@ -32,13 +32,6 @@ def check_device(device: str, flag: str = "--device") -> None:
         raise ValueError(f"{flag} cuda: no CUDA device is available here (use --device cpu or auto)")
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    check_device(device)
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
     """Read torchrun's environment; NCCL on GPUs, gloo on CPUs. A plain ``python`` run is rank 0 of 1."""
     check_device(device)
@@ -57,8 +50,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def shutdown_distributed(synchronize: bool = True) -> None:
     """Destroy the process group, if any, before the interpreter exits. Left to interpreter exit,
-    gloo's threads were torn down mid-flight once in a test run and one rank aborted ("terminate
-    called without an active exception") after the job had finished. ``synchronize``: wait for
+    gloo's threads can be torn down mid-flight, and a rank then aborts ("terminate called without
+    an active exception") after the job has finished. ``synchronize``: wait for
     every rank first (on the success path; after an error the others may never arrive)."""
     if dist.is_available() and dist.is_initialized():
         if synchronize and dist.get_world_size() > 1:
@@ -75,8 +68,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def shard_indices(n: int, rank: int, world: int) -> list:
-    """Every index exactly once over all ranks (no padding, so metrics count each image once)."""
-    return list(range(rank, n, world))

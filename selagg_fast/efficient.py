@@ -6,7 +6,7 @@ weights are ``a_{m,t} = softmax_t(q_m · x_t / √D)`` and its output is slice m
 ``W_v,m Σ_t a_{m,t} x_t`` with ``W_v,m`` the rows ``[m c, (m + 1) c)``, ``c = D / (Q d_out)``;
 the Q slices concatenated give ``[B, D / d_out]``. So EP is a Q-branch ``abmilp_pool`` with
 weights ``q_m / √D`` followed by Q tiny matrices on ``[B, Q, D]``: no value of any token is
-computed. See docs/api.md ("EfficientProbing").
+computed. Maths: docs/semantics.md ("Efficient probing"); API: docs/api.md ("EfficientProbing").
 """
 from __future__ import annotations
 

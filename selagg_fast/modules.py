@@ -77,7 +77,8 @@ class SelectiveAggregation(PoolingProtocol, nn.Module):
     The default (``depth=1``, no self-attention, not positional) is the paper's main head,
     ``softmax_i(w_k . z_i + b_k)``, one fused ``abmilp_pool``. The other settings are the
     reference head's (``ABMILPHead``, paper App. C.2, Table 4), state-dict keys included, so a
-    head trained by the paper's code loads (``load_state_dict``) and gives the same outputs.
+    head trained by the paper's code loads (``load_state_dict``) and gives the same outputs. Maths:
+    docs/semantics.md ("The Selective Aggregation head's configurations").
 
     Args:
         dim: token width D.
@@ -128,7 +129,7 @@ class SelectiveAggregation(PoolingProtocol, nn.Module):
         self.depth, self.activation, self.self_attention = depth, activation, self_attention
         self.positional = bool(positional)
         self.grid_size = None if grid_size is None else _grid_hw(grid_size)
-        # the paper's main head keeps today's parameters and its one fused op
+        # the paper's main head: weight [K, D] / bias [K] and one fused abmilp_pool
         self.linear = depth == 1 and self_attention == "none" and not self.positional
         if self.linear:
             self.weight = nn.Parameter(torch.empty(branches, dim))

@@ -1,10 +1,8 @@
 """Eager PyTorch semantics of every op in selagg_fast.
 
-These functions are the specification: the tests compare the Triton kernels against
-them (in float64), the benchmarks time them as the "eager" peer, and the ops fall back
-to them on CPU when the Triton interpreter is not active. They follow the definitions of
-docs/api.md (pooling) and docs/statistics.md (attention statistics) exactly (without the paper
-code's ``1e-6`` terms).
+These functions compute the specification: the tests compare the Triton kernels against
+them (in float64), and the ops fall back to them on CPU when the Triton interpreter is not active. They compute the formulas of
+docs/semantics.md exactly (without the paper code's ``1e-6`` terms).
 """
 from __future__ import annotations
 
@@ -54,20 +52,6 @@ def abmilp_pool_reference(
     if return_weights:
         return pooled, (attn.float() if attn.dtype != torch.float64 else attn).contiguous()
     return pooled
-
-
-def abmilp_pool_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0):
-    """The paper code's formulation (Linear -> softmax over tokens -> (x * a).sum(1)).
-
-    Used as the "eager" peer in benchmarks; it runs under autocast exactly like the
-    reference head and materialises the [B, N, D] product.
-    """
-    z = x[:, num_prefix_tokens:, :]
-    w = weight.reshape(-1, weight.shape[-1])
-    scores = torch.nn.functional.linear(z, w, None if bias is None else bias.reshape(-1))  # [B, N, K]
-    attn = torch.softmax(scores.float(), dim=1)
-    pooled = (z.unsqueeze(2) * attn.unsqueeze(-1)).sum(1)  # [B, K, D]
-    return pooled[:, 0] if weight.dim() == 1 else pooled
 
 
 class AttentionStats(NamedTuple):

@@ -1,5 +1,5 @@
 """An eager transcription of the paper code's ``ABMILPHead`` (its five switches), the independent
-reference of tests/test_variants.py. Follows docs/api.md ("The reference head's configurations")
+reference of tests/test_variants.py. Follows docs/semantics.md ("The Selective Aggregation head's configurations")
 line by line: explicit softmax attention, MAE's numpy sin-cos table, state-dict
 keys as the reference's. Test-only: the library never imports it."""
 from __future__ import annotations
@@ -32,7 +32,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
 
 class Attention(nn.Module):
     """timm's Attention with qkv_bias=False: logits q k^T * d^-1/2 per head, softmax over the keys,
-    proj. One head of width D unless told (reference-semantics.md)."""
+    proj. One head of width D unless told (docs/semantics.md)."""
 
     def __init__(self, dim: int, num_heads: int = 1):
         super().__init__()

@@ -14,7 +14,7 @@ from selagg_fast.reference import abmilp_pool_reference
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
-# (B, T, D, K, P): every T, D, K, B and P value the issue names appears at least once.
+# (B, T, D, K, P): every T, D, K, B and P value of the target shapes appears at least once.
 SHAPES = [
     (1, 2, 1, 1, 0),
     (5, 17, 64, 1, 1),

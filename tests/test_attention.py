@@ -8,13 +8,13 @@ from conftest import DEVICE, FILLS, AtenOps, rel_err, requires_kernels
 from selagg_fast import attention_with_stats, record_attention_stats
 from selagg_fast.reference import attention_with_stats_reference
 
-# Absolute tolerances from the issue: probabilities 1e-5 (fp32) / 5e-3 (bf16),
+# Absolute tolerances: probabilities 1e-5 (fp32) / 5e-3 (bf16),
 # entropy 1e-4 / 1e-2 nats. fp16 sits between the two.
 PROB_TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 2e-3}
 ENT_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 4e-3}
 OUT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
-# (B, H, T, d, P): every T, d and P value the issue names appears at least once.
+# (B, H, T, d, P): every T, d and P value of the target shapes appears at least once.
 SHAPES = [
     (2, 2, 1, 32, 0),
     (1, 3, 2, 64, 1),

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,21 +177,54 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     _assert_same_heads(_heads_state(tmp_path / "two"), _heads_state(tmp_path / "one"), atol=1e-5)
 
 
-def test_demo_finishes_and_selective_beats_avg(tmp_path):
-    # The README's main command, as a user runs it (no TRITON_INTERPRET: reference ops on a CPU).
+def _finished_demo(tmp_path):
+    """A finished demo's folder and printed output. ``SELAGG_DEMO_OUT=DIR`` names one (CI runs the demo
+    once, ``selagg-fast demo --out DIR | tee DIR/demo.log``, and this test checks what it left); unset,
+    the test runs the README's main command itself, as a user does (no TRITON_INTERPRET: reference
+    ops on a CPU)."""
+    given = os.environ.get("SELAGG_DEMO_OUT")
+    if given:
+        out = Path(given)
+        log = out / "demo.log"
+        if not log.is_file():
+            pytest.fail(f"SELAGG_DEMO_OUT={given} holds no demo.log: run "
+                        f"`selagg-fast demo --out {given} | tee {given}/demo.log` first, or unset it")
+        return out, log.read_text()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "selagg_fast.cli", "demo", "--out", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    best = json.loads((tmp_path / "probe" / "results.json").read_text())["best_per_head"]
+    return tmp_path, proc.stdout
+
+
+def test_demo_finishes_and_selective_beats_avg(tmp_path):
+    from selagg_fast.demo import demo_config, format_selections
+    from selagg_fast.probe.knn_run import format_knn
+
+    out, stdout = _finished_demo(tmp_path)
+    assert "demo done in" in stdout, stdout[-3000:]
+    config = json.loads((out / "probe" / "config.json").read_text())
+    assert config["heads"] == demo_config(str(out)).heads  # this code's demo, not an older one
+    results = json.loads((out / "probe" / "results.json").read_text())
+    best = results["best_per_head"]
     assert best["selective"]["top1"] > best["avg"]["top1"] + 20, best
-    assert "selective beats avg" in proc.stdout
+    # what it printed is what it saved: the table, the claim and the k-NN line
+    assert format_results(results) in stdout
+    sel = best["selective"]["top1"]
+    assert (f"selective beats avg by {sel - best['avg']['top1']:+.1f} and cls by "
+            f"{sel - best['cls']['top1']:+.1f} top-1 points") in stdout
+    assert results["knn"] and format_knn(results["knn"]) in stdout
     # the token-selection table: the trained head's weights are more concentrated than [cls] attention's
-    compare = json.loads((tmp_path / "compare" / "compare.json").read_text())
-    assert "token selections" in proc.stdout and (tmp_path / "compare" / "kld.png").exists()
+    compare = json.loads((out / "compare" / "compare.json").read_text())
+    assert "token selections" in stdout and format_selections(compare) in stdout
     entropy = dict(zip(compare["methods"], compare["entropy_mean"]))
     assert entropy["selective@1"] < entropy["cls_attn"] - 0.3 <= compare["max_entropy"], entropy
     assert compare["kl"][0][0] == 0 and min(compare["kl"][0][1:]) > 0.1, compare["kl"]
+    # the figures and the analysis outputs it announces
+    for name in ("compare/kld.png", "compare/entropy.png", "compare/maps.png", "attention_stats.png",
+                 "analyze/stats.json", "probe/localization.json", "probe/localization.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert any((out / "maps").iterdir())
 
 
 def test_accum_iter_steps_every_n_batches_and_sgd(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def float64_maps(model, images, block):
 
 
 def expected_weights(A, method, P, grid):
-    """The reference-semantics definitions, from the float64 maps."""
+    """docs/statistics.md's "Attention selections", from the float64 maps."""
     def renorm(r):
         return r[..., P:] / r[..., P:].sum(-1, keepdim=True)
     if method == "cls_mean":

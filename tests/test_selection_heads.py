@@ -1,4 +1,4 @@
-"""The probe's non-trainable attention heads (issue 13 item 2) and the demo's selection table (item 5).
+"""The probe's non-trainable attention heads and the demo's token-selection table.
 
 cls_attn / cls_attn_min_entropy / center_attn / external_cls_attn: weights from the probed block's
 (or a selector's) attention, pooled by softmax_pool, then BatchNorm + Linear. Checked against the

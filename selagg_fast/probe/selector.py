@@ -1,4 +1,4 @@
-"""Weights for the probe's non-trainable attention heads (issue 13 item 2, paper Table 5).
+"""Weights for the probe's non-trainable attention heads (paper Table 5).
 
 ``cls_attn``, ``cls_attn_min_entropy`` and ``center_attn`` read their weight vector off the probed
 block's attention (the block whose tokens are probed: ``--return-block`` or the last), from the

@@ -158,7 +158,7 @@ def launcher(kernel, configs: list, key: list):
 
     # tuning key -> the config Triton's autotuner picked for it. Later launches with that key go
     # straight to the kernel: the autotuner's wrapper adds host time to every call, which decides
-    # the eager timing of a small kernel when the host is the bottleneck (bench/RESULTS.md, session 4).
+    # the eager timing of a small kernel when the host is the bottleneck (measured: bench/RESULTS.md, host overhead).
     picked = {}
 
     def launch(grid, device, default: LaunchConfig, **kwargs):

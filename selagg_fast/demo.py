@@ -13,13 +13,14 @@ import time
 
 import torch
 
+from .attention_methods import ATTENTION_METHODS
 from .ops._dispatch import interpreter_active
 from .probe.outputs import format_results
 from .probe.trainer import ProbeConfig, run_probe
 
 # the non-trainable aggregations the demo trains beside cls / avg / selective (paper Table 5; the
 # external selector's needs a second pretrained model, so it is left out here)
-ATTENTION_HEADS = ("cls_attn", "cls_attn_min_entropy", "center_attn")
+ATTENTION_HEADS = tuple(m.head for m in ATTENTION_METHODS if not m.selector)
 
 # A 4-block ViT-Tiny on 64 x 64 images with 8 x 8 patches: 64 patch tokens + [cls].
 DEMO_MODEL_KWARGS = dict(img_size=64, patch_size=8, depth=4)

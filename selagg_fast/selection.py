@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from .attention_adapters import attention_adapter, token_layout, vit_of
+from .attention_methods import ATTENTION_METHODS
 
-METHODS = ("cls_mean", "cls_min_entropy", "center_mean")
-CLS_METHODS = ("cls_mean", "cls_min_entropy")
+# the probed model's own weight vectors (attention_methods: the registry; the selector's row is another model's)
+METHODS = tuple(m.weights for m in ATTENTION_METHODS if not m.selector)
+CLS_METHODS = tuple(m.weights for m in ATTENTION_METHODS if not m.selector and m.query == "cls")
 
 
 class _Stop(Exception):

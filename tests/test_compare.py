@@ -64,13 +64,14 @@ def test_one_pass_gives_every_methods_weights():
     from test_selection import expected_weights, float64_maps, small_vit
 
     from selagg_fast.analysis.compare import _Methods
+    from selagg_fast.attention_methods import BY_HEAD
     from selagg_fast.backbone import Backbone
     from selagg_fast.probe.heads import ProbeHeads, parse_heads
     model = small_vit("registers")
     backbone = Backbone(model, "small")
     P, grid = model.num_prefix_tokens, tuple(model.patch_embed.grid_size)
     heads = ProbeHeads(parse_heads("selective_k2,selective_all"), [1.0], 48, 4, P, grid_size=grid).to(DEVICE).eval()
-    methods = ["selective_k2@1", "selective_all@1", "cls_mean", "cls_min_entropy", "center_mean"]
+    methods = ["selective_k2@1", "selective_all@1", "cls_attn", "cls_attn_min_entropy", "center_attn"]
     images = torch.randn(3, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         got = _Methods(backbone, heads, methods)(images)
@@ -84,8 +85,8 @@ def test_one_pass_gives_every_methods_weights():
     torch.testing.assert_close(got[:, 1].double(), every / every.sum(-1, keepdim=True), rtol=1e-4, atol=1e-7)
     A = float64_maps(model, images, -1)
     for i, m in enumerate(methods[2:], 2):
-        torch.testing.assert_close(got[:, i].double().cpu(), expected_weights(A, m, P, grid).cpu(), rtol=1e-4,
-                                   atol=1e-7, msg=m)
+        expected = expected_weights(A, BY_HEAD[m].weights, P, grid)
+        torch.testing.assert_close(got[:, i].double().cpu(), expected.cpu(), rtol=1e-4, atol=1e-7, msg=m)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_compare_end_to_end(probe_run, tmp_path, monkeypatch):
             with Image.open(out / name) as im:
                 assert len(np.unique(np.asarray(im.convert("L")))) > 10  # drawn, not blank
     on_disk = json.loads((out / "compare.json").read_text())
-    assert on_disk["methods"] == ["selective@2", "ap2@2", "cls_mean", "cls_min_entropy", "center_mean"]
+    assert on_disk["methods"] == ["selective@2", "ap2@2", "cls_attn", "cls_attn_min_entropy", "center_attn"]
     assert on_disk["images"] == 10 and on_disk["unreadable_images"] == 1 and on_disk["N"] == 16
     kl = np.asarray(on_disk["kl"])
     assert kl.shape == (5, 5) and (np.diag(kl) == 0).all() and (kl >= -1e-9).all()
@@ -126,7 +127,7 @@ def test_compare_end_to_end(probe_run, tmp_path, monkeypatch):
     assert all(0 <= e <= np.log(16) + 1e-9 for e in on_disk["entropy_mean"])
     for trained in ("selective@2", "ap2@2"):  # trained: its top-1 beside the entropy
         assert on_disk["per_method"][trained]["top1"] is not None
-    assert on_disk["per_method"]["cls_mean"]["top1"] is None and on_disk["omitted_methods"] == []
+    assert on_disk["per_method"]["cls_attn"]["top1"] is None and on_disk["omitted_methods"] == []
     assert result["kl"] == on_disk["kl"]
     with pytest.raises(FileExistsError, match="--resume"):
         run_compare(_config(root, out, data=str(data)))
@@ -155,10 +156,11 @@ def test_compare_end_to_end(probe_run, tmp_path, monkeypatch):
 def test_selector_model_and_methods_flag(probe_run, tmp_path):
     root = probe_run
     tiny = dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=3)
+    # the methods' other names (weights names, compare's selector_cls) are read as their head names
     result = run_compare(_config(root, tmp_path / "sel", methods="selective,center_mean,selector_cls",
                                  selector_model="vit_tiny_patch16_224", selector_random_init=True,
                                  selector_model_kwargs=tiny, examples=0))
-    assert result["methods"] == ["selective@2", "center_mean", "selector_cls"]
+    assert result["methods"] == ["selective@2", "center_attn", "external_cls_attn"]
     assert not (tmp_path / "sel" / "maps.png").exists()
     assert all(0 <= e <= np.log(16) + 1e-9 for e in result["entropy_mean"])
 
@@ -171,7 +173,7 @@ def test_model_without_cls_leaves_the_cls_methods_out(tmp_path, capsys):
     result = run_compare(CompareConfig(probe=str(tmp_path / "run"), data="synthetic", limit=6, batch_size=3,
                                        workers=0, output_dir=str(tmp_path / "out"), progress=False, device=DEVICE,
                                        precision="fp32"))
-    assert result["methods"] == ["center_mean"] and result["omitted_methods"] == ["cls_mean", "cls_min_entropy"]
+    assert result["methods"] == ["center_attn"] and result["omitted_methods"] == ["cls_attn", "cls_attn_min_entropy"]
     assert "no [cls] token" in capsys.readouterr().out
     assert result["kl"] == [[0.0]]
 
@@ -181,7 +183,8 @@ def test_model_without_cls_leaves_the_cls_methods_out(tmp_path, capsys):
     (["--selector-model", "vit_tiny_patch16_224", "--selector-random-init", "--selector-model-kwargs",
       '{"img_size": 32, "patch_size": 16, "depth": 1}'], "patch grid"),
     (["--probe", "NOCKPT"], "no checkpoint.pt"),
-], ids=["unknown-method", "selector-grid", "no-checkpoint"])
+    (["--selector-model-kwargs", '{"depth": 1}'], "need --selector-model"),
+], ids=["unknown-method", "selector-grid", "no-checkpoint", "selector-kwargs-alone"])
 def test_bad_input_is_one_error_line(probe_run, tmp_path, capsys, monkeypatch, extra, match):
     monkeypatch.delenv("SELAGG_TRACEBACK", raising=False)
     root = probe_run

@@ -189,7 +189,7 @@ def test_demo_finishes_and_selective_beats_avg(tmp_path):
     compare = json.loads((tmp_path / "compare" / "compare.json").read_text())
     assert "token selections" in proc.stdout and (tmp_path / "compare" / "kld.png").exists()
     entropy = dict(zip(compare["methods"], compare["entropy_mean"]))
-    assert entropy["selective@1"] < entropy["cls_mean"] - 0.3 <= compare["max_entropy"], entropy
+    assert entropy["selective@1"] < entropy["cls_attn"] - 0.3 <= compare["max_entropy"], entropy
     assert compare["kl"][0][0] == 0 and min(compare["kl"][0][1:]) > 0.1, compare["kl"]
 
 

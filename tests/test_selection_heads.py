@@ -193,14 +193,14 @@ def test_refusals_are_one_error_line(tmp_path, capsys, heads, model_kwargs, extr
 
 
 def test_demo_selection_table_formatting():
-    methods = ["selective@1", "cls_mean", "cls_min_entropy", "center_mean"]
-    labels = {"selective@1": "selective@1", "cls_mean": "mean [cls] attn", "cls_min_entropy": "min-entropy [cls] attn",
-              "center_mean": "central patch attn"}
+    methods = ["selective@1", "cls_attn", "cls_attn_min_entropy", "center_attn"]
+    labels = {"selective@1": "selective@1", "cls_attn": "mean [cls] attn",
+              "cls_attn_min_entropy": "min-entropy [cls] attn", "center_attn": "central patch attn"}
     kl = np.arange(16, dtype=float).reshape(4, 4) / 7
     np.fill_diagonal(kl, 0)
     result = dict(methods=methods, kl=kl.tolist(), N=64, max_entropy=math.log(64), per_method={
         m: dict(label=labels[m], entropy_mean=1.5 + i, entropy_std=0.1,
-                top1=None if m == "cls_min_entropy" else 90.0 + i)
+                top1=None if m == "cls_attn_min_entropy" else 90.0 + i)
         for i, m in enumerate(methods)})
     text = format_selections(result)
     lines = text.splitlines()
@@ -231,7 +231,7 @@ def test_center_attn_on_a_model_without_cls_and_a_non_square_grid():
     assert backbone.info.patch_grid == (4, 6) and backbone.info.num_prefix_tokens == 0
     specs = parse_heads("center_attn,avg", has_cls=False)
     heads = ProbeHeads(specs, [0.1], 48, 3, 0).to(DEVICE)
-    assert heads.selection_methods == ["center_mean"]
+    assert heads.attention_methods == heads.selection_methods == ["center_mean"]
     images = torch.randn(3, 3, 32, 48, device=DEVICE)
     with torch.no_grad():
         tokens, weights = AttentionWeights(backbone, heads.selection_methods)(backbone, images)
@@ -241,3 +241,46 @@ def test_center_attn_on_a_model_without_cls_and_a_non_square_grid():
     heads._attention_features(tokens, weights, features)
     expected = _reference_pooled(ref_tokens, ref["center_mean"], 0, "center_mean")
     assert rel_err(features["center_attn@0_1"], expected) < 1e-5
+
+
+def test_one_registry_names_every_attention_method():
+    """Each attention method declared once (attention_methods): the probe's heads, the weights'
+    names, compare's --methods (any of its names gives the head's) and the README's head table."""
+    from pathlib import Path
+
+    from selagg_fast.analysis.compare import choose_methods, method_label
+    from selagg_fast.attention_methods import ATTENTION_METHODS, attention_method
+    from selagg_fast.probe.heads import ATTENTION_HEADS
+    from selagg_fast.selection import CLS_METHODS, METHODS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for m in ATTENTION_METHODS:
+        spec = parse_heads(m.head)[0]
+        assert spec.attention_weighted and not spec.learns_weights and ATTENTION_HEADS[m.head] == m.weights
+        assert f"| `{m.head}` |" in readme, m.head
+        assert (m.weights in METHODS) != m.selector and (m.weights in CLS_METHODS) == (m.needs_cls and not m.selector)
+        assert method_label(m.head) == m.label
+        for name in (m.head, m.weights, *m.aliases):
+            assert attention_method(name) is m
+            assert choose_methods(name, True, True, {}, []) == ([m.head], [])
+        if m.needs_cls:
+            with pytest.raises(ValueError, match="needs a \\[cls\\] token"):
+                parse_heads(m.head, has_cls=False)
+    assert attention_method("selective") is None and method_label("selective@1") == "selective@1"
+    with pytest.raises(ValueError, match="no \\[cls\\] token"):
+        choose_methods("cls_mean", False, False, {}, [])
+    assert choose_methods(None, False, False, {}, []) == (["center_attn"], ["cls_attn", "cls_attn_min_entropy"])
+
+
+def test_forward_takes_the_attention_weights_under_either_keyword():
+    P, grid, D = 1, (4, 4), 24
+    heads = ProbeHeads(parse_heads("center_attn,selective"), [0.1], D, 3, P, grid_size=grid).to(DEVICE).eval()
+    tokens = torch.randn(2, P + 16, D, device=DEVICE)
+    weights = torch.rand(2, 1, 16, device=DEVICE)
+    with torch.no_grad():
+        positional = heads(tokens, weights)
+        for got in (heads(tokens, attention_weights=weights), heads(tokens, selection=weights),
+                    heads((tokens, weights))):
+            for name in positional:
+                torch.testing.assert_close(got[name], positional[name], rtol=0, atol=0)
+    assert torch.equal(heads.trained_weights(tokens, "selective@0.1"), heads.selection_weights(tokens, "selective@0.1"))

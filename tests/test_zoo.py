@@ -385,4 +385,4 @@ def test_cli_probe_analyze_compare(preset, official, tmp_path):
     run_cli(["compare", "--probe", str(tmp_path / "probe"), "--data", "synthetic", "--limit", "4", "--batch-size", "4",
              "--examples", "0", "--output-dir", str(tmp_path / "compare"), *common])
     compare = json.loads((tmp_path / "compare" / "compare.json").read_text())
-    assert "center_mean" in compare["methods"] and ("cls_mean" in compare["methods"]) == has_cls, compare["methods"]
+    assert "center_attn" in compare["methods"] and ("cls_attn" in compare["methods"]) == has_cls, compare["methods"]

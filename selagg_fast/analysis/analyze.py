@@ -25,6 +25,7 @@ from ..distributed import barrier, check_device, init_distributed
 from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
                      refuse_existing_run)
 from ..modules import record_attention_stats
+from ..precision import PRECISIONS, uses_bf16
 from ..reference import CLS_COLUMNS
 from .image_pass import INTERRUPTED, ImagePass
 
@@ -111,7 +112,7 @@ def check_image_pass(cfg) -> None:
     check_number("--limit", cfg.limit, minimum=1, integer=True, optional=True)
     check_number("--workers", cfg.workers, minimum=0, integer=True)
     check_number("--save-every", cfg.save_every, minimum=1, integer=True)
-    if cfg.precision not in ("auto", "bf16", "fp32"):
+    if cfg.precision not in PRECISIONS:
         raise ValueError(f"--precision {cfg.precision!r}: choose auto, bf16 or fp32")
     check_device(cfg.device)
 
@@ -143,7 +144,7 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
         check_fresh_output(out, cfg.resume)
     dist_info = init_distributed(cfg.device)
     device = dist_info.device
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     backbone = cfg.create_backbone().to(device)
     info = backbone.info

@@ -73,8 +73,9 @@ def add_compare_command(sub) -> None:
                                                  "a --dataset folder (its evaluation split), or 'synthetic'")
     add_dataset_argument(p)
     p.add_argument("--methods", help="comma list: trained heads or pairs (selective, selective@0.1, ap4), "
-                                     "cls_mean, cls_min_entropy, center_mean, selector_cls; default: every trained "
-                                     "selective/attentive head (best lr) and every attention method the model allows")
+                                     "cls_attn, cls_attn_min_entropy, center_attn, external_cls_attn; default: every "
+                                     "trained selective/attentive head (best lr) and every attention method the model "
+                                     "allows")
     p.add_argument("--limit", type=int, help="a seeded random subset of N images; default: all")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch and process")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")

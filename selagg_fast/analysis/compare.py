@@ -22,29 +22,35 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention_methods import ATTENTION_METHODS, BY_HEAD, attention_method
 from ..backbone import BackboneSettings
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..datasets import analysis_dataset
 from ..distributed import all_reduce_sum, barrier, init_distributed
 from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
                      refuse_existing_run)
-from ..probe.heads import ProbeHeads, pair_name, parse_heads
-from ..probe.selector import EXTERNAL, AttentionWeights, build_selector, selector_settings
+from ..precision import uses_bf16
+from ..probe.heads import ProbeHeads, pair_name, parse_heads, parse_lrs
+from ..probe.selector import AttentionWeights, build_selector, check_selector_backbone
 from ..attention_adapters import token_layout
-from ..selection import CLS_METHODS, METHODS
 from .analyze import check_image_pass
 from .image_pass import INTERRUPTED, ImagePass
 from .probe_maps import diverged_pairs, probe_run_state, refuse_diverged, upsample
 
 log = logging.getLogger("selagg_fast")
 
-SELECTOR = "selector_cls"  # --selector-model's last-block [cls] attention
 EPS = 1e-12  # weights clamped here inside the logarithms (a float32 softmax weight can be 0)
-# the probe heads of issue 13 item 2 that train on these methods' weights: their top-1 goes beside them
-TRAINED_AS = {"cls_mean": "cls_attn", "cls_min_entropy": "cls_attn_min_entropy", "center_mean": "center_attn",
-              SELECTOR: "external_cls_attn"}
-LABELS = {"cls_mean": "mean [cls] attn", "cls_min_entropy": "min-entropy [cls] attn",
-          "center_mean": "central patch attn", SELECTOR: "selector [cls] attn"}
+# An attention method goes by its probe head's name (attention_methods), so a probe run's top-1 of
+# that head goes beside it; --methods also takes the method's other names.
+SELECTOR = next(m.head for m in ATTENTION_METHODS if m.selector)  # --selector-model's last-block [cls] attention
+# the names the running sums' settings record: a run's partial sums saved under a method's weights
+# name (or selector_cls) resume whichever name the command line gives
+_SETTINGS_NAME = {m.head: "selector_cls" if m.selector else m.weights for m in ATTENTION_METHODS}
+
+
+def method_label(method: str) -> str:
+    """A method's title in the table and figures: the attention method's label, else its name."""
+    return BY_HEAD[method].label if method in BY_HEAD else method
 
 
 @dataclass
@@ -133,22 +139,17 @@ def validate_compare(cfg: CompareConfig) -> None:
         _probe_state(cfg.probe)  # raises with the reason
     check_image_pass(cfg)
     check_number("--examples", cfg.examples, minimum=0, integer=True)
-    if cfg.selector_model is None and (cfg.selector_checkpoint or cfg.selector_random_init
-                                       or cfg.selector_checkpoint_key):
-        raise ValueError("--selector-checkpoint / --selector-checkpoint-key / --selector-random-init need "
-                         "--selector-model")
-    if cfg.selector_model is not None:
-        selector_settings(cfg).check_backbone()
+    check_selector_backbone(cfg)
     if cfg.methods is not None and not [m for m in cfg.methods.split(",") if m.strip()]:
         raise ValueError("--methods: empty list")
 
 
 def _best_pairs(state: dict, heads: ProbeHeads) -> dict:
     """Trained selective / attentive pairs: head name -> its best-lr pair name (by top-1)."""
-    top1 = {f"{p['head']}@{p['base_lr']:g}": p["top1"] for p in state.get("results", {}).get("pairs", [])}
+    top1 = {pair_name(p["head"], p["base_lr"]): p["top1"] for p in state.get("results", {}).get("pairs", [])}
     best = {}
     for spec, lr in heads.pairs:
-        if not spec.selective:
+        if not spec.learns_weights:
             continue
         name = pair_name(spec, lr)
         score = top1.get(name)
@@ -160,17 +161,20 @@ def _best_pairs(state: dict, heads: ProbeHeads) -> dict:
 
 def choose_methods(requested: str | None, has_cls: bool, selector: bool, trained: dict, pairs: list):
     """``(methods, omitted)``: method names in order and the [cls] methods left out (with why)."""
-    available = [m for m in METHODS if has_cls or m not in CLS_METHODS] + ([SELECTOR] if selector else [])
+    own = [m for m in ATTENTION_METHODS if not m.selector]
+    available = [m.head for m in own if has_cls or not m.needs_cls] + ([SELECTOR] if selector else [])
     if requested is None:
         methods = list(trained.values()) + available
-        omitted = [] if has_cls else list(CLS_METHODS)
+        omitted = [] if has_cls else [m.head for m in own if m.needs_cls]
         return methods, omitted
     methods = []
     for name in [m.strip() for m in requested.split(",") if m.strip()]:
         if name in trained:  # a head name: its best learning rate
             name = trained[name]
-        if name in CLS_METHODS and not has_cls:
-            raise ValueError(f"--methods {name}: the probed model has no [cls] token (center_mean works)")
+        elif attention_method(name) is not None:  # any of an attention method's names: its head's
+            name = attention_method(name).head
+        if name in BY_HEAD and BY_HEAD[name].needs_cls and not has_cls:
+            raise ValueError(f"--methods {name}: the probed model has no [cls] token (center_attn works)")
         if name == SELECTOR and not selector:
             raise ValueError(f"--methods {SELECTOR}: pass --selector-model")
         if name not in available and name not in pairs:
@@ -197,7 +201,7 @@ def _examples_figure(path: str, images: torch.Tensor, weights: torch.Tensor, met
             axes[i, j + 1].imshow(shown[i].numpy())
             axes[i, j + 1].imshow(heat.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             if i == 0:
-                axes[i, j + 1].set_title(LABELS.get(m, m), fontsize=8)
+                axes[i, j + 1].set_title(method_label(m), fontsize=8)
     if n:
         axes[0, 0].set_title("image", fontsize=8)
     for ax in axes.flat:
@@ -215,7 +219,7 @@ def write_figures(out: str, result: dict, examples: dict | None) -> list:
     import numpy as np
 
     methods = result["methods"]
-    labels = [LABELS.get(m, m) for m in methods]
+    labels = [method_label(m) for m in methods]
     kl = np.asarray(result["kl"])
     written = []
     fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 3, 1.0 * len(methods) + 2.5), constrained_layout=True)
@@ -257,17 +261,17 @@ class _Methods:
         self.backbone, self.heads, self.methods = backbone, heads, methods
         P, _, grid = token_layout(backbone)
         self.N = grid[0] * grid[1]
-        self.attention_methods = [EXTERNAL if m == SELECTOR else m for m in methods if m in METHODS or m == SELECTOR]
+        self.attention_methods = [BY_HEAD[m].weights for m in methods if m in BY_HEAD]
         self.attention = AttentionWeights(backbone, self.attention_methods, selector)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         tokens, attention = self.attention(self.backbone, images)
         out = []
         for m in self.methods:
-            if m in METHODS or m == SELECTOR:
-                w = attention[:, self.attention_methods.index(EXTERNAL if m == SELECTOR else m)]
+            if m in BY_HEAD:
+                w = attention[:, self.attention_methods.index(BY_HEAD[m].weights)]
             else:  # a trained pair: branches / heads averaged, the patch part
-                w = self.heads.selection_weights(tokens, m).float().mean(1)[:, -self.N:]
+                w = self.heads.trained_weights(tokens, m).float().mean(1)[:, -self.N:]
             out.append(w.float() / w.float().sum(-1, keepdim=True))  # renormalised over the patches
         return torch.stack(out, 1)
 
@@ -296,17 +300,16 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
     pcfg = state["config"]
     dist_info = init_distributed(cfg.device)
     device = dist_info.device
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(cfg.precision, device)
     torch.manual_seed(pcfg["seed"])  # a --random-init probe's backbone is re-created from its seed
     backbone = BackboneSettings.from_config(pcfg, trust_checkpoint=cfg.trust_checkpoint).create_backbone().to(device)
     info = backbone.info
     specs = parse_heads(pcfg["heads"], has_cls=info.has_cls)
-    lrs = [float(v) for v in str(pcfg["lrs"]).split(",") if v.strip()]
-    heads = ProbeHeads(specs, lrs, info.embed_dim, len(state["classes"]), info.num_prefix_tokens,
+    heads = ProbeHeads(specs, parse_lrs(pcfg["lrs"]), info.embed_dim, len(state["classes"]), info.num_prefix_tokens,
                        grid_size=info.patch_grid).to(device).eval()
     heads.load_state_dict(state["heads"])
     trained = _best_pairs(state, heads)
-    selective_pairs = [pair_name(s, lr) for s, lr in heads.pairs if s.selective]
+    selective_pairs = [pair_name(s, lr) for s, lr in heads.pairs if s.learns_weights]
     methods, omitted = choose_methods(cfg.methods, info.has_cls, cfg.selector_model is not None, trained,
                                       selective_pairs)
     if cfg.methods is None:  # by default a head whose every lr diverged is left out, with a warning
@@ -321,7 +324,8 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
     os.makedirs(out, exist_ok=True)
 
     settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
-                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size, methods=methods,
+                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
+                    methods=[_SETTINGS_NAME.get(m, m) for m in methods],
                     selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs]
                     + ([cfg.selector_checkpoint_key] if cfg.selector_checkpoint_key else []),
                     precision="bf16" if use_bf16 else "fp32")
@@ -365,7 +369,7 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
 def _result(cfg, state, info, methods, omitted, sums, unreadable, img_s) -> dict:
     top1 = {}
     for p in state.get("results", {}).get("pairs", []):
-        name = f"{p['head']}@{p['base_lr']:g}"
+        name = pair_name(p["head"], p["base_lr"])
         top1[name] = p["top1"]
         if p["top1"] is not None and (p["head"] not in top1 or (top1[p["head"]] or -1) < p["top1"]):
             top1[p["head"]] = p["top1"]  # a head's best lr
@@ -373,9 +377,8 @@ def _result(cfg, state, info, methods, omitted, sums, unreadable, img_s) -> dict
     N = info.patch_grid[0] * info.patch_grid[1]
     per_method = {}
     for i, m in enumerate(methods):
-        per_method[m] = dict(label=LABELS.get(m, m), entropy_mean=summary["entropy_mean"][i],
-                             entropy_std=summary["entropy_std"][i],
-                             top1=top1.get(m, top1.get(TRAINED_AS.get(m, ""), None)))
+        per_method[m] = dict(label=method_label(m), entropy_mean=summary["entropy_mean"][i],
+                             entropy_std=summary["entropy_std"][i], top1=top1.get(m))
     pcfg = state["config"]
     return dict(probe=cfg.probe, model=pcfg["model"], checkpoint=pcfg.get("checkpoint"),
                 block=pcfg.get("return_block") or info.num_blocks, methods=methods, per_method=per_method,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..backbone import BackboneSettings
 from ..files import CheckpointError, load_torch_file
-from ..probe.heads import ProbeHeads, pair_name, parse_heads
+from ..probe.heads import ProbeHeads, pair_name, parse_heads, parse_lrs
 from ..selection import capture_attention_rows, weights_from_rows
 
 
@@ -62,10 +62,9 @@ class ProbeMaps:
         self.backbone = BackboneSettings.from_config(cfg, trust_checkpoint=trust_checkpoint).create_backbone().to(self.device)
         self.info = self.backbone.info
         specs = parse_heads(cfg["heads"], has_cls=self.info.has_cls)
-        if not any(s.selective for s in specs):
+        if not any(s.learns_weights for s in specs):
             raise ValueError(f"{run_dir}: the probe has no selective head (heads: {cfg['heads']})")
-        lrs = [float(v) for v in str(cfg["lrs"]).split(",") if v.strip()]
-        self.heads = ProbeHeads(specs, lrs, self.info.embed_dim, len(state["classes"]),
+        self.heads = ProbeHeads(specs, parse_lrs(cfg["lrs"]), self.info.embed_dim, len(state["classes"]),
                                 self.info.num_prefix_tokens, grid_size=self.info.patch_grid).to(self.device).eval()
         self.heads.load_state_dict(state["heads"])
         self.head = head or self._best_selective(state)
@@ -88,7 +87,7 @@ class ProbeMaps:
             tokens = self.backbone(images.to(self.device))
         gh, gw = self.info.patch_grid
         B = len(images)
-        selection = self.heads.selection_weights(tokens.float(), self.head)
+        selection = self.heads.trained_weights(tokens.float(), self.head)
         selection = selection.reshape(B, -1, selection.shape[-1]).mean(1)
         # selective_all pools prefix tokens too: the map shows the patch part
         selection = selection[:, -gh * gw:].reshape(B, gh, gw)

@@ -9,6 +9,7 @@ variants (MLP scorer, self-attention, positional conditioning) run one head each
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention_methods import ATTENTION_METHODS, BY_HEAD, BY_WEIGHTS, MASS, MEAN
 from ..attentive import AttentivePooling
 from ..branches import branch_groups, pool_branches
 from ..efficient import EfficientProbing
@@ -24,12 +26,11 @@ from ..modules import SelectiveAggregation
 from ..ops import softmax_pool
 
 HEAD_KINDS = ("cls", "avg", "selective[_mlp_tanh|_mlp_relu][_sa|_samap][_pe][_all][_k<K>]", "ap<H>[_ln][_all]",
-              "ep<Q>[_all]", "cls_attn", "cls_attn_min_entropy", "center_attn", "external_cls_attn")
-# Non-trainable aggregations (issue 13, paper Table 5): the weight vector comes from the backbone's
-# (or the --selector-model's) attention, computed beside the tokens (probe/selector.py); only the
-# BatchNorm + Linear train. Head name -> the weights' method name.
-ATTENTION_HEADS = {"cls_attn": "cls_mean", "cls_attn_min_entropy": "cls_min_entropy", "center_attn": "center_mean",
-                   "external_cls_attn": "external_cls_mean"}
+              "ep<Q>[_all]", *BY_HEAD)
+# Non-trainable aggregations (paper Table 5, declared in attention_methods): the weight vector comes
+# from the backbone's (or the --selector-model's) attention, computed beside the tokens
+# (probe/selector.py); only the BatchNorm + Linear train. Head name -> the weights' name.
+ATTENTION_HEADS = {m.head: m.weights for m in ATTENTION_METHODS}
 _SELECTIVE_NAME = re.compile(r"selective(?:_mlp_(?P<act>tanh|relu))?(?:_(?P<sa>sa|samap))?(?P<pe>_pe)?"
                              r"(?P<all>_all)?(?:_k(?P<k>\d+))?")
 _AP_NAME = re.compile(r"ap(?P<h>\d+)(?P<ln>_ln)?(?P<all>_all)?")
@@ -54,21 +55,27 @@ class HeadSpec:
     num_queries: int = 0
 
     @property
-    def selective(self) -> bool:
-        """Learned weights over the tokens (every Selective Aggregation variant and attentive probe):
-        the head needs every token (a feature cache keeps them all) and has selection maps."""
+    def learns_weights(self) -> bool:
+        """Trained weights over the tokens (every Selective Aggregation variant, attentive and
+        efficient probe): the head needs every token (a feature cache keeps them all) and has maps."""
         return self.kind not in ("cls", "avg") and not self.attention_weighted
+
+    @property
+    def selective(self) -> bool:
+        """:attr:`learns_weights` under its earlier name, kept for callers (true for attentive and efficient
+        probes too)."""
+        return self.learns_weights
 
     @property
     def attention_weighted(self) -> bool:
         """Pools with fixed attention-derived weights (cls_attn & co.): needs every token and the
-        weights (ProbeHeads.forward's ``selection``), trains no aggregation parameter."""
+        weights (ProbeHeads.forward's ``attention_weights``), trains no aggregation parameter."""
         return self.kind in ATTENTION_HEADS
 
     @property
     def needs_tokens(self) -> bool:
         """Needs every token (a feature cache keeps them all), not only [cls] and the patch mean."""
-        return self.selective or self.attention_weighted
+        return self.learns_weights or self.attention_weighted
 
     @property
     def attentive(self) -> bool:
@@ -108,7 +115,7 @@ def parse_heads(text: str, has_cls: bool = True) -> list:
             spec = HeadSpec(name, name)
         else:
             raise ValueError(f"unknown head {name!r}; choose from {', '.join(HEAD_KINDS)}")
-        if spec.kind in ("cls_attn", "cls_attn_min_entropy") and not has_cls:
+        if spec.attention_weighted and BY_HEAD[spec.kind].needs_cls and not has_cls:
             raise ValueError(f"head {name!r} needs a [cls] token, and this model has none "
                              "(use center_attn, or external_cls_attn with a --selector-model)")
         if spec.kind == "cls" and not has_cls:
@@ -122,9 +129,26 @@ def parse_heads(text: str, has_cls: bool = True) -> list:
     return specs
 
 
+def attention_methods(specs) -> list:
+    """The weight vectors' names of the attention-weighted heads among ``specs``, each once in the
+    order of the heads: the method axis M of ``ProbeHeads.forward``'s ``[B, M, N]`` weights."""
+    return list(dict.fromkeys(ATTENTION_HEADS[s.kind] for s in specs if s.attention_weighted))
+
+
 def pair_name(spec: HeadSpec | str, lr: float) -> str:
     """``head@lr``: a pair's name in results and checkpoints (``spec``: a HeadSpec or its name)."""
     return f"{spec if isinstance(spec, str) else spec.name}@{lr:g}"
+
+
+def parse_lrs(text) -> list:
+    """``"0.05,0.1,0.3"`` -> the base learning rates of a run's pairs (distinct, finite, positive)."""
+    try:
+        lrs = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--lrs {text!r}: expected comma-separated numbers, e.g. 0.05,0.1,0.3") from None
+    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
+        raise ValueError(f"--lrs {text!r}: expected distinct finite positive base learning rates")
+    return lrs
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -206,14 +230,13 @@ class ProbeHeads(nn.Module):
         self.specs, self.lrs = list(specs), [float(lr) for lr in lrs]
         self.dim, self.num_classes, self.num_prefix_tokens = dim, num_classes, num_prefix_tokens
         self.pairs = [(spec, lr) for spec in self.specs for lr in self.lrs]
-        # the attention-weighted heads' methods, in the order of forward's selection [B, M, N]
-        self.selection_methods = list(dict.fromkeys(ATTENTION_HEADS[s.kind] for s in self.specs
-                                                    if s.attention_weighted))
+        # the attention-weighted heads' methods, in the order of forward's attention weights [B, M, N]
+        self.attention_methods = attention_methods(self.specs)
         self.aggregators = nn.ModuleDict()
         self.classifiers = nn.ModuleDict()
         for spec, lr in self.pairs:
             key = self._key(spec, lr)
-            if spec.selective:
+            if spec.learns_weights:
                 agg = self.aggregators[key] = _aggregator(spec, dim, 0 if spec.pools_prefix else num_prefix_tokens,
                                                           grid_size)
                 if grid_size is not None:  # a grid that cannot fit the pooled tokens: refused now
@@ -221,6 +244,11 @@ class ProbeHeads(nn.Module):
                     agg.check_num_tokens(num_prefix_tokens + rows * cols)
             width = self.aggregators[key].out_features if key in self.aggregators else dim
             self.classifiers[key] = LinearProbe(width, num_classes)
+
+    @property
+    def selection_methods(self) -> list:
+        """:attr:`attention_methods` under its earlier name, kept for callers."""
+        return self.attention_methods
 
     @staticmethod
     def _key(spec: HeadSpec, lr: float) -> str:
@@ -243,7 +271,7 @@ class ProbeHeads(nn.Module):
         B = tokens.shape[0]
         groups: dict = {}
         for spec, lr in self.pairs:
-            if not spec.selective:
+            if not spec.learns_weights:
                 continue
             key = self._key(spec, lr)
             agg = self.aggregators[key]
@@ -274,27 +302,30 @@ class ProbeHeads(nn.Module):
         for (key, agg, _, _), piece in zip(members, pieces):
             features[key] = agg.finish(piece).reshape(tokens.shape[0], -1)
 
-    def _attention_features(self, tokens: torch.Tensor, selection, features: dict) -> None:
+    def _attention_features(self, tokens: torch.Tensor, weights, features: dict) -> None:
         # every method pooled once (one fused softmax-pool call, K = methods), shared by its lrs
-        if not self.selection_methods:
+        if not self.attention_methods:
             return
-        M = len(self.selection_methods)
-        if selection is None or selection.dim() != 3 or selection.shape[1] != M or \
-                selection.shape[0] != tokens.shape[0] or selection.shape[2] != tokens.shape[1] - self.num_prefix_tokens:
+        M = len(self.attention_methods)
+        if weights is None or weights.dim() != 3 or weights.shape[1] != M or \
+                weights.shape[0] != tokens.shape[0] or weights.shape[2] != tokens.shape[1] - self.num_prefix_tokens:
             raise ValueError(f"ProbeHeads: heads {', '.join(s.name for s in self.specs if s.attention_weighted)} "
-                             f"need their weights: forward((tokens, selection [B, {M}, N])) for methods "
-                             f"{self.selection_methods}, got {None if selection is None else tuple(selection.shape)}")
-        pooled = pool_attention(tokens, selection, self.selection_methods, self.num_prefix_tokens, self.backend)
+                             f"need their weights: forward((tokens, attention_weights [B, {M}, N])) for methods "
+                             f"{self.attention_methods}, got {None if weights is None else tuple(weights.shape)}")
+        pooled = pool_attention(tokens, weights, self.attention_methods, self.num_prefix_tokens, self.backend)
         for spec, lr in self.pairs:
             if spec.attention_weighted:
-                features[self._key(spec, lr)] = pooled[:, self.selection_methods.index(ATTENTION_HEADS[spec.kind])]
+                features[self._key(spec, lr)] = pooled[:, self.attention_methods.index(ATTENTION_HEADS[spec.kind])]
 
-    def forward(self, tokens, selection=None) -> dict:
+    def forward(self, tokens, attention_weights=None, *, selection=None) -> dict:
         """``tokens [B, T, D]``; heads of fixed attention weights (cls_attn & co.) also need
-        ``selection [B, M, N]`` (float32, methods in ``selection_methods`` order), given as the
-        argument or as ``tokens = (tokens, selection)`` (the trainer's batches carry that pair)."""
+        ``attention_weights [B, M, N]`` (float32, methods in ``attention_methods`` order), given as
+        the argument or as ``tokens = (tokens, attention_weights)`` (the trainer's batches carry
+        that pair); ``selection``: the keyword's earlier name, still accepted."""
+        if attention_weights is None:
+            attention_weights = selection
         if isinstance(tokens, (tuple, list)):
-            tokens, selection = tokens
+            tokens, attention_weights = tokens
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
             raise ValueError(f"ProbeHeads: expected tokens [B, T, {self.dim}], got {tuple(tokens.shape)}")
         features: dict = {}
@@ -307,22 +338,24 @@ class ProbeHeads(nn.Module):
             if spec.kind in shared:
                 features[self._key(spec, lr)] = shared[spec.kind]
         self._selective_features(tokens, features)
-        self._attention_features(tokens, selection, features)
+        self._attention_features(tokens, attention_weights, features)
         return {pair_name(s, lr): self.classifiers[self._key(s, lr)](features[self._key(s, lr)])
                 for s, lr in self.pairs}
 
     @torch.no_grad()
-    def selection_weights(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
+    def trained_weights(self, tokens: torch.Tensor, name: str) -> torch.Tensor:
         """Softmax weights ``[B, K, N]`` of one selective, attentive or efficient pair (for selection
         maps): K branches of a selective head, H heads of an attentive one, Q queries of an efficient
         one (maps average them)."""
         for spec, lr in self.pairs:
             if pair_name(spec, lr) == name:
-                if not spec.selective:
+                if not spec.learns_weights:
                     raise ValueError(f"{name} is not a selective or attentive head")
                 _, w = self.aggregators[self._key(spec, lr)](tokens, return_weights=True)
                 return w.reshape(tokens.shape[0], -1, w.shape[-1])
         raise KeyError(f"no head {name!r}; have {self.pair_names()}")
+
+    selection_weights = trained_weights  # its earlier name, kept for callers
 
 
 def _aggregator(spec: HeadSpec, dim: int, prefix: int, grid_size) -> nn.Module:
@@ -354,9 +387,9 @@ def pool_attention(tokens: torch.Tensor, weights: torch.Tensor, methods, num_pre
     pooled = softmax_pool(scores, tokens, num_prefix_tokens=num_prefix_tokens, backend=backend).float()
     scale = torch.ones(weights.shape[:2], device=weights.device, dtype=torch.float32)
     for i, m in enumerate(methods):
-        if m == "center_mean":
+        if BY_WEIGHTS[m].scale == MEAN:
             scale[:, i] = 1.0 / N
-        elif m == ATTENTION_HEADS["external_cls_attn"]:
+        elif BY_WEIGHTS[m].scale == MASS:
             scale[:, i] = weights[:, i].float().sum(-1) / N
     return pooled * scale[..., None]
 

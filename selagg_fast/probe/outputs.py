@@ -6,6 +6,7 @@ import math
 import os
 
 from ..files import atomic_json, atomic_save, atomic_write, json_safe
+from .heads import pair_name
 
 __all__ = ["atomic_json", "atomic_save", "append_metrics", "truncate_metrics", "summarize", "summarize_seeds",
            "format_results"]
@@ -57,7 +58,7 @@ def summarize(pairs_metrics: list, diverged=(), **info) -> dict:
     """
     pairs = []
     for h, lr, m in pairs_metrics:
-        gone = f"{h}@{lr:g}" in diverged
+        gone = pair_name(h, lr) in diverged
         pairs.append(dict(head=h, base_lr=lr, top1=None if gone else m["top1"], top5=None if gone else m["top5"],
                           diverged=gone))
     return _with_best(pairs, info)
@@ -93,7 +94,7 @@ def summarize_seeds(seeds: list, pairs_metrics: list, diverged: dict, **info) ->
     for h, lr, by_seed in pairs_metrics:
         runs = []
         for seed in seeds:
-            gone = f"{h}@{lr:g}" in diverged.get(seed, ())
+            gone = pair_name(h, lr) in diverged.get(seed, ())
             m = by_seed[seed]
             runs.append(dict(seed=seed, top1=None if gone else m["top1"], top5=None if gone else m["top5"],
                              diverged=gone))

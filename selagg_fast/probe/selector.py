@@ -9,7 +9,7 @@ backbone's (``--selector-model``) last-block [cls] attention, ``mean_h A'_h[0, P
 renormalised (its patch mass scales each image's pooled feature, as the reference's ``dino``).
 
 Weights travel beside the tokens as one float32 ``[B, M, N]`` tensor, methods in
-:attr:`AttentionWeights.methods` order (ProbeHeads' ``selection_methods``); the feature cache
+:attr:`AttentionWeights.methods` order (ProbeHeads' ``attention_methods``); the feature cache
 stores them so a cached run runs neither backbone nor selector. Definitions:
 docs/statistics.md, "Attention selections".
 """
@@ -22,10 +22,11 @@ from ..backbone import BackboneSettings
 from ..attention_adapters import token_layout
 from ..selection import attention_rows, capture_attention_rows, center_query, weights_from_rows
 from .cache import file_stamp
-from .heads import ATTENTION_HEADS
+from ..attention_methods import ATTENTION_METHODS, BY_WEIGHTS
+from .heads import attention_methods
 
-# the method name of the selector's [cls] row (heads.ATTENTION_HEADS: head name -> method)
-EXTERNAL = ATTENTION_HEADS["external_cls_attn"]
+# the weights' name of the selector's [cls] row
+EXTERNAL = next(m.weights for m in ATTENTION_METHODS if m.selector)
 
 
 def selector_settings(cfg) -> BackboneSettings | None:
@@ -39,15 +40,29 @@ def selector_settings(cfg) -> BackboneSettings | None:
                             trust_checkpoint=getattr(cfg, "trust_checkpoint", False))
 
 
-def check_selector_flags(cfg, specs) -> None:
-    """Flag consistency, before anything is built: the selector flags and the external head go together."""
-    external = any(s.kind == "external_cls_attn" for s in specs)
+def check_selector_backbone(cfg) -> bool:
+    """The ``--selector-*`` flags of a probe or compare config, checked before anything is built:
+    the others need ``--selector-model``, whose backbone flags must be valid. True with a selector."""
     settings = selector_settings(cfg)
     if settings is None:
         if (cfg.selector_checkpoint is not None or cfg.selector_random_init or cfg.selector_model_kwargs
                 or getattr(cfg, "selector_checkpoint_key", None) is not None):
             raise ValueError("--selector-checkpoint / --selector-checkpoint-key / --selector-random-init / "
                              "--selector-model-kwargs need --selector-model")
+        return False
+    try:
+        settings.check_backbone()
+    except (ValueError, OSError) as err:  # name the selector flags, not the backbone's
+        raise type(err)(str(err).replace("--model", "--selector-model").replace("--checkpoint", "--selector-checkpoint")
+                        .replace("--random-init", "--selector-random-init")) from None
+    return True
+
+
+def check_selector_flags(cfg, specs) -> None:
+    """Flag consistency, before anything is built: the selector flags and the external head go together."""
+    external = any(s.kind == "external_cls_attn" for s in specs)
+    if selector_settings(cfg) is None:
+        check_selector_backbone(cfg)
         if external:
             raise ValueError("head 'external_cls_attn' needs a selector: pass --selector-model NAME and "
                              "--selector-checkpoint FILE (a second frozen ViT with the same patch grid)")
@@ -55,11 +70,7 @@ def check_selector_flags(cfg, specs) -> None:
     if not external:
         raise ValueError(f"--selector-model {cfg.selector_model}: only the external_cls_attn head uses it; "
                          "add external_cls_attn to --heads or drop the --selector-* flags")
-    try:
-        settings.check_backbone()
-    except (ValueError, OSError) as err:  # name the selector flags, not the backbone's
-        raise type(err)(str(err).replace("--model", "--selector-model").replace("--checkpoint", "--selector-checkpoint")
-                        .replace("--random-init", "--selector-random-init")) from None
+    check_selector_backbone(cfg)
 
 
 def build_selector(cfg, info, device):
@@ -78,7 +89,7 @@ def build_selector(cfg, info, device):
 
 class AttentionWeights:
     """``(tokens, weights)`` of one backbone pass (plus one selector pass): weights float32
-    ``[B, M, N]`` for ``methods`` (values of ``heads.ATTENTION_HEADS``).
+    ``[B, M, N]`` for ``methods`` (weights names of ``attention_methods.ATTENTION_METHODS``).
 
     ``backbone``: the probe's frozen :class:`~selagg_fast.backbone.Backbone` (its last block is the
     probed one); ``selector``: a Backbone for :data:`EXTERNAL`, or None. The selector sees the
@@ -93,10 +104,13 @@ class AttentionWeights:
         P, has_cls, grid = token_layout(backbone)
         self.P, self.grid = P, grid
         own = [m for m in self.methods if m != EXTERNAL]
-        if not has_cls and any(m in ("cls_mean", "cls_min_entropy") for m in own):
+        if not has_cls and any(BY_WEIGHTS[m].needs_cls for m in own):
             raise ValueError("the [cls] attention heads need a [cls] token; the model has none (use center_attn)")
         self.center = center_query(grid, P)
-        self.queries = sorted({self.center if m == "center_mean" else 0 for m in own})
+        self.queries = sorted({self._query(m) for m in own})
+
+    def _query(self, method: str) -> int:
+        return self.center if BY_WEIGHTS[method].query == "center" else 0
 
     def __call__(self, forward, images: torch.Tensor):
         """``forward``: the backbone's forward to run (the Backbone itself or a wrapper of it)."""
@@ -112,7 +126,7 @@ class AttentionWeights:
             if m == EXTERNAL:
                 out.append(self._external(images))
             else:
-                q = self.queries.index(self.center if m == "center_mean" else 0)
+                q = self.queries.index(self._query(m))
                 out.append(weights_from_rows(rows, m, self.P, q))
         return tokens, torch.stack(out, 1).float()
 
@@ -134,8 +148,8 @@ def cache_settings(cfg, methods) -> dict:
 
 
 def methods_of(specs) -> list:
-    """The weights' methods of a run's heads, in ProbeHeads' ``selection_methods`` order."""
-    return list(dict.fromkeys(ATTENTION_HEADS[s.kind] for s in specs if s.attention_weighted))
+    """The weights' methods of a run's heads, in ProbeHeads' ``attention_methods`` order."""
+    return attention_methods(specs)
 
 
 def attention_weights_for(cfg, backbone, specs, device) -> AttentionWeights | None:

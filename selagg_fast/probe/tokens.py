@@ -14,6 +14,7 @@ import torch
 
 from ..datasets import layout_files
 from ..distributed import barrier
+from ..precision import uses_bf16
 from ..profiling import nvtx_range
 from .cache import extract, file_stamp, open_store, source_files
 from .heads import parse_heads
@@ -34,8 +35,7 @@ class TokenSource:
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else None
         self.backbone = cfg.create_backbone().to(device)
         self.info = self.backbone.info
         # torch.compile of the frozen forward: compiled on the first batch (and again for the

@@ -25,11 +25,12 @@ from ..datasets import check_data_flags
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
 from ..files import (CheckpointError, Interrupted, check_number, check_writable, interrupts_deferred, load_torch_file,
                      output_lock, refuse_existing_run)
+from ..precision import PRECISIONS
 from ..profiling import nvtx_range
 from .curves import plot_curves
 from .data_plan import DataPlan, num_train_images, read_splits
 from .knn_run import parse_ks, parse_temperatures, run_knn
-from .heads import pair_name, parse_heads, probe_loss
+from .heads import pair_name, parse_heads, parse_lrs, probe_loss
 from .optim import set_lr
 from .probe_model import ProbeModel
 from .sizes import check_fits, head_sizes, seeds_sizes
@@ -107,13 +108,7 @@ class ProbeConfig(BackboneSettings):
     knn_memory_gb: float = 1.0
 
     def lr_list(self) -> list:
-        try:
-            lrs = [float(v) for v in str(self.lrs).split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--lrs {self.lrs!r}: expected comma-separated numbers, e.g. 0.05,0.1,0.3") from None
-        if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
-            raise ValueError(f"--lrs {self.lrs!r}: expected distinct finite positive base learning rates")
-        return lrs
+        return parse_lrs(self.lrs)
 
     def seed_list(self) -> list:
         """The seeds the heads train with: ``seeds``, or ``[seed]``."""
@@ -157,7 +152,7 @@ def validate(cfg: ProbeConfig) -> None:
         raise (ValueError if os.path.isdir(cfg.train_list) else FileNotFoundError)(
             f"--train-list {cfg.train_list}: {what}")
     for flag, value, choices in (("--optimizer", cfg.optimizer, ("lars", "sgd")),
-                                 ("--precision", cfg.precision, ("auto", "bf16", "fp32")),
+                                 ("--precision", cfg.precision, PRECISIONS),
                                  ("--cache-dtype", cfg.cache_dtype, ("bf16", "fp32")),
                                  ("--protocol", cfg.protocol, (None, *PROTOCOLS))):
         if value not in choices:

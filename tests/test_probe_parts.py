@@ -384,11 +384,11 @@ def test_unreadable_count_spans_every_epoch():
     # the paper protocol drops a different last partial batch each epoch: an epoch that did not meet
     # an unreadable image must not reset the count, and a resumed run's count is a floor
     from types import SimpleNamespace
-    from selagg_fast.probe.trainer import _Run
+    from selagg_fast.probe.data_plan import DataPlan
     run = SimpleNamespace(unreadable={"train": 0, "val": 2}, unreadable_indices={"train": set(), "val": set()},
                           distinct_count=lambda indices: len(set(indices)))
     for epoch_indices, expected in (([5], 1), ([], 1), ([7, 5], 2)):
-        _Run.note_unreadable(run, "train", epoch_indices)
+        DataPlan.note_unreadable(run, "train", epoch_indices)
         assert run.unreadable["train"] == expected
-    _Run.note_unreadable(run, "val", [1])
+    DataPlan.note_unreadable(run, "val", [1])
     assert run.unreadable["val"] == 2

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from selagg_fast.backbone import create_backbone
 from selagg_fast.data import ImageFiles, SeededTransform, _image_folder, walk_files
 from selagg_fast.files import CheckpointError
-from selagg_fast.probe import sizes, trainer
+from selagg_fast.probe import probe_model, sizes
 from selagg_fast.probe.cache import CacheError, extract, open_store
 from selagg_fast.probe.heads import ProbeHeads, parse_heads
 from selagg_fast.probe.trainer import ProbeConfig, run_probe
@@ -279,7 +279,7 @@ def test_heads_that_cannot_fit_are_refused_with_the_estimate(tmp_path, monkeypat
     assert estimate.parameters == sum(p.numel() for p in real.parameters())
     assert estimate.buffers == sum(b.numel() for b in real.buffers())
     monkeypatch.setattr(sizes, patch, lambda *_: 1 << 10)  # 1 KiB left
-    monkeypatch.setattr(trainer, "build_optimizer", lambda *a: pytest.fail("the heads were built"))
+    monkeypatch.setattr(probe_model, "build_optimizer", lambda *a: pytest.fail("the heads were built"))
     with pytest.raises(sizes.RunTooLargeError, match=rf"{heads}: {estimate.parameters:,} parameters.*{match}"):
         run_probe(_config(tmp_path, heads=heads, lrs=lrs))
 

@@ -17,28 +17,27 @@ import signal
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..backbone import BackboneSettings
-from ..data import collate_skipping, epoch_shard, split_batches, synthetic_datasets
-from ..datasets import check_data_flags, layout_files, probe_datasets, probe_splits
+from ..datasets import check_data_flags
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
 from ..files import (CheckpointError, Interrupted, check_number, check_writable, interrupts_deferred, load_torch_file,
                      output_lock, refuse_existing_run)
-from ..precision import PRECISIONS, uses_bf16
+from ..precision import PRECISIONS
 from ..profiling import nvtx_range
-from .cache import CacheError, extract, file_stamp, open_store, source_files
 from .curves import plot_curves
+from .data_plan import DataPlan, num_train_images, read_splits
 from .knn_run import parse_ks, parse_temperatures, run_knn
 from .heads import pair_name, parse_heads, parse_lrs, probe_loss
-from .optim import build_optimizer, set_lr
+from .optim import set_lr
+from .probe_model import ProbeModel
 from .sizes import check_fits, head_sizes, seeds_sizes
-from .selector import attention_weights_for, batch_to, cache_settings, check_selector_flags
+from .selector import check_selector_flags
 from .outputs import append_metrics, atomic_json, atomic_save, summarize, summarize_seeds, truncate_metrics
-from .seeds import SeedHeads, parse_seeds, seeded_heads
+from .seeds import SeedHeads, parse_seeds
+from .tokens import TokenSource
 
 log = logging.getLogger("selagg_fast")
 
@@ -201,235 +200,75 @@ def _resolved(cfg: ProbeConfig, saved: dict | None) -> ProbeConfig:
 
 
 class _Run:
-    """State of one probing run (one per process): backbone, data, heads, optimizer, counters."""
+    """One probing run (one per process), composed of its three parts: ``source`` (a
+    :class:`TokenSource`: backbone, selector, tokens, cache extraction), ``plan`` (a
+    :class:`DataPlan`: datasets, loaders, sharding, unreadable counts) and ``probe`` (a
+    :class:`ProbeModel`: every seed's heads, optimizer, DDP, checkpoint state)."""
 
     def __init__(self, cfg: ProbeConfig, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         self.device = dist_info.device
         self.protocol = PROTOCOLS[cfg.protocol]
-        self.stores = {}                          # split -> TokenStore, with --cache-features
-        self.unreadable = {"train": 0, "val": 0}  # distinct unreadable images, all processes
-        # this invocation's unreadable indices per split: each epoch drops a different last partial
-        # batch (paper protocol), so one epoch alone can miss some; the count is over every epoch
-        self.unreadable_indices = {"train": set(), "val": set()}
-        self.diverged = set()                     # pair names whose loss or parameters went non-finite
-        self.autocast_dtype = torch.bfloat16 if uses_bf16(cfg.precision, self.device) else None
         torch.manual_seed(cfg.seed)
 
         # the data's files first: a class-folder, --train-list or --knn-k error costs no backbone build
-        splits = None if cfg.data == "synthetic" else probe_splits(cfg.dataset, cfg.data, cfg.train_list)
-        num_train = cfg.synthetic_train_size if splits is None else len(splits[0])
+        splits = read_splits(cfg)
+        num_train = num_train_images(cfg, splits)
         if cfg.knn and max(parse_ks(cfg.knn_k)) > num_train:
             raise ValueError(f"--knn-k {cfg.knn_k}: k {max(parse_ks(cfg.knn_k))} is more than the "
                              f"{num_train} training images")
-        self.backbone = cfg.create_backbone().to(self.device)
-        self.info = self.backbone.info
-        # torch.compile of the frozen forward: compiled on the first batch (and again for the
-        # last, smaller one), the same tokens up to float rounding afterwards
-        self.forward_backbone = torch.compile(self.backbone) if cfg.compile_backbone else self.backbone
-        self.specs = parse_heads(cfg.heads, has_cls=self.info.has_cls)
+        self.source = source = TokenSource(cfg, self.device)
         self.lrs = cfg.lr_list()
-        # Without selective heads the cache keeps only [cls] and the patch mean per image.
-        self.compact = cfg.cache_features is not None and not any(s.needs_tokens for s in self.specs)
-        # cls_attn & co.: their weights from this backbone's pass (and the selector's), beside the tokens
-        self.selection = attention_weights_for(cfg, self.backbone, self.specs, self.device)
-        if self.selection is not None and cfg.compile_backbone:
-            log.warning("--compile-backbone: not with attention-weighted heads (their hook reads the probed "
-                        "block's attention input); the backbone runs uncompiled")
-            self.forward_backbone = self.backbone
-        self.head_prefix = int(self.info.has_cls) if self.compact else self.info.num_prefix_tokens
-
-        if cfg.data == "synthetic":
-            self.train_set, self.val_set = synthetic_datasets(
-                self.info.img_size, cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.synthetic_classes,
-                seed=cfg.seed, augment=cfg.augment)
-        else:
-            self.train_set, self.val_set = probe_datasets(
-                cfg.dataset, cfg.data, self.info.img_size, cfg.train_list, augment=cfg.augment, seed=cfg.seed,
-                splits=splits)
-        self.num_classes = len(self.train_set.classes)
-        if self.num_batches("train") == 0:
-            raise ValueError(
-                f"--batch-size {cfg.batch_size}: more than the {len(self.train_set)} training images give each of "
-                f"{dist_info.world_size} process(es); the {cfg.protocol} protocol drops the last partial batch, so "
-                "no step would run (lower --batch-size, or --protocol mae keeps the partial batch)")
-
+        self.plan = plan = DataPlan(cfg, dist_info, self.protocol.drop_last, source.info.img_size, splits,
+                                    tokens=source.tokens, token_dtype=source.token_dtype)
         self.effective_batch = cfg.batch_size * cfg.accum_iter * dist_info.world_size
-        check_fits(seeds_sizes(head_sizes(self.specs, self.lrs, self.info.embed_dim, self.num_classes,
-                                          self.head_prefix, grid_size=self.info.patch_grid), len(cfg.seed_list())),
+        check_fits(seeds_sizes(head_sizes(source.specs, self.lrs, source.info.embed_dim, plan.num_classes,
+                                          source.head_prefix, grid_size=source.info.patch_grid),
+                               len(cfg.seed_list())),
                    cfg.heads, cfg.batch_size, self.device, cfg.output_dir)
-        # gloo group for host-side agreement (skipping a batch, counting) without a device round trip
-        self.control_group = torch.distributed.new_group(backend="gloo") if dist_info.active else None
-        self.seed_heads = [self._seed_heads(seed) for seed in cfg.seed_list()]
-        # the first seed's: what the selection maps and comparisons read, and a one-seed run's all
-        first = self.seed_heads[0]
+        plan.start_control_group()
+        self.probe = ProbeModel(
+            source.specs, self.lrs, cfg.seed_list(), source.info.embed_dim, plan.num_classes, source.head_prefix,
+            grid_size=source.info.patch_grid, classifier_init=self.protocol.classifier_init,
+            optimizer=cfg.optimizer, effective_batch=self.effective_batch, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, device=self.device, ddp=dist_info.active)
+        # the parts' members that the epoch loop, k-NN (knn_run.py) and the outputs read
+        self.backbone, self.info, self.forward_backbone = source.backbone, source.info, source.forward_backbone
+        self.specs, self.compact, self.selection = source.specs, source.compact, source.selection
+        self.head_prefix, self.autocast_dtype = source.head_prefix, source.autocast_dtype
+        self.train_set, self.val_set, self.num_classes = plan.train_set, plan.val_set, plan.num_classes
+        self.stores, self.unreadable = plan.stores, plan.unreadable
+        self.seed_heads = self.probe.seed_heads
+        first = self.probe.first
         self.heads, self.optimizer, self.model, self.diverged = first.heads, first.optimizer, first.model, first.diverged
 
-    def _seed_heads(self, seed: int) -> SeedHeads:
-        """One seed's heads (initialised from the seed alone), optimizer and DDP wrapper."""
-        cfg = self.cfg
-        heads = seeded_heads(seed, self.protocol.classifier_init, self.specs, self.lrs, self.info.embed_dim,
-                             self.num_classes, self.head_prefix, grid_size=self.info.patch_grid).to(self.device)
-        optimizer = build_optimizer(heads, cfg.optimizer, self.effective_batch, cfg.momentum, cfg.weight_decay)
-        model = heads
-        if self.dist.active:
-            model = torch.nn.parallel.DistributedDataParallel(
-                heads, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
-        return SeedHeads(seed, heads, optimizer, model)
-
     def autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return self.source.autocast()
 
     def tokens(self, images: torch.Tensor):
-        """The backbone's tokens; ``(tokens, weights [B, M, N] float32)`` with attention-weighted heads."""
-        weights = None
-        with torch.no_grad(), self.autocast(), nvtx_range("backbone"):
-            if self.selection is not None:
-                tokens, weights = self.selection(self.forward_backbone, images)
-            else:
-                tokens = self.forward_backbone(images)
-        if self.compact:
-            parts = ([tokens[:, :1]] if self.info.has_cls else []) + \
-                    [tokens[:, self.info.num_prefix_tokens:].mean(1, keepdim=True, dtype=torch.float32)]
-            tokens = torch.cat([p.to(tokens.dtype) for p in parts], 1)
-        tokens = tokens.to(self.autocast_dtype or torch.float32)
-        return tokens if weights is None else (tokens, weights)
+        return self.source.tokens(images)
 
-    # data ------------------------------------------------------------------------------------
     def _loader(self, dataset, **kw):
-        cuda = self.device.type == "cuda"
-        return DataLoader(dataset, num_workers=self.cfg.workers, pin_memory=cuda,
-                          persistent_workers=False, **kw)
-
-    def _my_batches(self, split: str, epoch: int, indices, order_seed: int | None = None) -> list:
-        """This process's batches of ``indices``: training shuffles per epoch by ``order_seed`` (default
-        the run's seed; and drops a last partial batch under the paper protocol); validation takes
-        every W-th image, unpadded."""
-        if split == "train":
-            seed = self.cfg.seed if order_seed is None else order_seed
-            mine = epoch_shard(indices, seed, epoch, self.dist.rank, self.dist.world_size)
-            batches = split_batches(mine.tolist(), self.cfg.batch_size, self.protocol.drop_last)
-            if self._last_batch_too_small(len(mine)):
-                batches = batches[:-1]
-            return batches
-        mine = np.asarray(indices)[self.dist.rank::self.dist.world_size]
-        return split_batches(mine.tolist(), self.cfg.batch_size, drop_last=False)
-
-    def live_batches(self, split: str, epoch: int):
-        """Yields (tokens on device, labels on device, indices of unreadable images) of this process."""
-        dataset = self.train_set if split == "train" else self.val_set
-        dataset.set_epoch(epoch)
-        loader = self._loader(dataset, batch_sampler=self._my_batches(split, epoch, range(len(dataset))),
-                              collate_fn=collate_skipping)
-        for images, labels, _idx, skipped in loader:
-            if split == "train" and not self._every_rank_has_images(images is not None):
-                images = None  # a training step is taken by all processes or by none (collectives inside)
-            if images is None:
-                yield None, None, skipped
-                continue
-            with nvtx_range("data"):
-                yield (self.tokens(images.to(self.device, non_blocking=True)),
-                       labels.to(self.device, non_blocking=True), skipped)
-
-    def _every_rank_has_images(self, mine: bool) -> bool:
-        """False when some process's batch was entirely unreadable (a CPU all-reduce: no GPU sync)."""
-        if not self.dist.active:
-            return mine
-        flag = torch.tensor([int(mine)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.control_group)
-        return bool(flag.item())
-
-    def note_unreadable(self, split: str, indices) -> None:
-        """Add an epoch's unreadable indices; the count never drops below a resumed run's."""
-        self.unreadable_indices[split].update(int(i) for i in indices)
-        self.unreadable[split] = max(self.unreadable[split], self.distinct_count(self.unreadable_indices[split]))
-
-    def distinct_count(self, indices) -> int:
-        """How many distinct indices all processes saw (padding repeats some across processes)."""
-        indices = set(int(i) for i in indices)
-        if not self.dist.active:
-            return len(indices)
-        everyone = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(everyone, indices, group=self.control_group)
-        return len(set().union(*everyone))
-
-    def cached_batches(self, split: str, epoch: int, order_seed: int | None = None):
-        store = self.stores[split]
-        loader = self._loader(store.batches(self._my_batches(split, epoch, store.valid_indices(), order_seed)),
-                              batch_size=None)
-        try:
-            for tokens, labels in loader:
-                with nvtx_range("data"):
-                    yield (batch_to(tokens, self.device, self.autocast_dtype or torch.float32),
-                           labels.to(self.device, non_blocking=True), ())
-        except CacheError as err:  # from a DataLoader worker: its message is the traceback's last line
-            raise CacheError(str(err).strip().splitlines()[-1].split("CacheError: ", 1)[-1]) from None
+        return self.plan.loader(dataset, **kw)
 
     def batches(self, split: str, epoch: int, order_seed: int | None = None):
-        """The split's batches; ``order_seed`` orders a feature cache's training batches (a live run's
-        batches are the run's seed's)."""
-        if self.cfg.cache_features:
-            return self.cached_batches(split, epoch, order_seed)
-        return self.live_batches(split, epoch)
+        return self.plan.batches(split, epoch, order_seed)
 
-    def _last_batch_too_small(self, per_rank: int, warn: bool = True) -> bool:
-        """A kept last training batch of one image in all (one process): BatchNorm cannot train on
-        it, so it is dropped (the image is seen in other epochs, in another order)."""
-        small = not self.protocol.drop_last and per_rank % self.cfg.batch_size == 1 and self.dist.world_size == 1
-        if small and warn and not getattr(self, "_warned_small_batch", False):
-            self._warned_small_batch = True
-            log.warning("the last training batch of each epoch holds 1 image (%d images, --batch-size %d): "
-                        "dropped, BatchNorm needs 2", per_rank, self.cfg.batch_size)
-        return small
+    def live_batches(self, split: str, epoch: int):
+        return self.plan.live_batches(split, epoch)
+
+    def cached_batches(self, split: str, epoch: int, order_seed: int | None = None):
+        return self.plan.cached_batches(split, epoch, order_seed)
 
     def num_batches(self, split: str) -> int:
-        if split in self.stores:
-            n = len(self.stores[split].valid_indices())
-        else:
-            n = len(self.train_set if split == "train" else self.val_set)
-        if split == "train":
-            per_rank = -(-n // self.dist.world_size)
-            if self.protocol.drop_last:
-                return per_rank // self.cfg.batch_size
-            return -(-per_rank // self.cfg.batch_size) - int(self._last_batch_too_small(per_rank, warn=False))
-        return -(-len(range(self.dist.rank, n, self.dist.world_size)) // self.cfg.batch_size)
+        return self.plan.num_batches(split)
 
-    # feature cache ---------------------------------------------------------------------------
+    def note_unreadable(self, split: str, indices) -> None:
+        self.plan.note_unreadable(split, indices)
+
     def build_cache(self) -> None:
         """Open (extracting what is missing) the train and val token stores of this run."""
-        cfg = self.cfg
-        with torch.no_grad():
-            probe = self.tokens(torch.zeros(1, 3, self.info.img_size, self.info.img_size, device=self.device))
-        probe, weight_shape = (probe[0], tuple(probe[1].shape[1:])) if isinstance(probe, tuple) else (probe, None)
-        for split, dataset in (("train", self.train_set), ("val", self.val_set)):
-            settings = dict(
-                split=split, model=cfg.model, model_kwargs=cfg.model_kwargs, return_block=cfg.return_block,
-                final_norm=cfg.final_norm, compact=self.compact, precision=str(self.autocast_dtype),
-                checkpoint=cfg.checkpoint, checkpoint_stat=file_stamp(cfg.checkpoint), data=cfg.data,
-                **({"checkpoint_key": cfg.checkpoint_key} if cfg.checkpoint_key is not None else {}),
-                train_list=cfg.train_list, num_samples=len(dataset),
-                synthetic=[cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.synthetic_classes, cfg.seed]
-                if cfg.data == "synthetic" else None)
-            if cfg.dataset != "imagefolder":  # imagefolder stores keep the key they were extracted under
-                settings["dataset"] = cfg.dataset
-            if self.selection is not None:  # the cached weights' methods and selector
-                settings["attention_weights"] = cache_settings(cfg, self.selection.methods)
-            store = open_store(cfg.cache_features, settings, dataset, tuple(probe.shape[1:]), cfg.cache_dtype,
-                               cfg.batch_size, is_main=self.dist.is_main, barrier=barrier, weight_shape=weight_shape,
-                               sources=source_files(dataset, layout_files(cfg.dataset, cfg.data)),
-                               refresh=cfg.refresh_cache)
-            extract(store, dataset, self.tokens, self._loader, self.device, self.dist.rank, self.dist.world_size,
-                    desc=f"extract {split} tokens", progress=cfg.progress and self.dist.is_main)
-            barrier()
-            if not store.complete():
-                raise RuntimeError(f"feature cache {store.path}: extraction incomplete after all ranks finished")
-            if self.dist.is_main:
-                store.seal()
-            self.unreadable[split] = store.num_unreadable()
-            self.stores[split] = store
+        self.plan.use_stores(self.source.open_stores(self.plan.datasets, self.plan.loader, self.dist))
 
 
 def _train_epoch(run: _Run, epoch: int, group: list | None = None, order_seed: int | None = None) -> dict:
@@ -601,35 +440,11 @@ def _resume(run: _Run, saved: dict | None) -> tuple:
         raise ValueError(f"--resume: the classes of --data {cfg.data} changed since {cfg.output_dir} was started "
                          f"(added: {', '.join(added[:10]) or 'none'}; removed: {', '.join(removed[:10]) or 'none'}"
                          f"{'' if added or removed else '; reordered'}); start a new run in another --output-dir")
-    _load_seed_heads(run, saved)
+    run.probe.load(saved, cfg.output_dir)
     for k, v in saved.get("unreadable", {}).items():
         run.unreadable[k] = v
     log.info("resuming %s after epoch %d", cfg.output_dir, saved["epoch"])
     return saved["epoch"], saved.get("results")
-
-
-def _load_seed_heads(run: _Run, saved: dict) -> None:
-    """Every seed's heads and optimizer from the checkpoint (``seed_heads``; a one-seed run's are
-    ``heads`` and ``optimizer``)."""
-    states = saved.get("seed_heads") or [dict(seed=run.seed_heads[0].seed, heads=saved["heads"],
-                                              optimizer=saved["optimizer"])]
-    if [s["seed"] for s in states] != [m.seed for m in run.seed_heads]:
-        raise ValueError(f"--resume: {run.cfg.output_dir}'s checkpoint holds seeds {[s['seed'] for s in states]}, "
-                         f"this run trains {[m.seed for m in run.seed_heads]}")
-    for member, state in zip(run.seed_heads, states):
-        member.heads.load_state_dict(state["heads"])
-        member.optimizer.load_state_dict(state["optimizer"])
-
-
-def _seed_heads_state(run: _Run) -> dict:
-    """The checkpoint's heads: ``heads``/``optimizer`` (the first seed's, what maps and comparisons
-    read) and, with --seeds, ``seed_heads``: every seed's."""
-    first = run.seed_heads[0]
-    state = dict(heads=first.heads.state_dict(), optimizer=first.optimizer.state_dict())
-    if run.cfg.seeds is not None:
-        state["seed_heads"] = [dict(seed=m.seed, heads=m.heads.state_dict(), optimizer=m.optimizer.state_dict())
-                               for m in run.seed_heads]
-    return state
 
 
 def _write_config(run: _Run, start_epoch: int, command: str | None) -> None:
@@ -708,7 +523,7 @@ def _write_epoch(run: _Run, epoch: int, train: dict, metrics: dict, results: dic
                              diverged=gone, images_per_s=train["images_per_s"]))
     append_metrics(os.path.join(out, "metrics.jsonl"), epoch + 1, rows)
     atomic_save(os.path.join(out, "checkpoint.pt"), dict(
-        epoch=epoch + 1, **_seed_heads_state(run),
+        epoch=epoch + 1, **run.probe.state(with_seeds=run.cfg.seeds is not None),
         config=dataclasses.asdict(run.cfg), backbone=dataclasses.asdict(run.info), results=results,
         pairs=run.heads.pair_names(), classes=run.train_set.classes, unreadable=dict(run.unreadable)))
     atomic_json(os.path.join(out, "results.json"), results)

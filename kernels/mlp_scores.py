@@ -30,6 +30,15 @@ def _tanh(x, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
+def _activate(b_pre, ACT: tl.constexpr, FAST_TANH: tl.constexpr):
+    # the forward and the backward recompute the same activation (inlined: no register cost)
+    if ACT == 0:
+        return _tanh(b_pre, FAST_TANH)
+    else:
+        return tl.maximum(b_pre, 0.0)
+
+
+@triton.jit
 def _dot32(a, b, LOWP: tl.constexpr, F32_PRECISION: tl.constexpr):
     # the second layer's float32 products (K > 1): one TF32 pass where the first layer's operands
     # are bf16/fp16 anyway (3xTF32 spills registers there), else F32_PRECISION
@@ -89,10 +98,7 @@ def mlp_scores_fwd_kernel(
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < DH
         b_pre = _hidden_tile(p_row, m_m, w1_ptr, b1_ptr, n0, D, DH, HAS_B1, LOWP, F32_PRECISION, BM, BN, BD)
-        if ACT == 0:
-            b_h = _tanh(b_pre, FAST_TANH)
-        else:
-            b_h = tl.maximum(b_pre, 0.0)
+        b_h = _activate(b_pre, ACT, FAST_TANH)
         if SINGLE:
             b_w2 = tl.load(w2_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BN]
             b_s += tl.sum(b_h * b_w2[None, :], axis=1)[:, None]
@@ -131,11 +137,10 @@ def mlp_scores_bwd_kernel(
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < DH
         b_pre = _hidden_tile(p_row, m_m, w1_ptr, b1_ptr, n0, D, DH, HAS_B1, LOWP, F32_PRECISION, BM, BN, BD)
+        b_h = _activate(b_pre, ACT, FAST_TANH)
         if ACT == 0:
-            b_h = _tanh(b_pre, FAST_TANH)
             b_dact = 1.0 - b_h * b_h
         else:
-            b_h = tl.maximum(b_pre, 0.0)
             b_dact = tl.where(b_pre > 0.0, 1.0, 0.0)
         if SINGLE:
             b_w2 = tl.load(w2_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BN]

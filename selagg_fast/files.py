@@ -316,3 +316,18 @@ def interrupts_deferred():
             signal.signal(s, handler)
         if pending:
             raise Interrupted(signum=pending[0])
+
+
+def parse_number_list(flag: str, text, *, integer: bool = False, example: str = "", what: str = "") -> list:
+    """A comma-separated flag value as distinct finite positive numbers (ints with ``integer``), in
+    the order given; ``ValueError`` naming ``flag`` otherwise."""
+    kind = "positive integers" if integer else "numbers"
+    try:
+        values = [(int if integer else float)(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        hint = f", e.g. {example}" if example else ""
+        raise ValueError(f"{flag} {text!r}: expected comma-separated {kind}{hint}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"{flag} {text!r}: expected distinct finite positive "
+                         + (what or ("integers" if integer else "numbers")))
+    return values

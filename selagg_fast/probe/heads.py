@@ -9,7 +9,6 @@ variants (MLP scorer, self-attention, positional conditioning) run one head each
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from ..attention_methods import ATTENTION_METHODS, BY_HEAD, BY_WEIGHTS, MASS, ME
 from ..attentive import AttentivePooling
 from ..branches import branch_groups, pool_branches
 from ..efficient import EfficientProbing
+from ..files import parse_number_list
 from ..modules import SelectiveAggregation
 from ..ops import softmax_pool
 
@@ -142,13 +142,7 @@ def pair_name(spec: HeadSpec | str, lr: float) -> str:
 
 def parse_lrs(text) -> list:
     """``"0.05,0.1,0.3"`` -> the base learning rates of a run's pairs (distinct, finite, positive)."""
-    try:
-        lrs = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--lrs {text!r}: expected comma-separated numbers, e.g. 0.05,0.1,0.3") from None
-    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
-        raise ValueError(f"--lrs {text!r}: expected distinct finite positive base learning rates")
-    return lrs
+    return parse_number_list("--lrs", text, example="0.05,0.1,0.3", what="base learning rates")
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 
 import torch
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from ..data import SeededTransform, collate_skipping, split_batches
 from ..distributed import all_reduce_sum
+from ..files import parse_number_list
 from ..knn import knn_counts
 
 log = logging.getLogger("selagg_fast")
@@ -35,23 +35,11 @@ GIB = 1 << 30
 
 
 def parse_ks(text: str) -> list:
-    try:
-        ks = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--knn-k {text!r}: expected comma-separated positive integers, e.g. 10,20,100") from None
-    if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
-        raise ValueError(f"--knn-k {text!r}: expected distinct positive integers")
-    return ks
+    return parse_number_list("--knn-k", text, integer=True, example="10,20,100")
 
 
 def parse_temperatures(text: str) -> list:
-    try:
-        ts = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--knn-temperatures {text!r}: expected comma-separated numbers, e.g. 0.07,0.1") from None
-    if not ts or not all(math.isfinite(t) and t > 0 for t in ts) or len(set(ts)) != len(ts):
-        raise ValueError(f"--knn-temperatures {text!r}: expected distinct finite positive numbers")
-    return ts
+    return parse_number_list("--knn-temperatures", text, example="0.07,0.1")
 
 
 def representation_name(has_cls: bool) -> str:

@@ -59,6 +59,38 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class AtenOutputs(TorchDispatchMode):
+    """(op name, output shape) of every aten op dispatched inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((func.overloadpacket.__name__, tuple(t.shape)))
+        return out
+
+
+def expected_selection_weights(A, method, P, grid):
+    """docs/statistics.md's "Attention selections" from float64 attention maps ``A [B, H, T, T]``:
+    the [cls] row averaged over heads, the lowest-entropy head's, or the central patch's row
+    (row and column ``floor(g / 2) - 1`` of each side), renormalised over the patch keys."""
+    def renorm(r):
+        return r[..., P:] / r[..., P:].sum(-1, keepdim=True)
+    if method == "cls_mean":
+        return renorm(A[:, :, 0].mean(1))
+    if method == "cls_min_entropy":
+        per_head = renorm(A[:, :, 0])  # [B, H, N]
+        ent = -(per_head * per_head.log()).sum(-1)
+        return per_head[torch.arange(len(A)), ent.argmin(1)]
+    rows, cols = grid
+    q = P + max(rows // 2 - 1, 0) * cols + max(cols // 2 - 1, 0)
+    return renorm(A[:, :, q].mean(1))
+
+
 # ops that mean a zero-filled tensor was made: a kernel launch each on the GPU
 FILLS = {"zeros", "zero_", "fill_", "new_zeros", "zeros_like", "select_backward", "select_scatter"}
 

@@ -13,13 +13,13 @@ import timm
 import torch
 from torch import nn
 
-from conftest import DEVICE, requires_kernels
+from conftest import DEVICE, expected_selection_weights, requires_kernels
 from selagg_fast import attention_selection, record_attention_stats
 from selagg_fast.attention_adapters import (HeadsAttention, TimmBeitAttention, TimmVitAttention, attention_adapter,
                                             token_layout)
 from selagg_fast.backbone import Backbone
 from selagg_fast.capi import CAPIViT
-from selagg_fast.selection import capture_attention_rows, center_query
+from selagg_fast.selection import capture_attention_rows
 
 VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
 VITS = {
@@ -184,16 +184,6 @@ def test_statistics_match_float64_unfused_attention(kind):
                                    rtol=1e-4, atol=1e-6)
 
 
-def expected_weights(A, method, P, grid):
-    def renorm(r):
-        return r[..., P:] / r[..., P:].sum(-1, keepdim=True)
-    if method == "cls_mean":
-        return renorm(A[:, :, 0].mean(1))
-    if method == "cls_min_entropy":
-        per_head = renorm(A[:, :, 0])
-        return per_head[torch.arange(len(A)), (-(per_head * per_head.log()).sum(-1)).argmin(1)]
-    return renorm(A[:, :, center_query(grid, P)].mean(1))
-
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_selection_rows_match_float64_unfused_attention(kind):
@@ -207,7 +197,7 @@ def test_selection_rows_match_float64_unfused_attention(kind):
         A = ref[block]["A"]
         for method in ["center_mean"] + (["cls_mean", "cls_min_entropy"] if has_cls else []):
             got = attention_selection(model, images, method, block=block)
-            torch.testing.assert_close(got.double().cpu(), expected_weights(A, method, P, grid).cpu(),
+            torch.testing.assert_close(got.double().cpu(), expected_selection_weights(A, method, P, grid).cpu(),
                                        rtol=1e-4, atol=1e-6, msg=f"{kind} {method} block {block}")
     # rows of several queries beside a full forward (the probe's and compare's path)
     queries = [0, P + 3, A.shape[-1] - 1]
@@ -270,7 +260,7 @@ def test_probe_attention_weights_on_a_backbone_of_each_family(kind):
         tokens, weights = AttentionWeights(backbone, methods)(backbone, images)
     torch.testing.assert_close(tokens, plain, rtol=0, atol=0)
     for i, method in enumerate(methods):
-        torch.testing.assert_close(weights[:, i].double().cpu(), expected_weights(A, method, P, grid).cpu(),
+        torch.testing.assert_close(weights[:, i].double().cpu(), expected_selection_weights(A, method, P, grid).cpu(),
                                    rtol=1e-4, atol=1e-6, msg=method)
 
 

@@ -2,9 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, AtenOutputs, rel_err
 from selagg_fast import AttentivePooling, EfficientProbing, SelectiveAggregation
 from selagg_fast.branches import pool_branches
 
@@ -106,20 +105,6 @@ def test_token_gradient_matches_timm():
         assert torch.equal(x32.grad[:, :P], torch.zeros_like(x32.grad[:, :P]))
 
 
-class _Outputs(TorchDispatchMode):
-    """(op name, output shape) of every aten op dispatched inside the ``with`` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.seen.append((func.overloadpacket.__name__, tuple(t.shape)))
-        return out
-
 
 @pytest.mark.parametrize("token_norm", [False, True], ids=["noln", "ln"])
 def test_keys_and_values_are_never_computed(token_norm):
@@ -127,7 +112,7 @@ def test_keys_and_values_are_never_computed(token_norm):
     B, T, D, H, P = 3, 12, 80, 5, 1  # sizes that no other dimension of the computation shares
     ours = AttentivePooling(D, H, token_norm=token_norm, num_prefix_tokens=P).to(DEVICE)
     x = torch.randn(B, T, D, device=DEVICE)
-    with _Outputs() as rec:
+    with AtenOutputs() as rec:
         ours(x).sum().backward()
     matmuls = {"mm", "bmm", "addmm", "matmul", "linear", "baddbmm", "einsum"}
     token_dims = {T - P, T, B * (T - P), B * T}

@@ -2,9 +2,8 @@
 outputs, weights, every gradient, initialisation, state dicts both ways, and the fold's contract."""
 import pytest
 import torch
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, AtenOutputs, rel_err
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from selagg_fast import EfficientProbing
 
@@ -99,27 +98,13 @@ def test_initialisation_and_state_dicts_are_the_peers():
         EfficientProbing(D, 4, d_out=2).load_state_dict(other.state_dict())
 
 
-class _Outputs(TorchDispatchMode):
-    """(op name, output shape) of every aten op dispatched inside the ``with`` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.seen.append((func.overloadpacket.__name__, tuple(t.shape)))
-        return out
-
 
 def test_values_are_never_computed():
     """The fold's contract: no value projection of any token ([B, N, D] GEMM), forward or backward."""
     B, T, D, Q, P = 3, 12, 80, 5, 1  # sizes that no other dimension of the computation shares
     ours = EfficientProbing(D, Q, num_prefix_tokens=P).to(DEVICE)
     x = torch.randn(B, T, D, device=DEVICE)
-    with _Outputs() as rec:
+    with AtenOutputs() as rec:
         ours(x).sum().backward()
     matmuls = {"mm", "bmm", "addmm", "matmul", "linear", "baddbmm", "einsum"}
     token_dims = {T - P, T, B * (T - P), B * T}

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, expected_selection_weights
 from selagg_fast import attention_selection
 from selagg_fast.backbone import Backbone
 from selagg_fast.selection import capture_attention_rows, center_query
@@ -38,21 +38,6 @@ def float64_maps(model, images, block):
     return maps[0]
 
 
-def expected_weights(A, method, P, grid):
-    """docs/statistics.md's "Attention selections", from the float64 maps."""
-    def renorm(r):
-        return r[..., P:] / r[..., P:].sum(-1, keepdim=True)
-    if method == "cls_mean":
-        return renorm(A[:, :, 0].mean(1))
-    if method == "cls_min_entropy":
-        per_head = renorm(A[:, :, 0])  # [B, H, N]
-        ent = -(per_head * per_head.log()).sum(-1)
-        return per_head[torch.arange(len(A)), ent.argmin(1)]
-    g = grid[0]
-    c = g // 2
-    q = P + (c - 1) * grid[1] + (c - 1)
-    return renorm(A[:, :, q].mean(1))
-
 
 @pytest.mark.parametrize("block", [-1, 1])
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -67,7 +52,7 @@ def test_selection_matches_float64_unfused_maps(kind, block):
     for method in methods:
         got = attention_selection(model, images, method, block=block)
         assert got.dtype == torch.float32 and got.shape == (3, grid[0] * grid[1])
-        exp = expected_weights(A, method, P, grid)
+        exp = expected_selection_weights(A, method, P, grid)
         torch.testing.assert_close(got.double().cpu(), exp.cpu(), rtol=1e-4, atol=1e-6, msg=method)
         torch.testing.assert_close(got.sum(-1).double().cpu(), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-5)
     # the model is unchanged: no hook left, same outputs (fused attention everywhere)

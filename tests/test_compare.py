@@ -61,7 +61,8 @@ def test_one_pass_gives_every_methods_weights():
     # compare's per-batch weights against independent float64 computations: the selective head's
     # softmax of linear scores over the patch tokens (K = 2 branches averaged), the attention
     # methods from an unfused float64 forward's maps (tests/test_selection.py)
-    from test_selection import expected_weights, float64_maps, small_vit
+    from conftest import expected_selection_weights
+    from test_selection import float64_maps, small_vit
 
     from selagg_fast.analysis.compare import _Methods
     from selagg_fast.attention_methods import BY_HEAD
@@ -85,7 +86,7 @@ def test_one_pass_gives_every_methods_weights():
     torch.testing.assert_close(got[:, 1].double(), every / every.sum(-1, keepdim=True), rtol=1e-4, atol=1e-7)
     A = float64_maps(model, images, -1)
     for i, m in enumerate(methods[2:], 2):
-        expected = expected_weights(A, BY_HEAD[m].weights, P, grid)
+        expected = expected_selection_weights(A, BY_HEAD[m].weights, P, grid)
         torch.testing.assert_close(got[:, i].double().cpu(), expected.cpu(), rtol=1e-4, atol=1e-7, msg=m)
 
 

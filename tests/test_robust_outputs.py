@@ -93,6 +93,19 @@ def test_a_folder_in_use_is_refused_at_once(tmp_path, capsys, monkeypatch, name,
     _one_line_error(capsys, code, ["another selagg-fast run", f"(process {os.getpid()})", str(tmp_path)])
 
 
+def test_a_folder_in_use_is_refused_under_torchrun(tmp_path):
+    # rank 0 holds the lock: refused there, the other rank must not wait for it in a collective
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SELAGG_TRACEBACK", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "selagg_fast.cli", *_probe(tmp_path / "out")]
+    with output_lock(str(tmp_path / "out")):
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "another selagg-fast run" in proc.stderr and f"(process {os.getpid()})" in proc.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == [LOCK_NAME]  # nothing written by the refused run
+
+
 def _no_work(*args, **kwargs):
     raise RuntimeError("work started in a folder another run holds")
 

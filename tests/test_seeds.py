@@ -158,3 +158,24 @@ def test_report_uses_the_mean_over_seeds(seeded_run, tmp_path):
     assert float(row["selective_top1_std"]) == pytest.approx(best["top1_std"])
     text = open(md).read()
     assert f"{best['top1']:.1f} ± {best['top1_std']:.1f}" in text and "mean of seeds 0,1,2" in text
+
+
+def test_two_process_seeds_from_a_cache_equal_one_process(seeded_run, tmp_path):
+    # under torchrun each seed's cache order is sharded over the processes: 2 x batch 8 = 1 x batch 16
+    from conftest import run_cli
+    data, cache, multi, results = seeded_run
+    run_cli(["probe", "--model", "vit_tiny_patch16_224", "--random-init", "--model-kwargs", json.dumps(TINY),
+             "--data", data, "--heads", "avg,selective", "--lrs", "0.5,2.0", "--optimizer", "sgd", "--epochs", "2",
+             "--warmup-epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress", "--device", "cpu",
+             "--no-augment", "--cache-features", cache, "--cache-dtype", "fp32", "--seeds", "0,1,2",
+             "--output-dir", str(tmp_path / "two")], nproc=2)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["effective_batch"] == 16
+    assert two["seeds"] == SEEDS
+    for a, b in zip(two["pairs"], results["pairs"]):
+        assert [(r["seed"], r["top1"], r["top5"]) for r in a["seeds"]] == \
+            [(r["seed"], r["top1"], r["top5"]) for r in b["seeds"]]
+    for a, b in zip(_checkpoint(tmp_path / "two")["seed_heads"], _checkpoint(multi)["seed_heads"]):
+        assert a["seed"] == b["seed"] and a["heads"].keys() == b["heads"].keys()
+        for k in a["heads"]:
+            torch.testing.assert_close(a["heads"][k], b["heads"][k], atol=1e-5, rtol=1e-4, msg=k)

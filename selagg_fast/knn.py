@@ -96,6 +96,11 @@ def knn_counts(train_features, train_labels, test_features, test_labels, *, ks, 
     set, they give the whole set's accuracy."""
     ks, temperatures = _check(train_features, train_labels, test_features, test_labels, ks, temperatures,
                               num_classes)
+    for name, rows in (("test_rows", test_rows), ("train_rows", train_rows)):
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1):
+            raise ValueError(f"{name} {rows!r}: expected a positive integer (or None: chosen from memory_bytes)")
+    if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, numbers.Real) or not memory_bytes >= 1:
+        raise ValueError(f"memory_bytes {memory_bytes!r}: expected a positive number of bytes")
     device = train_features.device
     max_k = max(ks)
     auto_test, auto_train = chunk_sizes(len(test_features), len(train_features), train_features.shape[1], max_k,

@@ -83,6 +83,9 @@ def test_memory_budget_splits_both_sides():
     (dict(test_labels=torch.zeros(3, dtype=torch.long)), ValueError, "3 labels for 70"),
     (dict(train_labels=torch.zeros(300)), TypeError, "integer"),
     (dict(test_features=torch.zeros(70, 5)), ValueError, "widths differ"),
+    (dict(test_rows=-4), ValueError, "test_rows -4: expected a positive integer"),
+    (dict(train_rows=0), ValueError, "train_rows 0: expected a positive integer"),
+    (dict(memory_bytes=float("nan")), ValueError, "memory_bytes nan"),
 ])
 def test_bad_input_is_refused(change, error, match):
     train, ytr, test, yte = _data()

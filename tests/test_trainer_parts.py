@@ -1,5 +1,6 @@
 """The trainer's three parts, each built alone: the data plan without a backbone, the token source
 and its feature cache without heads, the probe model's checkpoint round trip without data."""
+import contextlib
 import logging
 
 import pytest
@@ -117,3 +118,94 @@ def test_probe_model_checkpoint_round_trip(tmp_path):
     single.load(one, "out")  # a one-seed checkpoint: heads and optimizer keys only
     assert torch.equal(single.first.heads.state_dict()["classifiers.avg@0_1.fc.weight"],
                        trained.first.heads.state_dict()["classifiers.avg@0_1.fc.weight"])
+
+
+class _DictHead(torch.nn.Module):
+    """One (head, lr) pair: a linear classifier on the first token, logits under its pair name."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return {"p": self.fc(tokens[:, 0])}
+
+
+@pytest.mark.parametrize("skipped", [1, 3], ids=["window-end", "epoch-end"])
+def test_a_skipped_batch_ends_its_accumulation_window(skipped):
+    # --accum-iter 2 over 4 batches, batch `skipped` unreadable everywhere: each window steps once
+    # on the gradients of the batches it read (a window never doubles, none carries on)
+    from types import SimpleNamespace
+    from selagg_fast.probe.optim import cosine_lr
+    from selagg_fast.probe.trainer import _train_epoch
+    torch.manual_seed(0)
+    data = [(torch.randn(5, 1, 4, dtype=torch.float64), torch.randint(0, 3, (5,))) for _ in range(4)]
+    batches = [(None, None, [it]) if it == skipped else (*data[it], []) for it in range(4)]
+    head = _DictHead().double()
+    w0 = {k: v.clone() for k, v in head.state_dict().items()}
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    optimizer.param_groups[0]["peak_lr"] = 0.5
+    member = SimpleNamespace(seed=0, model=head, optimizer=optimizer)
+    cfg = SimpleNamespace(accum_iter=2, epochs=2, warmup_epochs=0, progress=False, cache_features=None, data="x")
+    run = SimpleNamespace(cfg=cfg, seed_heads=[member], num_batches=lambda split: 4,
+                          heads=SimpleNamespace(pair_names=lambda: ["p"]),
+                          dist=SimpleNamespace(active=False, is_main=True, world_size=1), device=torch.device("cpu"),
+                          batches=lambda split, epoch, seed: iter(batches), autocast=contextlib.nullcontext,
+                          note_unreadable=lambda split, idx: None, unreadable={"train": 0})
+    _train_epoch(run, 0)
+    # the reference: plain SGD steps in float64, one per window, each window's mean loss gradient
+    ref = _DictHead().double()
+    ref.load_state_dict(w0)
+    for window in ((0, 1), (2, 3)):
+        ref.zero_grad()
+        for it in window:
+            if it != skipped:
+                x, y = data[it]
+                (torch.nn.functional.cross_entropy(ref(x)["p"], y) / 2).backward()
+        lr = cosine_lr(0.5, window[0] / 4, 2, 0)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= lr * p.grad
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(head.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)  # the loss is float32
+    assert all(p.grad is None for p in head.parameters())  # nothing left for the next epoch
+
+
+def _step_worker(rank, init_file, out_file):
+    from types import SimpleNamespace
+    from selagg_fast.probe.trainer import _step
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    head = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2).double())
+    optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
+    with head.no_sync():  # the window's earlier batch; its last one was skipped by every process
+        head(torch.full((1, 3), float(rank + 1), dtype=torch.float64)).sum().backward()
+    _step(SimpleNamespace(model=head, optimizer=optimizer), synced=False,
+          dist=SimpleNamespace(active=True, world_size=2))
+    torch.save({k: v.clone() for k, v in head.module.state_dict().items()}, f"{out_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_a_skipped_last_batch_still_averages_the_window_over_processes(tmp_path):
+    # under no_sync DDP never all-reduced the window: the step averages the gradients itself
+    torch.multiprocessing.spawn(_step_worker, args=(str(tmp_path / "init"), str(tmp_path / "w")), nprocs=2)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(3, 2).double()
+    expected = {"weight": ref.weight - 1.5, "bias": ref.bias - 1.0}  # mean over ranks of x = 1, 2
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"w.{rank}", weights_only=True)
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v.detach(), msg=k)
+
+
+def test_resume_refuses_another_process_count():
+    # the global batch, each pair's peak lr and the batches follow the process count
+    import dataclasses
+    from types import SimpleNamespace
+    from selagg_fast.probe.trainer import _resume
+    cfg = _config(output_dir="/tmp/run", accum_iter=2)
+    saved = dict(config=dataclasses.asdict(cfg), world_size=2, epoch=1)
+    run = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(world_size=1))
+    with pytest.raises(ValueError, match=r"ran on 2 process\(es\) \(global batch 16\), this run has 1 "
+                                         r"\(global batch 8\); resume it with 2"):
+        _resume(run, saved)

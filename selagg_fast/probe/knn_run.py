@@ -76,12 +76,12 @@ def _features(run, split: str) -> tuple:
     if norm is not None:
         variants["final_norm"] = []
     labels = []
+    store_dtype = run.autocast_dtype or torch.float32
 
     def add(tokens, y):
         if isinstance(tokens, (tuple, list)):  # a cache with attention weights: the tokens only
             tokens = tokens[0]
         rep = representation(tokens, info.has_cls, info.num_prefix_tokens, run.compact)
-        store_dtype = run.autocast_dtype or torch.float32
         first = next(iter(variants))
         variants[first].append(rep.to(store_dtype))
         if norm is not None:
@@ -108,8 +108,10 @@ def _features(run, split: str) -> tuple:
             with torch.no_grad(), run.autocast():
                 tokens = run.forward_backbone(images.to(run.device, non_blocking=True))
             add(tokens, y)
+    # a process without a readable image still sends the others' dtype to the all-gather
     dim = info.embed_dim
-    out = {name: torch.cat(rows) if rows else torch.zeros(0, dim, device=run.device) for name, rows in variants.items()}
+    out = {name: torch.cat(rows) if rows else torch.zeros(0, dim, device=run.device, dtype=store_dtype)
+           for name, rows in variants.items()}
     return out, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=run.device)
 
 

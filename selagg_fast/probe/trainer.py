@@ -292,20 +292,23 @@ def _train_epoch(run: _Run, epoch: int, group: list | None = None, order_seed: i
         if it % cfg.accum_iter == 0:
             for member in group:
                 set_lr(member.optimizer, epoch + it / n_batches, cfg.epochs, cfg.warmup_epochs)
+        # The step follows the batch count, not the batches read: a skipped batch (unreadable on
+        # some process, skipped by all) at a step boundary still ends its accumulation window, so
+        # no window doubles and no gradient carries into the next epoch.
+        step_now = (it + 1) % cfg.accum_iter == 0 or it + 1 == n_batches
         if tokens is not None:
-            step_now = (it + 1) % cfg.accum_iter == 0 or it + 1 == n_batches
             for g, member in enumerate(group):  # one backbone pass, every seed's heads on it
                 sync = member.model.no_sync() if run.dist.active and not step_now else contextlib.nullcontext()
                 with sync, nvtx_range("heads"), run.autocast():
                     logits = member.model(tokens)
                     loss, per_pair = probe_loss(logits, labels)
                     (loss / cfg.accum_iter).backward()
-                if step_now:
-                    member.optimizer.step()
-                    member.optimizer.zero_grad(set_to_none=True)
                 loss_sums[g] += torch.stack([per_pair[n].detach() for n in names]).double() * len(labels)
             seen += len(labels)
             images_done += len(labels)
+        if step_now:
+            for member in group:
+                _step(member, synced=tokens is not None, dist=run.dist)
         bar.set_postfix(img_s=f"{images_done * run.dist.world_size / (time.perf_counter() - start):.0f}",
                         refresh=False)
         bar.update(1)
@@ -322,6 +325,22 @@ def _train_epoch(run: _Run, epoch: int, group: list | None = None, order_seed: i
     return dict(losses={member.seed: dict(zip(names, row)) for member, row in zip(group, losses)},
                 images=images_done * run.dist.world_size, seconds=elapsed,
                 images_per_s=images_done * run.dist.world_size / elapsed)
+
+
+def _step(member, synced: bool, dist) -> None:
+    """The optimizer step that ends an accumulation window, then cleared gradients. ``synced``:
+    DDP all-reduced the window's gradients in its last backward; when that batch was skipped the
+    earlier ones ran under ``no_sync``, so they are averaged over the processes here. A window
+    with no batch read steps nothing."""
+    grads = [p.grad for p in member.model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    if dist.active and not synced:
+        for grad in grads:
+            torch.distributed.all_reduce(grad)
+            grad.div_(dist.world_size)
+    member.optimizer.step()
+    member.optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -434,6 +453,15 @@ def _resume(run: _Run, saved: dict | None) -> tuple:
     changed = _changed_settings(old, cfg)
     if changed:
         raise ValueError(f"--resume: {cfg.output_dir} was started with different settings: {'; '.join(changed)}")
+    # the global batch (and with it each pair's peak lr and the epoch's batches) follows the process
+    # count: another count would continue a different run
+    then_procs, now_procs = saved.get("world_size", run.dist.world_size), run.dist.world_size
+    if then_procs != now_procs:
+        per_step = cfg.batch_size * cfg.accum_iter
+        raise ValueError(f"--resume: {cfg.output_dir} ran on {then_procs} process(es) (global batch "
+                         f"{per_step * then_procs}), this run has {now_procs} (global batch {per_step * now_procs}); "
+                         f"resume it with {then_procs} (torchrun --nproc_per_node {then_procs}, or no torchrun "
+                         "for 1) or start a new run in another --output-dir")
     then, now = list(saved.get("classes") or []), list(run.train_set.classes)
     if then and then != now:
         added, removed = [c for c in now if c not in then], [c for c in then if c not in now]
@@ -525,7 +553,8 @@ def _write_epoch(run: _Run, epoch: int, train: dict, metrics: dict, results: dic
     atomic_save(os.path.join(out, "checkpoint.pt"), dict(
         epoch=epoch + 1, **run.probe.state(with_seeds=run.cfg.seeds is not None),
         config=dataclasses.asdict(run.cfg), backbone=dataclasses.asdict(run.info), results=results,
-        pairs=run.heads.pair_names(), classes=run.train_set.classes, unreadable=dict(run.unreadable)))
+        pairs=run.heads.pair_names(), classes=run.train_set.classes, unreadable=dict(run.unreadable),
+        world_size=run.dist.world_size))
     atomic_json(os.path.join(out, "results.json"), results)
     best = ", ".join(f"{h} {'diverged' if p['top1'] is None else format(p['top1'], '.2f')}"
                      for h, p in results["best_per_head"].items())

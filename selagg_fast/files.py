@@ -172,6 +172,15 @@ def load_torch_file(path: str, trust: bool = False, flag: str = "--checkpoint"):
                               f"({type(err).__name__}: {_reason(err)[:160]})") from None
 
 
+def absolute_path(value, keep=("synthetic",)):
+    """``value`` as an absolute path (``DIR/`` and ``DIR`` alike), for settings a resumed run is
+    checked against: a relative path resumed from another directory names other files. None and
+    the names in ``keep`` (``--data synthetic``) stay as they are."""
+    if not isinstance(value, str) or value in keep:
+        return value
+    return os.path.abspath(value)
+
+
 def check_number(flag: str, value, *, minimum=None, above=None, below=None, integer: bool = False,
                  optional: bool = False) -> None:
     """A numeric flag's value, checked before any work: finite, an integer where asked, and

@@ -218,6 +218,22 @@ def test_multi_branch_equals_single_branches():
 
 
 @requires_kernels
+def test_scalar_bias_serves_every_branch():
+    # a scalar bias is each branch's: the same as that value repeated, and its gradient their sum
+    x, w, _ = make_inputs(2, 12, 20, 3, torch.float32)
+    b = torch.tensor(0.7, device=DEVICE, requires_grad=True)
+    w.requires_grad_(True)
+    out = abmilp_pool(x, w, b, num_prefix_tokens=1)
+    ref, _ = reference64(x, w.detach(), b.detach().double().expand(3), 1)
+    assert rel_err(out, ref) < 1e-5
+    gw, gb = torch.autograd.grad(out.square().sum(), (w, b))
+    assert gb.shape == () and abs(float(gb)) < 1e-4  # softmax over tokens: a constant shift has no gradient
+    w64 = w.detach().double().requires_grad_(True)
+    ref_gw, = torch.autograd.grad(reference64(x, w64, None, 1)[0].square().sum(), w64)
+    assert rel_err(gw, ref_gw) < 1e-4
+
+
+@requires_kernels
 def test_no_bias():
     x, w, _ = make_inputs(2, 12, 20, 2, torch.float32)
     assert rel_err(abmilp_pool(x, w, None), reference64(x, w, None, 0)[0]) < 1e-5

@@ -90,9 +90,28 @@ def test_interrupted_analysis_resumes_to_the_same_sums(tmp_path, tiny_checkpoint
     assert resumed["images"] == 20
     for name, table in full["metrics"].items():
         np.testing.assert_allclose(resumed["metrics"][name], table, rtol=1e-12, err_msg=name)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings: batch_size 8 then, 4 now$"):  # only what changed
         os.remove(tmp_path / "split" / "stats.json")
         run_analyze(analyze_config(tmp_path / "split", path, resume=True, batch_size=4))
+
+
+def test_resume_compares_the_data_folder_resolved(tmp_path, tiny_checkpoint, monkeypatch):
+    # `DIR/` resumes `DIR`; a relative --data resumed from another directory names other images: refused
+    path, _ = tiny_checkpoint
+    for where in ("a", "b"):
+        os.makedirs(tmp_path / where / "imgs")
+        for i in range(4):
+            Image.fromarray(np.random.randint(0, 255, (40, 40, 3), np.uint8)).save(tmp_path / where / "imgs" / f"{i}.png")
+    monkeypatch.chdir(tmp_path / "a")
+    run_analyze(analyze_config(tmp_path / "run", path, data="imgs", limit=None, batch_size=2))
+    os.remove(tmp_path / "run" / "stats.json")  # the saved sums stay: resume re-reads them
+    assert run_analyze(analyze_config(tmp_path / "run", path, data="imgs/", limit=None, batch_size=2,
+                                      resume=True))["images"] == 4
+    os.remove(tmp_path / "run" / "stats.json")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(ValueError, match=f"other settings: data '{tmp_path / 'a' / 'imgs'}' then, "
+                                         f"'{tmp_path / 'b' / 'imgs'}' now$"):
+        run_analyze(analyze_config(tmp_path / "run", path, data="imgs", limit=None, batch_size=2, resume=True))
 
 
 @requires_kernels

@@ -167,6 +167,19 @@ def test_frozen_tokens_no_biases_and_no_grad_path(poisoned):
 
 
 @requires_kernels
+def test_scalar_b2_serves_every_branch(poisoned):
+    # a scalar b2 is every branch's: the scores of that value repeated, its gradient their sum
+    x, w1, b1, w2, _ = make_inputs(3, 17, 32, 32, 3, torch.float32)
+    b2 = torch.tensor(-0.4, device=DEVICE, requires_grad=True)
+    s = mlp_scores(x, w1, b1, w2, b2, activation="tanh", num_prefix_tokens=1)
+    ref = reference64((x, w1, b1, w2, b2.detach().expand(3)), 1, "tanh")
+    assert rel_err(s, ref) < TOL[torch.float32]
+    g = torch.randn(s.shape, device=DEVICE)
+    gb2, = torch.autograd.grad(s, b2, g)
+    assert gb2.shape == () and torch.allclose(gb2, g.sum(), rtol=1e-5, atol=1e-4)
+
+
+@requires_kernels
 def test_strided_tokens(poisoned):
     base = torch.randn(3, 30, 2, 32, device=DEVICE)
     x = base[:, 2:25, 1, :]

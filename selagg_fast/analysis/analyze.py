@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..backbone import BackboneSettings
 from ..datasets import analysis_dataset, check_data_flags
 from ..distributed import barrier, check_device, init_distributed
-from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
+from ..files import (Interrupted, absolute_path, atomic_json, atomic_write, check_number, check_writable, output_lock,
                      refuse_existing_run)
 from ..modules import record_attention_stats
 from ..precision import PRECISIONS, uses_bf16
@@ -152,8 +152,9 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
     os.makedirs(out, exist_ok=True)
     run_name = cfg.name or os.path.basename(os.path.normpath(out))
 
-    settings = dict(model=cfg.model, checkpoint=cfg.checkpoint, checkpoint_key=cfg.checkpoint_key,
-                    model_kwargs=cfg.model_kwargs, return_block=cfg.return_block, data=cfg.data, dataset=cfg.dataset,
+    settings = dict(model=cfg.model, checkpoint=absolute_path(cfg.checkpoint, keep=()), checkpoint_key=cfg.checkpoint_key,
+                    model_kwargs=cfg.model_kwargs, return_block=cfg.return_block, data=absolute_path(cfg.data),
+                    dataset=cfg.dataset,
                     limit=cfg.limit, images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
                     magnitudes=cfg.magnitudes, precision="bf16" if use_bf16 else "fp32")
     ctx = record_attention_stats(backbone.model, magnitudes=cfg.magnitudes)

@@ -27,7 +27,7 @@ from ..backbone import BackboneSettings
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..datasets import analysis_dataset
 from ..distributed import all_reduce_sum, barrier, init_distributed
-from ..files import (Interrupted, atomic_json, atomic_write, check_number, check_writable, output_lock,
+from ..files import (Interrupted, absolute_path, atomic_json, atomic_write, check_number, check_writable, output_lock,
                      refuse_existing_run)
 from ..precision import uses_bf16
 from ..probe.heads import ProbeHeads, pair_name, parse_heads, parse_lrs
@@ -323,10 +323,11 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
     dataset = analysis_dataset(cfg.dataset, cfg.data, info.img_size, cfg.limit)
     os.makedirs(out, exist_ok=True)
 
-    settings = dict(probe=os.path.abspath(cfg.probe), data=cfg.data, dataset=cfg.dataset, limit=cfg.limit,
-                    images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
+    settings = dict(probe=os.path.abspath(cfg.probe), data=absolute_path(cfg.data), dataset=cfg.dataset,
+                    limit=cfg.limit, images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
                     methods=[_SETTINGS_NAME.get(m, m) for m in methods],
-                    selector=[cfg.selector_model, cfg.selector_checkpoint, cfg.selector_model_kwargs]
+                    selector=[cfg.selector_model, absolute_path(cfg.selector_checkpoint, keep=()),
+                              cfg.selector_model_kwargs]
                     + ([cfg.selector_checkpoint_key] if cfg.selector_checkpoint_key else []),
                     precision="bf16" if use_bf16 else "fp32")
     sums = DivergenceSums(len(methods), device)

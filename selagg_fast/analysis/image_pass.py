@@ -17,19 +17,30 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data import collate_skipping
-from ..files import atomic_save, load_torch_file
+from ..files import absolute_path, atomic_save, load_torch_file
 
 log = logging.getLogger("selagg_fast")
 
 INTERRUPTED = "interrupted; continue with --resume (the running sums are saved every --save-every batches)"
 
 
+# settings that hold paths: compared resolved (a saved relative path is resolved as before, from here)
+_PATH_SETTINGS = ("data", "checkpoint")
+
+
 def load_partial(path: str, settings: dict) -> dict:
-    """A process's saved running sums, refused when the run's settings changed."""
+    """A process's saved running sums, refused (naming each changed setting) when the run's
+    settings changed."""
     state = load_torch_file(path, flag="--resume")  # written by this tool: plain types only
-    if state.get("settings") != settings:
-        raise ValueError(f"--resume: {os.path.dirname(path)} was started with other settings: "
-                         f"{state.get('settings')} vs {settings}")
+    saved = state.get("settings") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} holds no run settings; move it away or choose another --output-dir")
+    saved = {k: absolute_path(v, keep=("synthetic",) if k == "data" else ()) if k in _PATH_SETTINGS else v
+             for k, v in saved.items()}
+    if saved != settings:
+        changed = [f"{k} {saved.get(k)!r} then, {settings.get(k)!r} now"
+                   for k in list(settings) + [k for k in saved if k not in settings] if saved.get(k) != settings.get(k)]
+        raise ValueError(f"--resume: {os.path.dirname(path)} was started with other settings: {'; '.join(changed)}")
     return state
 
 

@@ -353,7 +353,7 @@ def abmilp_pool(
     if x.stride(-1) != 1:
         x = x.contiguous()
     w2 = weight.reshape(K, D).contiguous()
-    b1 = None if bias is None else bias.reshape(K).contiguous()
+    b1 = None if bias is None else bias.reshape(-1).expand(K).contiguous()  # a scalar: every branch
     if torch.is_grad_enabled() and (x.requires_grad or w2.requires_grad or (b1 is not None and b1.requires_grad)):
         out, lse, scores = AbmilpPoolFunction.apply(x, w2, b1, num_prefix_tokens, return_weights, standardize, eps)
     else:  # nothing to differentiate: skip the autograd Function's bookkeeping (host time)

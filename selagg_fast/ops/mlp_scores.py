@@ -244,7 +244,7 @@ def mlp_scores(
     w1c = w1.contiguous()
     b1c = None if b1 is None else b1.contiguous()
     w2c = w2.reshape(K, w1.shape[0]).contiguous()
-    b2c = None if b2 is None else b2.reshape(K).contiguous()
+    b2c = None if b2 is None else b2.reshape(-1).expand(K).contiguous()  # a scalar: every branch
     params = (x, w1c, b1c, w2c, b2c)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
         scores = MlpScoresFunction.apply(x, w1c, b1c, w2c, b2c, activation, num_prefix_tokens)

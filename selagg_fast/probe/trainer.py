@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..backbone import BackboneSettings
 from ..datasets import check_data_flags
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
-from ..files import (CheckpointError, Interrupted, check_number, check_writable, interrupts_deferred, load_torch_file,
+from ..files import (CheckpointError, Interrupted, absolute_path, check_number, check_writable, interrupts_deferred, load_torch_file,
                      output_lock, refuse_existing_run)
 from ..precision import PRECISIONS
 from ..profiling import nvtx_range
@@ -412,9 +412,7 @@ def _absolute_paths(cfg: ProbeConfig) -> ProbeConfig:
 
 
 def _absolute(key: str, value):
-    if not isinstance(value, str) or (key == "data" and value == "synthetic"):
-        return value
-    return os.path.abspath(value)
+    return absolute_path(value, keep=("synthetic",) if key == "data" else ())
 
 
 def _read_saved_run(cfg: ProbeConfig) -> dict | None:

@@ -179,3 +179,13 @@ def test_two_process_seeds_from_a_cache_equal_one_process(seeded_run, tmp_path):
         assert a["seed"] == b["seed"] and a["heads"].keys() == b["heads"].keys()
         for k in a["heads"]:
             torch.testing.assert_close(a["heads"][k], b["heads"][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_a_random_init_backbone_of_another_seed_extracts_its_own_cache(tmp_path):
+    # --random-init builds the seed's backbone: another seed's tokens are never reused for it
+    data, cache = _write_images(tmp_path / "data", classes=2, train=4, val=2), str(tmp_path / "cache")
+    for seed in (0, 1):
+        run_probe(_config(data, tmp_path / f"s{seed}", cache, seed=seed, epochs=1, warmup_epochs=0, heads="avg",
+                          batch_size=4, lrs="1.0"))
+    stores = sorted(d.name.split("-")[0] for d in (tmp_path / "cache").iterdir())
+    assert stores == ["train", "train", "val", "val"]

@@ -152,11 +152,12 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
     os.makedirs(out, exist_ok=True)
     run_name = cfg.name or os.path.basename(os.path.normpath(out))
 
-    settings = dict(model=cfg.model, checkpoint=absolute_path(cfg.checkpoint, keep=()), checkpoint_key=cfg.checkpoint_key,
-                    model_kwargs=cfg.model_kwargs, return_block=cfg.return_block, data=absolute_path(cfg.data),
-                    dataset=cfg.dataset,
-                    limit=cfg.limit, images=len(dataset), batch_size=cfg.batch_size, world_size=dist_info.world_size,
-                    magnitudes=cfg.magnitudes, precision="bf16" if use_bf16 else "fp32")
+    settings = dict(model=cfg.model, checkpoint=absolute_path(cfg.checkpoint, keep=()),
+                    checkpoint_key=cfg.checkpoint_key, model_kwargs=cfg.model_kwargs, return_block=cfg.return_block,
+                    data=absolute_path(cfg.data), dataset=cfg.dataset, limit=cfg.limit, images=len(dataset),
+                    batch_size=cfg.batch_size, world_size=dist_info.world_size,
+                    magnitudes=cfg.magnitudes, precision="bf16" if use_bf16 else "fp32",
+                    **({"random_init_seed": cfg.seed} if cfg.random_init else {}))
     ctx = record_attention_stats(backbone.model, magnitudes=cfg.magnitudes)
     pass_ = ImagePass(dataset, batch_size=cfg.batch_size, dist_info=dist_info, out=out, settings=settings,
                       resume=cfg.resume, state=lambda: dict(recorder=ctx.recorder.state_dict()),

@@ -144,7 +144,8 @@ def cache_settings(cfg, methods) -> dict:
         model=cfg.selector_model, checkpoint=cfg.selector_checkpoint,
         checkpoint_stat=file_stamp(cfg.selector_checkpoint),
         **({"checkpoint_key": cfg.selector_checkpoint_key} if getattr(cfg, "selector_checkpoint_key", None) else {}),
-        model_kwargs=cfg.selector_model_kwargs, random_init=cfg.selector_random_init))
+        model_kwargs=cfg.selector_model_kwargs, random_init=cfg.selector_random_init,
+        **({"random_init_seed": cfg.seed} if cfg.selector_random_init else {})))
 
 
 def methods_of(specs) -> list:

@@ -95,6 +95,8 @@ class TokenSource:
                 if cfg.data == "synthetic" else None)
             if cfg.dataset != "imagefolder":  # imagefolder stores keep the key they were extracted under
                 settings["dataset"] = cfg.dataset
+            if cfg.random_init:  # a random backbone is the seed's: another seed's tokens are other tokens
+                settings["random_init_seed"] = cfg.seed
             if self.selection is not None:  # the cached weights' methods and selector
                 settings["attention_weights"] = cache_settings(cfg, self.selection.methods)
             store = open_store(cfg.cache_features, settings, dataset, tuple(probe.shape[1:]), cfg.cache_dtype,

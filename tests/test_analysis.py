@@ -1,6 +1,7 @@
 """Attention-analysis tools: analyze vs an unfused pipeline, sharding, resume, plots, maps, MaxBoxAccV2."""
 import csv
 import json
+import logging
 import os
 
 import numpy as np
@@ -179,6 +180,25 @@ def test_plot_overlays_runs_and_decodes(tmp_path, capsys):
     assert pixels.std() > 10  # not a blank canvas
     with pytest.raises(FileNotFoundError, match="stats.json"):
         plot_runs([str(tmp_path / "nothing")], str(tmp_path / "x.png"))
+
+
+def test_undefined_values_are_warned_plotted_as_gaps_and_tabled_as_nan(tmp_path, caplog):
+    # a row whose prefix keys take all its attention in float32 has no patch mass: its adjusted
+    # ratio is NaN, null in stats.json; analyze says so, plot and the table leave it out
+    from selagg_fast.analysis.analyze import _warn_undefined, format_stats
+    folder = _fake_run(tmp_path / "sink", "sink", blocks=3, heads=2)
+    stats = json.loads(open(os.path.join(folder, "stats.json")).read())
+    table = stats["metrics"]["pos_self_attention_adj_for_cls"]
+    table[0][1], table[2] = None, [None, None]  # one head of block 1, every head of block 3
+    (tmp_path / "sink" / "stats.json").write_text(json.dumps(stats))
+    with Image.open(plot_runs([folder], str(tmp_path / "sink.png"))) as img:
+        assert img.size[0] >= 1000
+    rows = format_stats(stats).splitlines()[1:]
+    column = list(stats["metrics"]).index("pos_self_attention_adj_for_cls") + 1
+    assert [r.split()[column] for r in rows] == [f"{table[0][0]:.4f}", f"{sum(table[1]) / 2:.4f}", "nan"]
+    with caplog.at_level(logging.WARNING, logger="selagg_fast"):
+        _warn_undefined({"pos_self_attention_adj_for_cls": [[0.1, float("nan")], [0.2, 0.3]]})
+    assert "1 of 4 block/head values undefined" in caplog.text and "patch mass is 0" in caplog.text
 
 
 # ---- MaxBoxAccV2 on hand-made maps ------------------------------------------------------------

@@ -78,6 +78,7 @@ def write_outputs(out: str, run_name: str, meta: dict, summary: dict) -> dict:
     """``stats.json`` (metric -> [L][H]; strict JSON: a non-finite value is ``null``) and
     ``stats.csv`` (run, block, head, metric, value), each written atomically."""
     stats = dict(meta, metrics={k: v.tolist() for k, v in summary.items()})
+    _warn_undefined(stats["metrics"])
     atomic_json(os.path.join(out, "stats.json"), stats)
 
     def write_csv(tmp):
@@ -192,14 +193,34 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
     return stats
 
 
+def _warn_undefined(metrics: dict) -> None:
+    """Say which (block, head) values are undefined: NaN / inf, written as null. The prefix-adjusted
+    ratios divide by a row's patch mass ``1 - prefix``, which is 0 in float32 when prefix keys (an
+    attention sink: registers, [cls]) take all but < 6e-8 of a row's attention in some image."""
+    for name, table in metrics.items():
+        bad = [(b, h) for b, row in enumerate(table) for h, v in enumerate(row) if not math.isfinite(v)]
+        if bad:
+            log.warning("%s: %d of %d block/head values undefined (null in stats.json; first: block index %d, "
+                        "head %d)%s", name, len(bad), sum(len(r) for r in table), *bad[0],
+                        ": a row's patch mass is 0 in float32 (prefix keys take all its attention)"
+                        if "adj_for_cls" in name else "")
+
+
 def format_stats(stats: dict) -> str:
-    """Mean over heads of every metric per block, as a small table."""
+    """Mean over heads of every metric per block, as a small table: over the heads whose value is
+    defined (null in stats.json is left out, as in the plot), ``nan`` when none is."""
     metrics = list(stats["metrics"])
     lines = ["block " + " ".join(f"{m[:22]:>22}" for m in metrics)]
     for li, block in enumerate(stats["blocks"]):
-        vals = [sum(stats["metrics"][m][li]) / len(stats["metrics"][m][li]) for m in metrics]
+        vals = [_mean([math.nan if v is None else v for v in stats["metrics"][m][li]]) for m in metrics]
         lines.append(f"{block:>5} " + " ".join(f"{v:>22.4f}" for v in vals))
     return "\n".join(lines)
+
+
+def _mean(values: list) -> float:
+    """The mean of the defined values (as the plot's line), NaN when none is."""
+    defined = [v for v in values if math.isfinite(v)]
+    return sum(defined) / len(defined) if defined else math.nan
 
 
 def analyze_config_fields() -> set:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -63,11 +64,16 @@ def plot_runs(run_dirs, output: str) -> str:
             if metric not in run["metrics"]:
                 absent.append(label)
                 continue
-            table = np.asarray(run["metrics"][metric])  # [L, H]
+            # [L, H]; null (an undefined value, see analyze's warning) is NaN: left out of the mean and
+            # the band, a gap where every head of a block is undefined
+            table = np.array([[np.nan if v is None else v for v in row] for row in run["metrics"][metric]], dtype=float)
             blocks = np.asarray(run["blocks"])
             color = colors[i % len(colors)]
-            ax.plot(blocks, table.mean(1), marker="o", ms=3, color=color, label=f"{label} ({run['images']} img)")
-            ax.fill_between(blocks, table.min(1), table.max(1), color=color, alpha=0.18, lw=0)
+            with warnings.catch_warnings():  # an all-NaN block: NaN, drawn as a gap
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(table, 1), np.nanmin(table, 1), np.nanmax(table, 1)
+            ax.plot(blocks, mean, marker="o", ms=3, color=color, label=f"{label} ({run['images']} img)")
+            ax.fill_between(blocks, low, high, color=color, alpha=0.18, lw=0)
         if entropy:
             for n in sorted({r["num_patches"] for r in runs}):
                 ax.axhline(np.log(n), color="grey", ls="--", lw=1)

@@ -66,7 +66,7 @@ CASES = [
     # probe: every numeric flag at 0 / negative / NaN / inf where that is wrong
     *[(f"probe{flag}={v}", lambda p, f=flag, v=v: _probe(p["out"], f, v), flag) for flag, v in [
         ("--epochs", "0"), ("--epochs", "-2"), ("--batch-size", "0"), ("--accum-iter", "0"),
-        ("--lrs", "nan"), ("--lrs", "inf"), ("--lrs", "-0.1"), ("--lrs", "0"), ("--lrs", "0.1,0.1"),
+        ("--lrs", "nan"), ("--lrs", "inf"), ("--lrs", "-0.1"), ("--lrs", "0"), ("--lrs", "0.1,0.1"), ("--lrs", "0.1,0.1000001"),
         ("--warmup-epochs", "-1"), ("--warmup-epochs", "nan"), ("--momentum", "1.5"), ("--momentum", "nan"),
         ("--momentum", "-0.1"), ("--weight-decay", "-1"), ("--weight-decay", "inf"), ("--stop-after-epochs", "0"),
         ("--workers", "-1"), ("--seed", "-1"), ("--synthetic-train-size", "0"), ("--synthetic-val-size", "-5"),

@@ -141,8 +141,16 @@ def pair_name(spec: HeadSpec | str, lr: float) -> str:
 
 
 def parse_lrs(text) -> list:
-    """``"0.05,0.1,0.3"`` -> the base learning rates of a run's pairs (distinct, finite, positive)."""
-    return parse_number_list("--lrs", text, example="0.05,0.1,0.3", what="base learning rates")
+    """``"0.05,0.1,0.3"`` -> the base learning rates of a run's pairs (distinct, finite, positive,
+    and distinct as pair names: ``%g``, 6 significant digits)."""
+    lrs = parse_number_list("--lrs", text, example="0.05,0.1,0.3", what="base learning rates")
+    names = {}
+    for lr in lrs:
+        other = names.setdefault(f"{lr:g}", lr)
+        if other != lr:
+            raise ValueError(f"--lrs {text}: {other!r} and {lr!r} are one pair name (@{lr:g}); learning rates "
+                             "must differ in their first 6 significant digits")
+    return lrs
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

@@ -209,3 +209,25 @@ def test_resume_refuses_another_process_count():
     with pytest.raises(ValueError, match=r"ran on 2 process\(es\) \(global batch 16\), this run has 1 "
                                          r"\(global batch 8\); resume it with 2"):
         _resume(run, saved)
+
+
+def test_a_store_batch_writes_exactly_its_own_bytes(tmp_path):
+    # positional writes of the batch's rows, sums and flags only: another process's (or machine's)
+    # neighbouring batches, here sentinel bytes, are never rewritten
+    import numpy as np
+    from selagg_fast.probe.cache import TokenStore, row_sum
+    store = TokenStore(str(tmp_path / "s"), {"k": 1}, num_samples=7, token_shape=(2, 3), dtype="fp32",
+                       batch_size=3, labels=np.zeros(7))
+    files = {n: tmp_path / "s" / n for n in ("tokens.bin", "sums.bin", "valid.bin", "done.bin")}
+    for path in files.values():
+        path.write_bytes(b"\xab" * path.stat().st_size)
+    rows = torch.randn(2, 2, 3)
+    store.write_batch(1, torch.tensor([5, 3]), rows, skipped_indices=[4])  # batch 1: samples 3..5
+    tokens = np.fromfile(files["tokens.bin"], dtype=np.uint8).reshape(7, 24)
+    assert (tokens[[0, 1, 2, 6]] == 0xAB).all() and (tokens[4] == 0xAB).all()  # unread row 4 left alone
+    np.testing.assert_array_equal(tokens[[3, 5]].view(np.float32).reshape(2, 2, 3), rows[[1, 0]].numpy())
+    assert list(np.fromfile(files["valid.bin"], dtype=np.uint8)) == [0xAB] * 3 + [1, 2, 1] + [0xAB]
+    assert list(np.fromfile(files["done.bin"], dtype=np.uint8)) == [0xAB, 1, 0xAB]
+    sums = np.fromfile(files["sums.bin"], dtype=np.uint32)
+    assert list(sums[[3, 5]]) == [row_sum(rows[1].numpy()), row_sum(rows[0].numpy())]
+    assert (np.fromfile(files["sums.bin"], dtype=np.uint8).reshape(7, 4)[[0, 1, 2, 4, 6]] == 0xAB).all()

@@ -9,9 +9,10 @@ Adler-32 of each written row of ``tokens.bin`` and, with ``weights.bin``, of its
 ``images.txt`` (``size mtime_ns path`` of every source file the tokens were read from); with
 attention-weighted heads (cls_attn & co.) also ``weights.bin`` (``[N, M, n_patches]`` float32:
 each method's weight vector, so a cached run needs no backbone or selector pass). A batch is
-marked done only after its rows and their sums are flushed, so an interrupted extraction
-resumes at the first batch not marked, and several processes can fill disjoint batches of one
-store. Once every batch is done the store is sealed: ``meta.json`` records the checksums of
+marked done only after its rows and their sums are on the disk, so an interrupted extraction
+resumes at the first batch not marked, and several processes (on several machines too) can fill
+disjoint batches of one store: each writes exactly its batches' bytes (positional writes, never
+through a shared map). Once every batch is done the store is sealed: ``meta.json`` records the checksums of
 ``valid.bin``, ``sums.bin`` and ``labels.npy``.
 
 What is checked (docs/architecture.md, "Feature cache integrity"): at every open, the settings,
@@ -59,6 +60,27 @@ def _check_disk_space(path: str, needed: int) -> None:
         raise DiskSpaceError(
             f"feature cache {path}: needs {needed / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free "
             "(choose another --cache-features folder, fewer heads needing all tokens, or no cache)")
+
+
+def _write_rows(path: str, rows: np.ndarray, values: np.ndarray) -> None:
+    """``values[i]`` written at row ``rows[i]`` of ``path`` (rows ascending), one ``pwrite`` per run
+    of consecutive rows, then synced to the disk."""
+    values = np.ascontiguousarray(values)
+    if not len(rows):
+        return
+    row_bytes = values[0].nbytes
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+            data = memoryview(values[a:b].reshape(-1).view(np.uint8))
+            offset = int(rows[a]) * row_bytes
+            while len(data):
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def row_sum(row: np.ndarray) -> int:
@@ -170,8 +192,8 @@ class TokenStore:
         else:
             self.meta = _read_meta(meta_path)
             self._check(settings, sizes, sources, quick)
-        done = np.fromfile(os.path.join(path, "done.bin"), dtype=np.uint8)
-        mode = "r" if "sealed" in self.meta and bool(np.all(done)) else "r+"
+        # read-only maps: extraction writes with pwrite (see write_batch), never through a map
+        mode = "r"
         shape = (num_samples,)
         self.tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=np_dtype, mode=mode,
                                 shape=(num_samples, *token_shape))
@@ -235,7 +257,9 @@ class TokenStore:
         return [b for b in range(self.num_batches) if b % world == rank and not self.done[b]]
 
     def complete(self) -> bool:
-        return bool(np.all(np.asarray(self.done)))
+        # read afresh, not through this process's map: on a network filesystem a fresh open sees
+        # the batches other machines wrote
+        return bool(np.all(np.fromfile(os.path.join(self.path, "done.bin"), dtype=np.uint8)))
 
     def seal(self) -> None:
         """Record the checksums of the files extraction fills (valid.bin, sums.bin) once every batch is done."""
@@ -245,32 +269,39 @@ class TokenStore:
             atomic_json(os.path.join(self.path, "meta.json"), self.meta)
 
     def write_batch(self, batch: int, indices: torch.Tensor, tokens, skipped_indices) -> None:
-        """``tokens``: ``[B, T, D]``, or ``(tokens, weights [B, M, n])`` for a store with weights."""
-        idx = indices.cpu().numpy()
+        """``tokens``: ``[B, T, D]``, or ``(tokens, weights [B, M, n])`` for a store with weights.
+
+        Every file is written with positional writes of exactly this batch's bytes, never through a
+        shared map: a dirty mapped page is written back whole, so two machines filling neighbouring
+        batches of one store on a network filesystem would overwrite each other's bytes (and a full
+        disk under a map is a SIGBUS, here an ``OSError``). The rows and sums reach the disk before
+        the batch's ``done`` byte, so an interrupted extraction never trusts an unwritten batch."""
+        idx = indices.cpu().numpy().astype(np.int64)
         order = np.argsort(idx)
         rows_idx = idx[order]
         sums = np.zeros((len(idx), self.num_sums), dtype=np.uint32)
+        writes = []
         if isinstance(tokens, (tuple, list)):
             tokens, weights = tokens
             weights = weights.detach().float().cpu().numpy()[order]
-            self.weights[rows_idx] = weights
             sums[:, 1] = [row_sum(w) for w in weights]
-            self.weights.flush()
+            writes.append(("weights.bin", rows_idx, weights))
         rows = tokens.detach().to(self.torch_dtype).cpu()
         if self.dtype == "bf16":
             rows = rows.view(torch.int16)
         rows = rows.numpy()[order]
-        self.tokens[rows_idx] = rows
         sums[:, 0] = [row_sum(r) for r in rows]
-        self.tokens.flush()
-        self.sums[rows_idx] = sums
-        self.sums.flush()
-        self.valid[idx] = 1
+        writes += [("tokens.bin", rows_idx, rows), ("sums.bin", rows_idx, sums)]
+        # the batch's whole range of valid bytes: 1 read, 2 unreadable (a redone batch overwrites all)
+        start = batch * self.batch_size
+        flags = np.zeros(min(start + self.batch_size, self.num_samples) - start, dtype=np.uint8)
+        flags[idx - start] = 1
         if len(skipped_indices):
-            self.valid[np.asarray(skipped_indices)] = 2
-        self.valid.flush()
-        self.done[batch] = 1
-        self.done.flush()
+            flags[np.asarray(skipped_indices, dtype=np.int64) - start] = 2
+        writes.append(("valid.bin", np.arange(start, start + len(flags)), flags))
+        for name, at, values in writes:
+            _write_rows(os.path.join(self.path, name), at, values)
+        _write_rows(os.path.join(self.path, "done.bin"), np.array([batch]), np.ones(1, dtype=np.uint8))
 
     def valid_indices(self) -> np.ndarray:
         return np.flatnonzero(np.asarray(self.valid) == 1)

@@ -298,7 +298,7 @@ def test_cls_map_is_the_last_blocks_cls_row(tiny_probe):
 def test_localize_end_to_end(tiny_probe):
     run, val, csv_path = tiny_probe
     result = localize(str(run), str(val), csv_path, workers=0, device=DEVICE, progress=False)
-    assert result["images"] == 12 and set(result["maps"]) == {"selective", "cls"}
+    assert result["images"] == result["images_scored"] == 12 and set(result["maps"]) == {"selective", "cls"}
     for r in result["maps"].values():
         assert 0 <= r["max_box_acc_v2"] <= 100 and r["images"] == 12
     assert result["head"] == "selective@2"

@@ -244,9 +244,10 @@ def localize(probe_dir: str, data: str, boxes_path: str, head: str | None = None
     if not any(ious.values()):
         raise ValueError(f"no image of {root} could be scored (unreadable, or no box inside the center crop)")
     results = {kind: max_box_acc_v2(np.stack(v)) for kind, v in ious.items() if v}
+    # images: those with a box; images_scored: those the accuracies are over (readable, a box in the crop)
     return dict(probe=probe_dir, head=probe.head, images=len(files), unreadable_images=unreadable,
-                images_without_box=without_box,
-                images_without_box_in_crop=no_box, maps=results)
+                images_without_box=without_box, images_without_box_in_crop=no_box,
+                images_scored=max(len(v) for v in ious.values()), maps=results)
 
 
 def format_localization(result: dict) -> str:
@@ -283,7 +284,7 @@ def plot_localization(result: dict, path: str, thresholds=THRESHOLDS) -> str:
         ax.legend(fontsize=8, loc="best")
     np.atleast_1d(axes)[0].set_ylabel("box accuracy (%)")
     v2 = ", ".join(f"{names[k]} {r['max_box_acc_v2']:.1f}" for k, r in result["maps"].items())
-    fig.suptitle(f"MaxBoxAccV2 over {result['images']} images: {v2}")
+    fig.suptitle(f"MaxBoxAccV2 over {result.get('images_scored', result['images'])} images: {v2}")
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

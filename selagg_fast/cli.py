@@ -69,12 +69,17 @@ def _probe(args) -> None:
     from .probe.knn_run import format_knn
     from .probe.outputs import format_results
     from .probe.trainer import run_probe
-    results = run_probe(config_from_args(args), command=command_line(args.argv))
+    cfg = config_from_args(args)
+    results = run_probe(cfg, command=command_line(args.argv))
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))
         if results.get("knn"):
             print(format_knn(results["knn"]))
         print(f"top-1 / top-5 of every pair: {args.output_dir}/results.json; per epoch: metrics.jsonl, curves.png")
+        done = results.get("epochs_done", cfg.epochs)
+        if done < cfg.epochs:  # --stop-after-epochs: an unfinished run, not a result
+            print(f"stopped after epoch {done} of {cfg.epochs} (--stop-after-epochs): the table is epoch {done}'s; "
+                  "continue with the same command and --resume")
 
 
 def _report(args) -> None:

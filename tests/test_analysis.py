@@ -91,6 +91,10 @@ def test_interrupted_analysis_resumes_to_the_same_sums(tmp_path, tiny_checkpoint
     assert resumed["images"] == 20
     for name, table in full["metrics"].items():
         np.testing.assert_allclose(resumed["metrics"][name], table, rtol=1e-12, err_msg=name)
+    # the throughput is the whole pass's, both invocations; resuming the finished run keeps it
+    assert resumed["images_per_s"] > 0
+    again = run_analyze(analyze_config(tmp_path / "split", path, resume=True))
+    assert again["images_per_s"] == pytest.approx(resumed["images_per_s"], rel=0.2)
     with pytest.raises(ValueError, match="other settings: batch_size 8 then, 4 now$"):  # only what changed
         os.remove(tmp_path / "split" / "stats.json")
         run_analyze(analyze_config(tmp_path / "split", path, resume=True, batch_size=4))
@@ -272,6 +276,11 @@ def test_maps_write_decodable_figures(tmp_path, tiny_probe):
             assert img.size[0] > 2.5 * img.size[1] > 500  # three panels side by side
     with pytest.raises(ValueError, match="--head"):
         write_maps(str(run), files, str(tmp_path / "maps"), head="avg@2", device="cpu")
+    # the lr may be spelled as the user typed it (--lrs 2.0): the pair selective@2
+    assert len(write_maps(str(run), files, str(tmp_path / "maps2"), head="selective@2.0", device=DEVICE)) == 2
+    from selagg_fast.probe.heads import canonical_pair_name
+    assert [canonical_pair_name(t) for t in ("ap4@1e30", "selective@0.10", "cls_attn", "x@y")] == \
+        ["ap4@1e+30", "selective@0.1", "cls_attn", "x@y"]
 
 
 def test_cls_map_is_the_last_blocks_cls_row(tiny_probe):

@@ -1,5 +1,6 @@
 """`selagg-fast compare`: running entropy / KL sums against float64, end to end on a tiny probe run."""
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -212,3 +213,17 @@ def test_two_process_sharding_equals_one_process(probe_run, tmp_path):
     assert one["images"] == two["images"] == 10
     np.testing.assert_allclose(two["kl"], one["kl"], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(two["entropy_mean"], one["entropy_mean"], rtol=1e-9)
+
+
+def test_a_selector_head_left_out_for_want_of_its_selector_is_said(tmp_path, caplog):
+    from test_probe_run import tiny_config
+    tiny = dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=3)
+    run_probe(tiny_config(tmp_path / "run", heads="avg,external_cls_attn", lrs="1.0", epochs=1,
+                          synthetic_train_size=32, synthetic_val_size=8, selector_model="vit_tiny_patch16_224",
+                          selector_random_init=True, selector_model_kwargs=tiny))
+    with caplog.at_level(logging.WARNING, logger="selagg_fast"):
+        result = run_compare(CompareConfig(probe=str(tmp_path / "run"), data="synthetic", limit=4, batch_size=2,
+                                           workers=0, output_dir=str(tmp_path / "out"), progress=False,
+                                           device=DEVICE, precision="fp32", examples=0))
+    assert "external_cls_attn" not in result["methods"]
+    assert "external_cls_attn (trained by the probe) is left out" in caplog.text and "--selector-model" in caplog.text

@@ -193,6 +193,8 @@ def test_disk_full_during_a_checkpoint_loses_nothing(tmp_path, capsys, monkeypat
     small = ["--heads", "avg", "--lrs", "1.0", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16",
              "--synthetic-train-size", "32", "--synthetic-val-size", "16", "--synthetic-classes", "4"]
     assert main(_probe(out, *small, "--stop-after-epochs", "1")) == 0
+    printed = capsys.readouterr().out  # an unfinished run says so, and how to go on
+    assert "stopped after epoch 1 of 2 (--stop-after-epochs)" in printed and "--resume" in printed
     before = _tree(out)
     save = torch.save
     if os.path.exists("/dev/full"):  # a real full disk: every write there fails with ENOSPC

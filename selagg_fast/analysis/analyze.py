@@ -168,7 +168,6 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
     with ctx as recorder:
         for images in pass_.batches():
             forward_batch(backbone, images, use_bf16)
-    seen, elapsed = pass_.seen, pass_.elapsed
     state = _gathered_state(recorder, pass_.unreadable)
     stats = None
     if dist_info.is_main:
@@ -184,7 +183,7 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
                     unreadable_images=state["unreadable"], blocks=list(range(1, info.num_blocks + 1)),
                     heads=int(backbone.model.blocks[0].attn.num_heads), num_prefix_tokens=info.num_prefix_tokens,
                     has_cls=info.has_cls, num_patches=num_patches, max_entropy=math.log(num_patches),
-                    omitted_columns=omitted, images_per_s=seen * dist_info.world_size / max(elapsed, 1e-9),
+                    omitted_columns=omitted, images_per_s=pass_.images_per_s(),
                     settings=settings)
         stats = write_outputs(out, run_name, meta, summary)
         if omitted:

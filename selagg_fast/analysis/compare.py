@@ -30,7 +30,7 @@ from ..distributed import all_reduce_sum, barrier, init_distributed
 from ..files import (Interrupted, absolute_path, atomic_json, atomic_write, check_number, check_writable, output_lock,
                      refuse_existing_run)
 from ..precision import uses_bf16
-from ..probe.heads import ProbeHeads, pair_name, parse_heads, parse_lrs
+from ..probe.heads import ProbeHeads, canonical_pair_name, pair_name, parse_heads, parse_lrs
 from ..probe.selector import AttentionWeights, build_selector, check_selector_backbone
 from ..attention_adapters import token_layout
 from .analyze import check_image_pass
@@ -168,7 +168,7 @@ def choose_methods(requested: str | None, has_cls: bool, selector: bool, trained
         omitted = [] if has_cls else [m.head for m in own if m.needs_cls]
         return methods, omitted
     methods = []
-    for name in [m.strip() for m in requested.split(",") if m.strip()]:
+    for name in [canonical_pair_name(m.strip()) for m in requested.split(",") if m.strip()]:
         if name in trained:  # a head name: its best learning rate
             name = trained[name]
         elif attention_method(name) is not None:  # any of an attention method's names: its head's
@@ -312,6 +312,9 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
     selective_pairs = [pair_name(s, lr) for s, lr in heads.pairs if s.learns_weights]
     methods, omitted = choose_methods(cfg.methods, info.has_cls, cfg.selector_model is not None, trained,
                                       selective_pairs)
+    if cfg.methods is None and SELECTOR not in methods and any(s.name == SELECTOR for s, _ in heads.pairs):
+        log.warning("%s (trained by the probe) is left out: it needs the probe's selector model; pass "
+                    "--selector-model (and --selector-checkpoint) as the probe did to compare it", SELECTOR)
     if cfg.methods is None:  # by default a head whose every lr diverged is left out, with a warning
         gone = diverged_pairs(state)
         for m in [m for m in methods if m in gone]:
@@ -349,7 +352,7 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
         if not examples and dist_info.is_main and cfg.examples:
             k = min(cfg.examples, len(images))
             examples.update(images=images[:k].float().cpu(), weights=weights[:k].float().cpu())
-    unreadable, seen, elapsed = pass_.unreadable, pass_.seen, pass_.elapsed
+    unreadable = pass_.unreadable
     count = torch.tensor([float(unreadable)], dtype=torch.float64, device=device)
     all_reduce_sum(count)
     sums.all_reduce()
@@ -357,8 +360,7 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
     if dist_info.is_main:
         if sums.images == 0:
             raise ValueError(f"--data {cfg.data}: no readable image")
-        result = _result(cfg, state, info, methods, omitted, sums, int(count.item()),
-                         seen * dist_info.world_size / max(elapsed, 1e-9))
+        result = _result(cfg, state, info, methods, omitted, sums, int(count.item()), pass_.images_per_s())
         atomic_json(os.path.join(out, "compare.json"), result)
         write_figures(out, result, examples or None)
         if omitted:

@@ -57,18 +57,30 @@ class ImagePass:
         n_batches = -(-len(dataset) // batch_size)
         mine = list(range(dist_info.rank, n_batches, dist_info.world_size))
         self.done, self.unreadable, self.seen, self.elapsed = set(), 0, 0, 0.0
+        self._start = None
+        # images and seconds of the invocations before this one: the throughput is the whole pass's
+        self.seen_before, self.elapsed_before = 0, 0.0
         if resume and os.path.exists(self.path):
             saved = load_partial(self.path, settings)
             load(saved)
             self.done, self.unreadable = set(saved["done"]), saved["unreadable"]
+            self.seen_before, self.elapsed_before = saved.get("seen", 0), saved.get("elapsed", 0.0)
             log.info("resuming %s: %d of this process's %d batches already summed", out, len(self.done), len(mine))
         self.todo = [b for b in mine if b not in self.done]
         self.workers, self.desc, self.progress = workers, desc, progress
 
     def save(self) -> None:
         """Atomic: a failed write keeps the previous running sums."""
+        elapsed = self.elapsed if self._start is None else time.perf_counter() - self._start
         atomic_save(self.path, dict(settings=self.settings, done=sorted(self.done), unreadable=self.unreadable,
+                                    seen=self.seen_before + self.seen, elapsed=self.elapsed_before + elapsed,
                                     **self.state()))
+
+    def images_per_s(self) -> float:
+        """Images per second of the whole pass, every invocation of a resumed run together (all
+        processes: this one's rate times their count); 0.0 when no image was read."""
+        seen, elapsed = self.seen_before + self.seen, self.elapsed_before + self.elapsed
+        return seen * self.dist_info.world_size / elapsed if seen and elapsed > 0 else 0.0
 
     def batches(self):
         bs, n_images, world = self.batch_size, len(self.dataset), self.dist_info.world_size
@@ -77,7 +89,7 @@ class ImagePass:
                             pin_memory=self.dist_info.device.type == "cuda")
         bar = tqdm(total=n_images, initial=min(n_images, len(self.done) * bs * world), unit="img", desc=self.desc,
                    disable=not (self.progress and self.dist_info.is_main), smoothing=0.1)
-        start = time.perf_counter()
+        start = self._start = time.perf_counter()
         for n, (b, (images, _labels, _idx, skipped)) in enumerate(zip(self.todo, loader)):
             self.unreadable += len(skipped)
             if images is not None:
@@ -89,5 +101,6 @@ class ImagePass:
             if (n + 1) % self.save_every == 0:
                 self.save()
         bar.close()
-        self.save()
         self.elapsed = time.perf_counter() - start
+        self._start = None
+        self.save()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..backbone import BackboneSettings
 from ..files import CheckpointError, load_torch_file
-from ..probe.heads import ProbeHeads, pair_name, parse_heads, parse_lrs
+from ..probe.heads import ProbeHeads, canonical_pair_name, pair_name, parse_heads, parse_lrs
 from ..selection import capture_attention_rows, weights_from_rows
 
 
@@ -67,9 +67,9 @@ class ProbeMaps:
         self.heads = ProbeHeads(specs, parse_lrs(cfg["lrs"]), self.info.embed_dim, len(state["classes"]),
                                 self.info.num_prefix_tokens, grid_size=self.info.patch_grid).to(self.device).eval()
         self.heads.load_state_dict(state["heads"])
-        self.head = head or self._best_selective(state)
+        self.head = canonical_pair_name(head) if head else self._best_selective(state)
         if self.head not in self.heads.pair_names():
-            raise ValueError(f"--head {self.head!r}: the probe has {self.heads.pair_names()}")
+            raise ValueError(f"--head {head!r}: the probe has {self.heads.pair_names()}")
         refuse_diverged(state, [self.head], "--head")
 
     @staticmethod

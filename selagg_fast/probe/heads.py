@@ -140,6 +140,18 @@ def pair_name(spec: HeadSpec | str, lr: float) -> str:
     return f"{spec if isinstance(spec, str) else spec.name}@{lr:g}"
 
 
+def canonical_pair_name(text: str) -> str:
+    """A user's ``head@lr`` with the lr written as :func:`pair_name` writes it (``selective@1.0`` ->
+    ``selective@1``, ``@1e30`` -> ``@1e+30``); text without a number after ``@`` is kept as given."""
+    name, at, lr = text.rpartition("@")
+    if not at:
+        return text
+    try:
+        return pair_name(name, float(lr))
+    except ValueError:
+        return text
+
+
 def parse_lrs(text) -> list:
     """``"0.05,0.1,0.3"`` -> the base learning rates of a run's pairs (distinct, finite, positive,
     and distinct as pair names: ``%g``, 6 significant digits)."""

@@ -310,7 +310,8 @@ def check_backbone_settings(name: str, checkpoint: str | None, random_init: bool
     if return_block is not None and return_block < 1:
         raise ValueError(f"--return-block {return_block}: must be >= 1 (blocks are numbered from 1)")
     if not isinstance(model_kwargs, dict):
-        raise ValueError(f"--model-kwargs {model_kwargs!r}: expected a JSON object such as {{\"img_size\": 448}}")
+        raise ValueError(f"--model-kwargs {model_kwargs!r}: expected a JSON object such as {{\"img_size\": 448}} "
+                         "(in Python: a dict, model_kwargs={\"img_size\": 448})")
 
 
 @dataclass

@@ -57,7 +57,8 @@ def test_impossible_heads():
         parse_heads("ap0")
     with pytest.raises(ValueError, match="Q must be >= 1"):
         parse_heads("ep0_all")
-    with pytest.raises(ValueError, match=r"num_queries \* d_out = 5 \* 1 does not divide dim=32"):
+    with pytest.raises(ValueError, match=r"--heads ep5: 5 queries do not divide the backbone's width 32 "
+                                         r"\(counts that do, up to 64: 1, 2, 4, 8, 16, 32\)"):
         ProbeHeads(parse_heads("ep5"), [0.1], D, C, P)
     with pytest.raises(ValueError, match="K must be >= 1"):
         parse_heads("selective_mlp_relu_k0")
@@ -65,7 +66,7 @@ def test_impossible_heads():
         parse_heads("ap2,ap2")
     with pytest.raises(ValueError, match="'selective_pe' .* needs the patch grid"):
         ProbeHeads(parse_heads("selective_pe"), [0.1], D, C, P)
-    with pytest.raises(ValueError, match="num_heads=5 does not divide dim=32"):
+    with pytest.raises(ValueError, match="--heads ap5: 5 attention heads do not divide the backbone's width 32"):
         ProbeHeads(parse_heads("ap5"), [0.1], D, C, P)
 
 

@@ -374,6 +374,12 @@ class ProbeHeads(nn.Module):
 
 def _aggregator(spec: HeadSpec, dim: int, prefix: int, grid_size) -> nn.Module:
     """The aggregation module of one selective, attentive or efficient pair."""
+    parts = spec.num_heads if spec.attentive else spec.num_queries if spec.efficient else None
+    if parts is not None and dim % parts:  # each head / query takes an equal slice of the width
+        what = "attention heads" if spec.attentive else "queries"
+        fits = ", ".join(str(n) for n in range(1, 65) if dim % n == 0)
+        raise ValueError(f"--heads {spec.name}: {parts} {what} do not divide the backbone's width {dim} "
+                         f"(counts that do, up to 64: {fits})")
     if spec.attentive:
         return AttentivePooling(dim, spec.num_heads, token_norm=spec.token_norm, num_prefix_tokens=prefix)
     if spec.efficient:

@@ -365,3 +365,19 @@ def test_selagg_traceback_values(tmp_path, capsys, monkeypatch, value, shows):
             main(argv)
     else:
         _one_line_error(capsys, main(argv), ["--epochs 0"])
+
+
+def test_resume_with_only_the_folder_continues_the_run_as_started(tmp_path, capsys):
+    # flags not given take the run's own values (config.json); one given anew is still checked
+    out = tmp_path / "run"
+    assert main(_probe(out, "synthetic", "--epochs", "2", "--stop-after-epochs", "1")) == 0
+    first = json.loads((out / "config.json").read_text())
+    assert main(["probe", "--resume", "--output-dir", str(out), "--device", "cpu", "--workers", "0"]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["epochs_done"] == 2
+    config = json.loads((out / "config.json").read_text())
+    for key in ("model", "model_kwargs", "random_init", "data", "heads", "lrs", "batch_size", "epochs", "seed"):
+        assert config[key] == first[key], key
+    capsys.readouterr()
+    code = main(["probe", "--resume", "--output-dir", str(out), "--lrs", "0.5", "--device", "cpu"])
+    _one_line_error(capsys, code, ["different settings: --lrs '0.5,2.0' then, '0.5' now"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from .seeds import parse_seeds
 from .trainer import PROTOCOLS, ProbeConfig
@@ -155,6 +156,44 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+# Settings of one invocation, never taken from the run being resumed: where and how this process
+# runs, and what it is allowed to do (--trust-checkpoint and --refresh-cache are asked for each time).
+_PER_INVOCATION = {"output_dir", "resume", "stop_after_epochs", "refresh_cache", "progress", "device", "workers",
+                   "compile_backbone", "trust_checkpoint", "knn_memory_gb"}
+
+
 def config_from_args(args) -> ProbeConfig:
+    """The run's settings. With ``--resume``, a flag not on the command line takes the resumed run's
+    value (its ``config.json``), so ``probe --resume --output-dir DIR`` continues DIR as it was started;
+    a flag given anew is checked against the run as before (a different setting is refused)."""
     fields = ProbeConfig.__dataclass_fields__
-    return ProbeConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    saved = _saved_config(values["output_dir"]) if values.get("resume") and hasattr(args, "argv") else None
+    if saved:
+        given = _given_flags(args.argv)
+        values.update({k: v for k, v in saved.items() if k in fields and k not in given and k not in _PER_INVOCATION})
+    return ProbeConfig(**values)
+
+
+def _saved_config(output_dir: str) -> dict | None:
+    """The settings ``config.json`` of a run in ``output_dir`` records, or None (a missing or
+    unreadable file is left to the run's own checks, which name it)."""
+    try:
+        with open(os.path.join(output_dir, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _given_flags(argv: list) -> set:
+    """The ProbeConfig names of the probe flags on the command line ``argv`` (``probe ...``)."""
+    parser = argparse.ArgumentParser(add_help=False)  # abbreviations as the real parser takes them
+    add_probe_arguments(parser)
+    for action in parser._actions:  # no defaults: only what was typed lands in the namespace
+        action.default = argparse.SUPPRESS
+    words = list(argv)
+    if words and words[0] == "probe":
+        words = words[1:]
+    given, _ = parser.parse_known_args(words)
+    return set(vars(given))

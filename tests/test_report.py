@@ -89,7 +89,7 @@ def test_report_rows_link_results_and_commands(runs):
     assert "`" + config_a["command"] + "`" in mae_row
     # the second run: no [cls] head trained (linear = avg is missing: cls was not trained), no k-NN, AP, EP
     cells = [c.strip() for c in plain_row.strip("|").split("|")]
-    assert cells[0] == "plain" and cells[1] == "synthetic" and cells[2] == "1 epochs"
+    assert cells[0] == "plain" and cells[1] == "synthetic" and cells[2] == "1 epoch"
     assert cells[4] == "–" and cells[7] == "–" and cells[8] == "–"
     assert cells[9] == "–" and cells[10] == "no paper numbers: not a preset of the paper"
     for cell in (cells[5], cells[6]):

@@ -84,7 +84,7 @@ def _progress(results: dict, config: dict) -> tuple:
         return done, total, "epochs not recorded"
     if done < total:
         return done, total, f"epoch {done} of {total} (unfinished)"
-    return done, total, f"{total} epochs"
+    return done, total, f"{total} epoch" + ("" if total == 1 else "s")
 
 
 def _differences(config: dict, preset) -> tuple:

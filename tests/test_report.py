@@ -1,4 +1,5 @@
-"""`selagg-fast report`: two tiny runs -> one Markdown table and the same rows as CSV."""
+"""`selagg-fast report`: tiny runs -> one Markdown table and the same rows as CSV; the paper's numbers
+only beside runs they describe; every head's ± std for a --seeds run."""
 import csv
 import json
 import os
@@ -30,6 +31,42 @@ def runs(tmp_path_factory):
     return root, a, b
 
 
+def _variant(src, dst, config=None, results=None):
+    """A copy of run ``src`` whose config.json / results.json have the given keys replaced."""
+    shutil.copytree(src, dst)
+    for name, edits in (("config.json", config), ("results.json", results)):
+        data = json.loads((dst / name).read_text())
+        data.update(edits or {})
+        (dst / name).write_text(json.dumps(data))
+    return dst
+
+
+def _as_paper_run(src, dst, **config):
+    """Run ``src`` as the paper's would record it: the preset's own architecture from its file."""
+    original = json.loads((src / "config.json").read_text())
+    backbone = {**original["backbone"], "img_size": 224}
+    return _variant(src, dst, {**dict(checkpoint="/ckpt/mae_pretrain_vit_base.pth", random_init=False, model_kwargs={},
+                                      data="/data/imagenet", backbone=backbone), **config})
+
+
+def _md_row(out, run):
+    header, _, *rows = [line for line in out.read_text().splitlines() if line.startswith("|")]
+    names = [c.strip() for c in header.strip("|").split("|")]
+    for line in rows:
+        cells = dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
+        if cells["run"].split(" (")[0] == run:
+            return cells
+    raise AssertionError(f"no row of {run} in {out}")
+
+
+def _csv_rows(out):
+    with open(out.with_suffix(".csv"), newline="") as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+PAPER_COL = "paper linear / Selective / AP-12 (ImageNet-1k unless named)"
+
+
 def test_report_rows_link_results_and_commands(runs):
     root, a, b = runs
     out = root / "tables" / "report.md"
@@ -45,22 +82,25 @@ def test_report_rows_link_results_and_commands(runs):
     assert f"[{best['selective']['top1']:.1f}]({link_a})" in mae_row
     assert f"[{best['ap2']['top1']:.1f}]({link_a}) (ap2)" in mae_row
     assert f"[{results_a['knn']['best']['top1']:.1f}]({link_a}) (cls " in mae_row
-    assert "67.8 / 71.6 / 75.4" in mae_row  # the paper's MAE ViT-B: Table 1 [cls], Selective; Table 6 AP-12
+    # a random-init run of a shrunk preset: not what the paper's numbers describe
+    assert "67.8" not in mae_row and "| – | no paper numbers: random init; architecture changed" in mae_row
     config_a = json.loads((a / "config.json").read_text())
     assert config_a["command"].startswith("selagg-fast probe --model mae_vit_base_patch16")
     assert "`" + config_a["command"] + "`" in mae_row
     # the second run: no [cls] head trained (linear = avg is missing: cls was not trained), no k-NN, AP, EP
     cells = [c.strip() for c in plain_row.strip("|").split("|")]
-    assert cells[0] == "plain" and cells[2] == "–" and cells[5] == "–" and cells[6] == "–"
-    assert cells[7] == "– / – / –"
-    for cell in (cells[3], cells[4]):
+    assert cells[0] == "plain" and cells[1] == "synthetic" and cells[2] == "1 epoch"
+    assert cells[4] == "–" and cells[7] == "–" and cells[8] == "–"
+    assert cells[9] == "–" and cells[10] == "no paper numbers: not a preset of the paper"
+    for cell in (cells[5], cells[6]):
         assert cell == "–" or re.match(r"\[\d+\.\d\]\(", cell)
     with open(out.with_suffix(".csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["mae", "plain"]
     assert float(rows[0]["linear_top1"]) == pytest.approx(best["cls"]["top1"])
     assert float(rows[0]["knn_top1"]) == pytest.approx(results_a["knn"]["best"]["top1"])
-    assert rows[0]["paper_selective"] == "71.6" and rows[1]["paper_linear"] == ""
+    assert rows[0]["paper_selective"] == "" and rows[1]["paper_linear"] == ""
+    assert rows[0]["dataset"] == "synthetic" and rows[0]["epochs_done"] == rows[0]["epochs"] == "1"
     assert rows[0]["command"] == config_a["command"] and rows[1]["knn_top1"] == ""
     assert rows[0]["results_json"] == str(a / "results.json")
 
@@ -77,12 +117,82 @@ def test_no_paper_numbers_for_a_file_that_is_not_the_papers(runs, tmp_path):
     # MAE's fine-tuned release loads with its final norm at init: not the paper's pretrained file
     from selagg_fast.probe.report import run_row
     _, a, _ = runs
-    assert run_row(str(a))["paper_selective"] == 71.6
-    run = tmp_path / "mae_ft"
-    shutil.copytree(a, run)
-    config = json.loads((run / "config.json").read_text())
+    paper_run = _as_paper_run(a, tmp_path / "mae")
+    assert run_row(str(paper_run))["paper_selective"] == 71.6
+    config = json.loads((paper_run / "config.json").read_text())
     assert config["backbone"]["final_norm_loaded"] is True
-    config["backbone"]["final_norm_loaded"] = False
-    (run / "config.json").write_text(json.dumps(config))
+    run = _variant(paper_run, tmp_path / "mae_ft", config=dict(backbone={**config["backbone"],
+                                                                         "final_norm_loaded": False}))
     row = run_row(str(run))
     assert (row["paper_linear"], row["paper_selective"], row["paper_ap12"]) == (None, None, None)
+    assert "not the paper's file" in row["notes"]
+
+
+def test_paper_numbers_beside_the_runs_they_describe(runs, tmp_path):
+    _, a, _ = runs
+    out = tmp_path / "report.md"
+    paper = _as_paper_run(a, tmp_path / "paper_run")
+    cub = _as_paper_run(a, tmp_path / "paper_cub", dataset="cub200", data="/data/CUB_200_2011")
+    big = _as_paper_run(a, tmp_path / "paper_448", model_kwargs={"img_size": 448})
+    in1pct = _variant(_as_paper_run(a, tmp_path / "paper_in1pct_c", train_list="/data/1percent.txt"),
+                      tmp_path / "paper_in1pct", results=dict(train_images=12811))
+    config = json.loads((paper.joinpath("config.json")).read_text())
+    big_config = json.loads((big / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps({**big_config, "backbone": {**config["backbone"], "img_size": 448}}))
+    assert main(["report", str(paper), str(cub), str(big), str(in1pct), "--output", str(out)]) == 0
+    row, csv_rows = _md_row(out, "paper_run"), _csv_rows(out)
+    # MAE ViT-B: Table 1 [cls] and Selective, Table 6 AP-12 (ImageNet-1k)
+    assert row["dataset"] == "imagefolder" and row[PAPER_COL] == "67.8 / 71.6 / 75.4" and row["notes"] == ""
+    assert (csv_rows["paper_run"]["paper_dataset"], csv_rows["paper_run"]["paper_linear"]) == ("ImageNet-1k", "67.8")
+    # CUB-200: Table 2 (standard [cls], Selective); the paper has no CUB AP
+    assert _md_row(out, "paper_cub")[PAPER_COL] == "45.8 / 65.9 / – (CUB-200)"
+    assert (csv_rows["paper_cub"]["dataset"], csv_rows["paper_cub"]["paper_selective"]) == ("cub200", "65.9")
+    # ImageNet-1% (the standard split's 12,811 training images): Table 2
+    assert _md_row(out, "paper_in1pct")[PAPER_COL] == "39.1 / 48.3 / – (ImageNet-1%)"
+    # another resolution keeps them, and says so
+    assert _md_row(out, "paper_448")[PAPER_COL] == "67.8 / 71.6 / 75.4"
+    assert _md_row(out, "paper_448")["notes"] == "img_size 448 (the paper's: 224)"
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(config=dict(random_init=True, checkpoint=None)), "random init"),
+    (dict(config=dict(model_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 3})),
+     "architecture changed (--model-kwargs depth=2, embed_dim=48, num_heads=3)"),
+    (dict(config=dict(dataset="cifar100")), "dataset cifar100"),
+    (dict(config=dict(data="synthetic")), "dataset synthetic"),
+    (dict(config=dict(return_block=8)), "--return-block 8 (paper: block 12)"),
+    (dict(config=dict(train_list="/data/10percent.txt")),
+     "--train-list subset (not ImageNet-1k, nor the 12,811-image ImageNet-1%)"),
+    (dict(config=dict(final_norm=True)), "--final-norm (the paper probes without it)"),
+    (dict(config=dict(epochs=3)), "unfinished (epoch 1 of 3)"),
+])
+def test_no_paper_numbers_for_a_run_they_do_not_describe(runs, tmp_path, change, reason):
+    _, a, _ = runs
+    paper = _as_paper_run(a, tmp_path / "paper_run")
+    run = _variant(paper, tmp_path / "changed", **change)
+    out = tmp_path / "report.md"
+    assert main(["report", str(run), "--output", str(out)]) == 0
+    row, csv_row = _md_row(out, "changed"), _csv_rows(out)["changed"]
+    assert row[PAPER_COL] == "–" and row["notes"] == f"no paper numbers: {reason}"
+    assert [csv_row[k] for k in ("paper_dataset", "paper_linear", "paper_selective", "paper_ap12")] == [""] * 4
+    assert csv_row["notes"] == row["notes"]
+    if "unfinished" in reason:
+        assert row["epochs"] == csv_row["progress"] == "epoch 1 of 3 (unfinished)"
+        assert (csv_row["epochs_done"], csv_row["epochs"]) == ("1", "3")
+
+
+def test_every_head_carries_its_std_over_seeds(tmp_path):
+    run = tmp_path / "seeded"
+    assert main(_args(run, "vit_tiny_patch16_224", "cls,selective,ap2,ep2", "--seeds", "0,1")) == 0
+    out = tmp_path / "report.md"
+    assert main(["report", str(run), "--output", str(out)]) == 0
+    best = json.loads((run / "results.json").read_text())["best_per_head"]
+    row, csv_row = _md_row(out, "seeded"), _csv_rows(out)["seeded"]
+    assert row["run"] == "seeded (mean of seeds 0,1)"
+    for column, head, csv_name in (("linear", "cls", "linear"), ("Selective", "selective", "selective"),
+                                   ("AP", "ap2", "ap"), ("EP", "ep2", "ep")):
+        mean, std = best[head]["top1"], best[head]["top1_std"]
+        assert std is not None
+        assert row[column].startswith(f"[{mean:.1f} ± {std:.1f}](")
+        assert float(csv_row[f"{csv_name}_top1"]) == pytest.approx(mean)
+        assert float(csv_row[f"{csv_name}_top1_std"]) == pytest.approx(std)

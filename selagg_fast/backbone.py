@@ -281,13 +281,14 @@ def is_beit(name: str) -> bool:
     return arch is not None and timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ == "timm.models.beit"
 
 
-def beit_positions_of_file(raw: dict, path: str, preset: zoo.Preset | None, key: str | None, name: str,
-                           model_kwargs: dict) -> dict:
-    """The timm ``Beit`` position arguments (:data:`~selagg_fast.zoo.BEIT_POSITION_KWARGS`) that
-    the checkpoint's tensors need: a shared relative position bias, one per block, an absolute
-    ``pos_embed``, as the file holds them (BEiT's pretraining files share one table, its
-    fine-tuned files have one per block). One the user set in ``model_kwargs`` that disagrees with
-    the file is refused (:class:`CheckpointError`, one line naming both layouts)."""
+def beit_layout_of_file(raw: dict, path: str, preset: zoo.Preset | None, key: str | None, name: str,
+                        model_kwargs: dict) -> dict:
+    """The timm ``Beit`` arguments the checkpoint's tensors need: its position layout
+    (:data:`~selagg_fast.zoo.BEIT_POSITION_KWARGS`: a shared relative position bias, one per
+    block, an absolute ``pos_embed``; BEiT's pretraining files share one table, its fine-tuned
+    files have one per block) and, where the file has a final per-token norm, ``use_fc_norm=False``.
+    A position argument the user set in ``model_kwargs`` that disagrees with the file is refused
+    (:class:`CheckpointError`, one line naming both layouts)."""
     state, _family = file_state(raw, path, preset, key, name, beit_model=True)
     found = zoo.beit_positions(state)
     asked = {k: model_kwargs[k] for k in zoo.BEIT_POSITION_KWARGS if k in model_kwargs}
@@ -298,6 +299,9 @@ def beit_positions_of_file(raw: dict, path: str, preset: zoo.Preset | None, key:
                               f"for {zoo.describe_beit_positions({**found, **asked})}: set {wanted} in "
                               f"--model-kwargs (or leave {', '.join(clash)} out: the file's layout is followed)")
     log.info("%s holds %s: the model is built so", path, zoo.describe_beit_positions(found))
+    if "norm.weight" in state and not {"use_fc_norm", "global_pool"} & set(model_kwargs):
+        # the file's final norm is the per-token one (timm's mean pooling would make it an fc_norm)
+        return {**found, "use_fc_norm": False}
     return found
 
 
@@ -310,7 +314,7 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
 
     A preset reads its family's official file as released (``checkpoint_key`` picks the nesting
     key, e.g. I-JEPA's ``encoder``); a timm ``Beit`` (SimMIM, BEiT-v2, ``beit*``) is built with the
-    file's position layout (:func:`beit_positions_of_file`). Nothing is downloaded. Without ``checkpoint`` the model is
+    file's position layout (:func:`beit_layout_of_file`). Nothing is downloaded. Without ``checkpoint`` the model is
     random when ``random_init``, else this raises (the weights would need the network).
     """
     check_backbone_settings(name, checkpoint, random_init, return_block, model_kwargs, checkpoint_key)
@@ -318,7 +322,7 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     raw = read_checkpoint(checkpoint, trust_checkpoint) if checkpoint is not None else None
     build_kwargs = dict(model_kwargs)
     if raw is not None and is_beit(name):
-        build_kwargs = {**beit_positions_of_file(raw, checkpoint, preset, checkpoint_key, name, model_kwargs),
+        build_kwargs = {**beit_layout_of_file(raw, checkpoint, preset, checkpoint_key, name, model_kwargs),
                         **model_kwargs}
     model = build_model(name, **build_kwargs)
     at_init = None

@@ -278,7 +278,9 @@ def is_beit(name: str) -> bool:
 
     preset = zoo.get_preset(name)
     arch = preset.arch if preset is not None else name
-    return arch is not None and timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ == "timm.models.beit"
+    if arch is None or not timm.is_model(arch):
+        return False
+    return timm.models.model_entrypoint(arch).__module__ == "timm.models.beit"
 
 
 def beit_layout_of_file(raw: dict, path: str, preset: zoo.Preset | None, key: str | None, name: str,

@@ -5,6 +5,7 @@ come from a local file, or the model is randomly initialised when the caller say
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -54,7 +55,8 @@ def _generic_state(raw: dict, path: str, key: str | None) -> dict:
     state = zoo.unnest(raw, _NESTING_KEYS, key, path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(state)[:10]})")
+        raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(state)[:10]})"
+                              + ("" if key is not None else zoo.nesting_hint(state)))
     for prefix in _STRIPPED_PREFIXES:
         if all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
@@ -72,35 +74,55 @@ def _timm_converter(model: nn.Module):
     return None
 
 
-def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, trust: bool = False,
-                    preset: zoo.Preset | None = None, key: str | None = None) -> list:
-    """Load local weights into ``model``: a preset reads its family's official layout, a timm name
-    the generic one. Refused (:class:`CheckpointError`, one line): a file of another family (with
-    the preset it fits), mismatched shapes, missing or unexpected keys (unless ``allow_mismatch``),
-    and, always, a file that would leave more than half of the backbone's parameters at their
-    random init. Returns the model keys this file lacks (left at init): the release's optional
-    ones, and with ``allow_mismatch`` any other."""
-    raw = read_checkpoint(path, trust)
+def file_state(raw: dict, path: str, preset: zoo.Preset | None, key: str | None, model_name: str,
+               beit_model: bool) -> tuple:
+    """``(state, family)``: the tensors of a read checkpoint under the model's key names (a preset's
+    family layout, else the generic one for a timm name) and the family its keys identify.
+    Refused (:class:`CheckpointError`, one line): ``key`` absent, a file of another family (with
+    the preset it fits), a file without tensors where they were looked for."""
     if key is not None:
         zoo.unnest(raw, (), key, path)  # refused first: the key names what the user meant to load
     family = zoo.detect_family(raw)
-    hint = f"this file holds a {family} checkpoint: {zoo.suggest(family, raw)}" if family else ""
-    from timm.models.beit import Beit
-    if not zoo.fits(preset, family, beit_model=isinstance(model, Beit)):
-        name = preset.name if preset else getattr(model, "pretrained_cfg", {}).get("architecture", "a timm ViT")
-        raise CheckpointError(f"--checkpoint {path}: {hint} (not --model {name})")
+    if not zoo.fits(preset, family, beit_model=beit_model):
+        exclude = (preset.name,) if preset else ()
+        raise CheckpointError(f"--checkpoint {path}: this file holds a {family} checkpoint: "
+                              f"{zoo.suggest(family, raw, exclude)} (not --model {model_name})")
     if preset is None:
         state = _generic_state(raw, path, key)
         state = {k: v for k, v in state.items() if k == "mask_token" or not k.startswith(_UNUSED_PREFIXES)}
-        optional = ()
     else:
         layout = preset.layout
         state = zoo.map_state(zoo.unnest(raw, layout.nesting, key, path), layout)
         if not state:
-            raise CheckpointError(f"{path}: no tensors found for {preset.name} (top-level keys: {sorted(raw)[:10]})")
+            raise CheckpointError(f"{path}: no tensors found for {preset.name} (top-level keys: {sorted(raw)[:10]})"
+                                  + ("" if key is not None else zoo.nesting_hint(raw)))
+    return state, family
+
+
+def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, trust: bool = False,
+                    preset: zoo.Preset | None = None, key: str | None = None, raw: dict | None = None) -> list:
+    """Load local weights into ``model``: a preset reads its family's official layout, a timm name
+    the generic one. Refused (:class:`CheckpointError`, one line): a file of another family (with
+    the preset it fits), mismatched shapes, missing or unexpected keys (unless ``allow_mismatch``),
+    and, always, a file that would leave more than half of the backbone's parameters at their
+    random init. ``raw``: the file's dict when already read (else it is read from ``path``).
+    Returns the model keys this file lacks (left at init): the release's optional ones, and with
+    ``allow_mismatch`` any other."""
+    if raw is None:
+        raw = read_checkpoint(path, trust)
+    from timm.models.beit import Beit
+    name = preset.name if preset else getattr(model, "pretrained_cfg", {}).get("architecture", "a timm ViT")
+    state, family = file_state(raw, path, preset, key, name, beit_model=isinstance(model, Beit))
+    hint = ""
+    if family:  # a preset in use is never suggested; one whose family fits only for a file of another width
+        names = zoo.suggest(family, raw, exclude=(preset.name,) if preset else (),
+                            model_width=getattr(model, "embed_dim", None) if preset else None)
+        hint = f"this file holds a {family} checkpoint: {names}" if names else ""
+    optional = ()
+    if preset is not None:
         if getattr(model, "pos_embed", None) is not None:
-            state = zoo.resize_pos_embed(state, tuple(model.patch_embed.grid_size), layout)
-        optional = layout.optional
+            state = zoo.resize_pos_embed(state, tuple(model.patch_embed.grid_size), preset.layout)
+        optional = preset.layout.optional
     model_state = model.state_dict()
     check_weight_values(state, model_state, path)  # before timm's converter would turn an int8 table into floats
     convert = _timm_converter(model)
@@ -250,6 +272,41 @@ def build_model(name: str, **model_kwargs) -> nn.Module:
         raise ValueError(f"--model-kwargs {model_kwargs}: {name} does not take them ({err})") from None
 
 
+def is_beit(name: str) -> bool:
+    """Whether a preset or timm name builds a timm ``Beit`` (SimMIM, BEiT-v2, timm's ``beit*``)."""
+    import timm
+
+    preset = zoo.get_preset(name)
+    arch = preset.arch if preset is not None else name
+    if arch is None or not timm.is_model(arch):
+        return False
+    return timm.models.model_entrypoint(arch).__module__ == "timm.models.beit"
+
+
+def beit_layout_of_file(raw: dict, path: str, preset: zoo.Preset | None, key: str | None, name: str,
+                        model_kwargs: dict) -> dict:
+    """The timm ``Beit`` arguments the checkpoint's tensors need: its position layout
+    (:data:`~selagg_fast.zoo.BEIT_POSITION_KWARGS`: a shared relative position bias, one per
+    block, an absolute ``pos_embed``; BEiT's pretraining files share one table, its fine-tuned
+    files have one per block) and, where the file has a final per-token norm, ``use_fc_norm=False``.
+    A position argument the user set in ``model_kwargs`` that disagrees with the file is refused
+    (:class:`CheckpointError`, one line naming both layouts)."""
+    state, _family = file_state(raw, path, preset, key, name, beit_model=True)
+    found = zoo.beit_positions(state)
+    asked = {k: model_kwargs[k] for k in zoo.BEIT_POSITION_KWARGS if k in model_kwargs}
+    clash = sorted(k for k, v in asked.items() if bool(v) != found[k])
+    if clash:
+        wanted = json.dumps({k: found[k] for k in clash})
+        raise CheckpointError(f"--checkpoint {path} holds {zoo.describe_beit_positions(found)}; --model-kwargs ask "
+                              f"for {zoo.describe_beit_positions({**found, **asked})}: set {wanted} in "
+                              f"--model-kwargs (or leave {', '.join(clash)} out: the file's layout is followed)")
+    log.info("%s holds %s: the model is built so", path, zoo.describe_beit_positions(found))
+    if "norm.weight" in state and not {"use_fc_norm", "global_pool"} & set(model_kwargs):
+        # the file's final norm is the per-token one (timm's mean pooling would make it an fc_norm)
+        return {**found, "use_fc_norm": False}
+    return found
+
+
 def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bool = False,
                     allow_key_mismatch: bool = False, return_block: int | None = None,
                     final_norm: bool = False, trust_checkpoint: bool = False, checkpoint_key: str | None = None,
@@ -258,16 +315,22 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     weights from a local file.
 
     A preset reads its family's official file as released (``checkpoint_key`` picks the nesting
-    key, e.g. I-JEPA's ``encoder``). Nothing is downloaded. Without ``checkpoint`` the model is
+    key, e.g. I-JEPA's ``encoder``); a timm ``Beit`` (SimMIM, BEiT-v2, ``beit*``) is built with the
+    file's position layout (:func:`beit_layout_of_file`). Nothing is downloaded. Without ``checkpoint`` the model is
     random when ``random_init``, else this raises (the weights would need the network).
     """
     check_backbone_settings(name, checkpoint, random_init, return_block, model_kwargs, checkpoint_key)
     preset = zoo.get_preset(name)
-    model = build_model(name, **model_kwargs)
+    raw = read_checkpoint(checkpoint, trust_checkpoint) if checkpoint is not None else None
+    build_kwargs = dict(model_kwargs)
+    if raw is not None and is_beit(name):
+        build_kwargs = {**beit_layout_of_file(raw, checkpoint, preset, checkpoint_key, name, model_kwargs),
+                        **model_kwargs}
+    model = build_model(name, **build_kwargs)
     at_init = None
     if checkpoint is not None:
         at_init = load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint,
-                                  preset=preset, key=checkpoint_key)
+                                  preset=preset, key=checkpoint_key, raw=raw)
         norm_at_init = [k for k in at_init if k.startswith("norm.")]
         if final_norm and norm_at_init:
             raise CheckpointError(f"--final-norm: {checkpoint} has no final norm ({', '.join(norm_at_init[:4])} "

@@ -54,8 +54,11 @@ LAYOUTS = {
     "MAE": Layout(
         nesting=("model",), dropped=("decoder", "mask_token", "head.", "fc_norm."), optional=("norm.",),
         text="{'model': ...}; visualize files add decoder_*, mask_token; fine-tuned files fc_norm, head, no norm"),
+    # SimMIM's and BEiT-v2's fine-tuned files pool the mean (fc_norm, no norm) and keep a relative
+    # position bias per block: they load too (the model follows the file's bias layout)
     "SimMIM": Layout(
-        nesting=("model",), prefixes=("module.", "encoder."), dropped=("decoder.", "mask_token", "head."),
+        nesting=("model",), prefixes=("module.", "encoder."), dropped=("decoder.", "mask_token", "head.", "fc_norm."),
+        optional=("norm.",),
         text="{'model': {encoder.*, encoder.mask_token, decoder.0.*}, optimizer, lr_scheduler, config (yacs)}"),
     "MaskFeat": Layout(
         nesting=("model_state",), dropped=("pred_head.", "hogs.", "mask_token", "head."), optional=("norm.",),
@@ -64,6 +67,7 @@ LAYOUTS = {
     "BEiT-v2": Layout(
         nesting=("model", "module"), dropped=("lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.",
                                               "mask_token", "head.", "fc_norm."),
+        optional=("norm.",),
         text="{'model': ..., 'args' (Namespace)}; lm_head.*, cls_pt_layers.*, mask_token; shared rel_pos_bias"),
     "I-JEPA": Layout(
         nesting=("target_encoder", "encoder"), dropped=("predictor.", "mask_token"),
@@ -219,6 +223,14 @@ def _top_keys(raw: dict) -> str:
     return ", ".join(sorted(str(k) for k in raw)[:12])
 
 
+def nesting_hint(raw: dict) -> str:
+    """``"; --checkpoint-key K"`` for each top-level key of ``raw`` that holds a dict of tensors
+    (where the weights of a file no layout expected may sit), else ``""``."""
+    keys = [str(k) for k, v in raw.items()
+            if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())]
+    return f"; the weights may sit under --checkpoint-key {' or --checkpoint-key '.join(keys[:3])}" if keys else ""
+
+
 def map_state(state: dict, layout: Layout) -> dict:
     """The tensors of an un-nested official state dict with ``layout``'s prefixes removed from each
     key and its unused parts dropped (or mapped by the family's own ``convert``)."""
@@ -330,15 +342,20 @@ def fits(preset: Preset | None, family: str | None, beit_model: bool = False) ->
     return preset.family == family
 
 
-def suggest(family: str, raw: dict) -> str:
-    """The preset(s) a file of ``family`` fits, the size picked from its embedding width."""
+def suggest(family: str, raw: dict, exclude: tuple = (), model_width: int | None = None) -> str:
+    """The preset(s) a file of ``family`` fits, the size picked from its embedding width; never one
+    of ``exclude`` (the preset in use). ``model_width``: the width of the model in use, given when
+    the file fits its family: then only a preset of the file's other width is named (none when the
+    widths agree: the mismatch is no matter of which preset)."""
     families = ("SimMIM", "BEiT-v2") if family == "BEiT-style" else (family,)
     width = _width(raw)
+    if model_width is not None and (width is None or width == model_width):
+        return ""
     names = []
     for fam in families:
-        candidates = [p for p in PRESETS.values() if p.family == fam]
+        candidates = [p for p in PRESETS.values() if p.family == fam and p.name not in exclude]
         sized = [p for p in candidates if width is not None and _preset_width(p) == width]
-        names += [p.name for p in (sized or candidates)[:1]]
+        names += [p.name for p in (sized if model_width is not None else sized or candidates)[:1]]
     return " or ".join(f"--model {n}" for n in names) if names else ""
 
 
@@ -355,6 +372,32 @@ _WIDTHS = {"small": 384, "base": 768, "large": 1024, "huge": 1280}
 
 def _preset_width(preset: Preset) -> int:
     return int(preset.kwargs.get("embed_dim", _WIDTHS.get(preset.size, 0)))
+
+
+# --- a BEiT file's position layout ---------------------------------------------------------------
+
+# The timm ``Beit`` arguments that decide which position tensors the model holds.
+BEIT_POSITION_KWARGS = ("use_shared_rel_pos_bias", "use_rel_pos_bias", "use_abs_pos_emb")
+
+
+def beit_positions(state: dict) -> dict:
+    """The timm ``Beit`` position arguments (:data:`BEIT_POSITION_KWARGS`) of the model a mapped
+    state dict was saved from: one relative position bias table shared by all blocks
+    (``rel_pos_bias.relative_position_bias_table``: SimMIM's and BEiT-v2's pretraining files), one
+    table per block (``blocks.N.attn.relative_position_bias_table``: BEiT's fine-tuned files and
+    timm's ``beit_*``), both or neither; an absolute ``pos_embed`` or none."""
+    per_block = any(k.startswith("blocks.") and k.endswith(".attn.relative_position_bias_table") for k in state)
+    return {"use_shared_rel_pos_bias": "rel_pos_bias.relative_position_bias_table" in state,
+            "use_rel_pos_bias": per_block, "use_abs_pos_emb": "pos_embed" in state}
+
+
+def describe_beit_positions(kwargs: dict) -> str:
+    """``kwargs`` of :func:`beit_positions` in words."""
+    tables = [words for flag, words in (("use_shared_rel_pos_bias", "one relative position bias shared by all blocks"),
+                                        ("use_rel_pos_bias", "a relative position bias per block"))
+              if kwargs.get(flag)]
+    return (" and ".join(tables) or "no relative position bias") + (
+        ", an absolute pos_embed" if kwargs.get("use_abs_pos_emb") else ", no absolute pos_embed")
 
 
 # --- the table of `selagg-fast models` -----------------------------------------------------------

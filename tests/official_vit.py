@@ -170,7 +170,9 @@ def official_forward(family: str, state: dict, images: torch.Tensor, *, num_head
     elif family == "ijepa":
         x = x + s["pos_embed"]
     elif family in ("simmim", "beitv2"):
-        x = torch.cat([s["cls_token"].expand(B, -1, -1), x], 1)  # no absolute position embedding
+        x = torch.cat([s["cls_token"].expand(B, -1, -1), x], 1)  # BEiT: an absolute table only where built with one
+        if "pos_embed" in s:
+            x = x + s["pos_embed"]
     else:
         raise ValueError(f"unknown family {family!r}")
 

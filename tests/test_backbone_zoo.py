@@ -351,3 +351,101 @@ def test_presets_are_accepted_wherever_a_model_is():
         BackboneSettings(model="mae_vit_bsae_patch16", random_init=True).check_backbone()
     with pytest.raises(ValueError, match="--checkpoint-key encoder: needs --checkpoint"):
         BackboneSettings(model="ijepa_vit_huge_patch14", random_init=True, checkpoint_key="encoder").check_backbone()
+
+
+# ---------------------------------------------------------------- BEiT: the file's position layout is followed
+
+BEIT_LAYOUTS = {  # timm Beit arguments of the model that saved the file
+    "per-block": dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_abs_pos_emb=False),  # timm's beit_*
+    "shared": dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_abs_pos_emb=False),  # pretraining
+    "per-block-abs": dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_abs_pos_emb=True),
+}
+
+
+def beit_source(layout):
+    """A random timm Beit of ``layout`` (non-trivial tables, layer scales, norms)."""
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, **TINY16,
+                              **BEIT_LAYOUTS[layout]).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def beit_tokens(model, images):
+    """The source model's block outputs: its own blocks, fed as timm's forward_features feeds them."""
+    x = torch.cat([model.cls_token.expand(images.shape[0], -1, -1), model.patch_embed(images)], 1)
+    if model.pos_embed is not None:
+        x = x + model.pos_embed
+    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    for block in model.blocks:
+        x = block(x, shared_rel_pos_bias=shared)
+    return x
+
+
+@pytest.mark.parametrize("name,layout,nesting", [
+    ("beitv2_vit_base_patch16", "per-block", "model"),   # BEiT-v2's fine-tuned release layout
+    ("simmim_vit_base_patch16", "per-block-abs", None),
+    ("beit_base_patch16_224", "shared", None),          # timm's name defaults to per-block tables
+])
+def test_beit_models_follow_the_files_bias_layout(tmp_path, caplog, name, layout, nesting):
+    source = beit_source(layout)
+    state = source.state_dict()
+    torch.save({nesting: state} if nesting else state, tmp_path / "beit.pth")
+    with caplog.at_level("INFO", logger="selagg_fast"):
+        backbone = create_backbone(name, str(tmp_path / "beit.pth"), **TINY16)
+    words = zoo.describe_beit_positions(BEIT_LAYOUTS[layout])
+    assert any(words in r.getMessage() for r in caplog.records), caplog.text
+    m = backbone.model
+    assert (m.rel_pos_bias is not None) == BEIT_LAYOUTS[layout]["use_shared_rel_pos_bias"]
+    assert (m.blocks[0].attn.relative_position_bias_table is not None) == BEIT_LAYOUTS[layout]["use_rel_pos_bias"]
+    assert (m.pos_embed is not None) == BEIT_LAYOUTS[layout]["use_abs_pos_emb"]
+    # the source pools the mean: fc_norm (never used by a token probe: left out), no norm
+    assert_loaded(backbone, {k: v for k, v in state.items() if not k.startswith("fc_norm.")}, ("norm.", "fc_norm."))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), beit_tokens(source, images), rtol=1e-6, atol=1e-6)
+
+
+def test_an_explicit_position_kwarg_against_the_file_is_one_clear_line(tmp_path):
+    torch.save(beit_source("per-block").state_dict(), tmp_path / "beit.pth")
+    with pytest.raises(CheckpointError) as err:
+        create_backbone("beitv2_vit_base_patch16", str(tmp_path / "beit.pth"), use_shared_rel_pos_bias=True,
+                        use_rel_pos_bias=False, **TINY16)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "holds a relative position bias per block, no absolute pos_embed" in msg, msg
+    assert "ask for one relative position bias shared by all blocks" in msg, msg
+    assert '{"use_rel_pos_bias": true, "use_shared_rel_pos_bias": false}' in msg, msg
+    # an explicit value the file agrees with is kept
+    create_backbone("beitv2_vit_base_patch16", str(tmp_path / "beit.pth"), use_rel_pos_bias=True, **TINY16)
+
+
+def test_a_fitting_file_with_a_real_mismatch_names_it_not_the_preset_in_use(tmp_path, monkeypatch):
+    state = beit_source("per-block").state_dict()
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("blocks.1.mlp")}},
+               tmp_path / "partial.pth")
+    for name in ("beitv2_vit_base_patch16", "simmim_vit_base_patch16"):
+        with pytest.raises(CheckpointError, match="missing keys") as err:
+            create_backbone(name, str(tmp_path / "partial.pth"), **TINY16)
+        assert "--model beitv2" not in str(err.value) and "--model simmim" not in str(err.value), str(err.value)
+    # the size of a fitting file still points at the preset of its width, never at the one in use
+    beit_l = {"model": {"cls_token": torch.zeros(1, 1, 1024), "blocks.0.gamma_1": torch.zeros(1024)}}
+    family = zoo.detect_family(beit_l)
+    assert zoo.suggest(family, beit_l, exclude=("beitv2_vit_base_patch16",), model_width=768) == \
+        "--model beitv2_vit_large_patch16"
+    assert zoo.suggest(family, beit_l, exclude=("beitv2_vit_large_patch16",), model_width=1024) == ""
+    assert "beitv2_vit_base" not in zoo.suggest(family, beit_l, exclude=("beitv2_vit_base_patch16",))
+
+
+def test_weights_under_an_unexpected_key_hint_checkpoint_key(tmp_path, capsys):
+    torch.save({"model": source_state("dino_vit_base_patch16"), "epoch": 3}, tmp_path / "nested.pth")
+    path = str(tmp_path / "nested.pth")
+    with pytest.raises(CheckpointError, match=r"no tensors found for dino_vit_base_patch16 .*--checkpoint-key model"):
+        create_backbone("dino_vit_base_patch16", path, **TINY16)
+    backbone = create_backbone("dino_vit_base_patch16", path, checkpoint_key="model", **TINY16)
+    assert_loaded(backbone, source_state("dino_vit_base_patch16"))
+    torch.save({"teacher_ema": source_state("dino_vit_base_patch16")}, tmp_path / "timm.pth")
+    with pytest.raises(CheckpointError, match=r"no tensors found .*--checkpoint-key teacher_ema"):
+        create_backbone("vit_base_patch16_224", str(tmp_path / "timm.pth"), **TINY16)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, requires_kernels, run_cli
+from conftest import DEVICE, KERNELS_RUN, requires_kernels, run_cli
 from official_layouts import PRESETS, make_official_checkpoint
 from official_vit import official_forward
 
@@ -348,6 +348,49 @@ def test_probe_attention_heads_equal_official(case, official, built):
               for i, (h, m) in enumerate(zip(heads, methods))}
     bad = {h: e for h, e in errors.items() if not e <= SELECT_TOL}
     assert not bad, f"{case}: probe head weights off (max abs): {bad}"
+
+
+# BEiT files of the other layouts: a relative position bias per block (BEiT-v2's / SimMIM's fine-tuned
+# releases, timm's beit_*), with or without an absolute pos_embed, and a shared table read by a timm name
+# whose default is per-block tables: the model follows the file.
+BEIT_FILES = [("beitv2_vit_base_patch16", "per-block"), ("simmim_vit_base_patch16", "per-block-abs"),
+              ("beit_base_patch16_224", "shared")]
+
+
+@pytest.mark.parametrize("name,layout", BEIT_FILES, ids=[f"{n}-{lay}" for n, lay in BEIT_FILES])
+def test_beit_file_of_another_bias_layout_equals_official(name, layout, official, tmp_path):
+    from official_layouts import beit_relative_position_index
+
+    from selagg_fast import record_attention_stats
+    from selagg_fast.backbone import create_backbone
+
+    _path, pretrain, images = official(("beitv2_vit_base_patch16", "beitv2"))
+    state = {k: v for k, v in pretrain.items() if not k.startswith("rel_pos_bias.")}
+    table = pretrain["rel_pos_bias.relative_position_bias_table"]
+    g = torch.Generator().manual_seed(4)
+    if layout == "shared":
+        state.update({k: v for k, v in pretrain.items() if k.startswith("rel_pos_bias.")})
+    else:  # each block its own table (the fine-tuning code copies the shared one, then trains each)
+        for i in range(TINY["depth"]):
+            state[f"blocks.{i}.attn.relative_position_bias_table"] = torch.randn(table.shape, generator=g)
+            state[f"blocks.{i}.attn.relative_position_index"] = beit_relative_position_index((4, 4))
+    if layout.endswith("abs"):
+        state["pos_embed"] = torch.randn(1, 17, TINY["embed_dim"], generator=g) * 0.5
+    path = str(tmp_path / "beit.pth")
+    torch.save({"model": state} if name in PRESETS else state, path)
+    fwd = official_forward("beitv2", state, images, num_heads=TINY["num_heads"])
+    backbone = create_backbone(name, path, img_size=64, **TINY)
+    with torch.no_grad():
+        err = _rel(backbone.double()(images), fwd.tokens)
+    assert err < TOKEN_TOL, f"{name} from a {layout} file: tokens differ from the official forward by {err:.3g}"
+    if not KERNELS_RUN:
+        return
+    with torch.no_grad(), record_attention_stats(backbone.model.float().to(DEVICE)) as rec:
+        backbone(images.float().to(DEVICE))
+    summary = rec.summary()
+    bad = {k: (summary[k].double().cpu() - ref).abs().max().item() for k, ref in official_statistics(fwd).items()
+           if (summary[k].double().cpu() - ref).abs().max().item() > STATS_TOL}
+    assert not bad, f"{name} from a {layout} file: statistics off (max abs difference per column): {bad}"
 
 
 # ---------------------------------------------------------------- the CLI on each tiny preset

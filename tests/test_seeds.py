@@ -1,5 +1,6 @@
 """--seeds: every (head, lr) pair once per seed in one run; a cache run equals one run per seed."""
 import json
+import os
 import statistics
 
 import numpy as np
@@ -28,10 +29,27 @@ def _write_images(root, classes=4, train=12, val=4):
     return str(root)
 
 
+_BACKBONE = {}
+
+
+def _backbone_file() -> str:
+    """A saved tiny ViT: a backbone that is the same whatever the run's seed (a --random-init one
+    is drawn from the seed, so runs of other seeds would probe other backbones)."""
+    if "path" not in _BACKBONE:
+        import tempfile
+        import timm
+        torch.manual_seed(1234)
+        path = os.path.join(tempfile.mkdtemp(prefix="selagg_seeds_"), "tiny_vit.pth")
+        torch.save(timm.create_model("vit_tiny_patch16_224", **TINY).state_dict(), path)
+        _BACKBONE["path"] = path
+    return _BACKBONE["path"]
+
+
 def _config(data, out, cache=None, **overrides) -> ProbeConfig:
     # an imagefolder, not --data synthetic: generated images follow the run's (first) seed, so
     # runs of different seeds would read different images and caches
-    cfg = dict(model="vit_tiny_patch16_224", random_init=True, model_kwargs=TINY, data=data, heads="avg,selective",
+    cfg = dict(model="vit_tiny_patch16_224", checkpoint=_backbone_file(), model_kwargs=TINY, data=data,
+               heads="avg,selective",
                lrs="0.5,2.0", optimizer="sgd", epochs=2, warmup_epochs=1, batch_size=16, workers=0,
                output_dir=str(out), progress=False, device="cpu", augment=False, cache_features=cache,
                cache_dtype="fp32")
@@ -164,7 +182,7 @@ def test_two_process_seeds_from_a_cache_equal_one_process(seeded_run, tmp_path):
     # under torchrun each seed's cache order is sharded over the processes: 2 x batch 8 = 1 x batch 16
     from conftest import run_cli
     data, cache, multi, results = seeded_run
-    run_cli(["probe", "--model", "vit_tiny_patch16_224", "--random-init", "--model-kwargs", json.dumps(TINY),
+    run_cli(["probe", "--model", "vit_tiny_patch16_224", "--checkpoint", _backbone_file(), "--model-kwargs", json.dumps(TINY),
              "--data", data, "--heads", "avg,selective", "--lrs", "0.5,2.0", "--optimizer", "sgd", "--epochs", "2",
              "--warmup-epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress", "--device", "cpu",
              "--no-augment", "--cache-features", cache, "--cache-dtype", "fp32", "--seeds", "0,1,2",
@@ -186,6 +204,7 @@ def test_a_random_init_backbone_of_another_seed_extracts_its_own_cache(tmp_path)
     data, cache = _write_images(tmp_path / "data", classes=2, train=4, val=2), str(tmp_path / "cache")
     for seed in (0, 1):
         run_probe(_config(data, tmp_path / f"s{seed}", cache, seed=seed, epochs=1, warmup_epochs=0, heads="avg",
+                          checkpoint=None, random_init=True,
                           batch_size=4, lrs="1.0"))
     stores = sorted(d.name.split("-")[0] for d in (tmp_path / "cache").iterdir())
     assert stores == ["train", "train", "val", "val"]

@@ -378,6 +378,9 @@ def test_resume_with_only_the_folder_continues_the_run_as_started(tmp_path, caps
     config = json.loads((out / "config.json").read_text())
     for key in ("model", "model_kwargs", "random_init", "data", "heads", "lrs", "batch_size", "epochs", "seed"):
         assert config[key] == first[key], key
-    capsys.readouterr()
-    code = main(["probe", "--resume", "--output-dir", str(out), "--lrs", "0.5", "--device", "cpu"])
-    _one_line_error(capsys, code, ["different settings: --lrs '0.5,2.0' then, '0.5' now"])
+    for changed, expected in ((["--lrs", "0.5"], "--lrs '0.5,2.0' then, '0.5' now"),
+                              (["--seed", "5"], "--seed 0 then, 5 now"),
+                              (["--synthetic-train-size", "64"], "--synthetic-train-size 32 then, 64 now")):
+        capsys.readouterr()
+        code = main(["probe", "--resume", "--output-dir", str(out), *changed, "--device", "cpu"])
+        _one_line_error(capsys, code, ["different settings: " + expected])

@@ -131,7 +131,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--selector-model-kwargs", type=json_object, default={},
                    help="JSON object overriding --selector-model's architecture arguments")
     g = p.add_argument_group("k-NN (DINO's weighted vote on the linear probe's representation)")
-    g.add_argument("--knn", action="store_true",
+    g.add_argument("--knn", action=argparse.BooleanOptionalAction, default=d.knn,
                    help="also report weighted k-NN top-1/top-5 of [cls] (the patch mean without [cls]), raw and "
                         "after the backbone's final norm, for every --knn-k x --knn-temperatures in one pass; "
                         "features from --cache-features, else one validation-transform pass before training")
@@ -171,6 +171,8 @@ def config_from_args(args) -> ProbeConfig:
     saved = _saved_config(values["output_dir"]) if values.get("resume") and hasattr(args, "argv") else None
     if saved:
         given = _given_flags(args.argv)
+        if given & {"seed", "seeds"}:  # either one given anew replaces the run's seed choice whole
+            given |= {"seed", "seeds"}
         values.update({k: v for k, v in saved.items() if k in fields and k not in given and k not in _PER_INVOCATION})
     return ProbeConfig(**values)
 

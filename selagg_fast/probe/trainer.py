@@ -121,6 +121,7 @@ _RESUME_KEYS = ("model", "checkpoint", "checkpoint_key", "return_block", "final_
                 "dataset", "train_list",
                 "heads", "lrs", "optimizer", "protocol", "epochs", "warmup_epochs", "batch_size", "accum_iter",
                 "momentum", "weight_decay", "augment", "precision", "seed", "seeds", "cache_features", "cache_dtype",
+                "synthetic_train_size", "synthetic_val_size", "synthetic_classes",
                 "selector_model", "selector_checkpoint", "selector_checkpoint_key", "selector_model_kwargs")
 # What a saved config without the key ran with (runs saved before the key existed).
 _SAVED_BEFORE = {"protocol": "mae", "selector_model_kwargs": {}, "dataset": "imagefolder", "checkpoint_key": None,
@@ -443,6 +444,15 @@ def _changed_settings(old: dict, cfg: ProbeConfig) -> list:
     return changed
 
 
+def _saved_world_size(out: str) -> int | None:
+    """The process count config.json records (checkpoints written before they recorded it)."""
+    try:
+        with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+            return int(json.load(f)["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _resume(run: _Run, saved: dict | None) -> tuple:
     """Load the saved heads and optimizer into ``run``; returns (first epoch to run, last results)."""
     if saved is None:
@@ -453,8 +463,8 @@ def _resume(run: _Run, saved: dict | None) -> tuple:
         raise ValueError(f"--resume: {cfg.output_dir} was started with different settings: {'; '.join(changed)}")
     # the global batch (and with it each pair's peak lr and the epoch's batches) follows the process
     # count: another count would continue a different run
-    then_procs, now_procs = saved.get("world_size", run.dist.world_size), run.dist.world_size
-    if then_procs != now_procs:
+    then_procs, now_procs = saved.get("world_size", _saved_world_size(cfg.output_dir)), run.dist.world_size
+    if then_procs is not None and then_procs != now_procs:
         per_step = cfg.batch_size * cfg.accum_iter
         raise ValueError(f"--resume: {cfg.output_dir} ran on {then_procs} process(es) (global batch "
                          f"{per_step * then_procs}), this run has {now_procs} (global batch {per_step * now_procs}); "

@@ -10,6 +10,7 @@ import pytest
 from conftest import DEVICE, run_cli
 
 from selagg_fast.cli import main
+from selagg_fast.probe.report import run_row
 
 TINY = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}'
 
@@ -42,11 +43,17 @@ def _variant(src, dst, config=None, results=None):
 
 
 def _as_paper_run(src, dst, **config):
-    """Run ``src`` as the paper's would record it: the preset's own architecture from its file."""
+    """Run ``src`` as the paper's would record it: the preset's own architecture from its file,
+    trained with the table's protocol (Table 1: LARS, batch 1024, 90 epochs; Table 2: SGD, batch
+    1024, 3 seeds)."""
     original = json.loads((src / "config.json").read_text())
     backbone = {**original["backbone"], "img_size": 224}
+    table2 = config.get("dataset") == "cub200" or config.get("train_list")
+    protocol = dict(optimizer="sgd", effective_batch=1024, seeds=[0, 1, 2], epochs=1) if table2 else \
+        dict(optimizer="lars", effective_batch=1024, epochs=90)
     return _variant(src, dst, {**dict(checkpoint="/ckpt/mae_pretrain_vit_base.pth", random_init=False, model_kwargs={},
-                                      data="/data/imagenet", backbone=backbone), **config})
+                                      data="/data/imagenet", backbone=backbone), **protocol, **config},
+                    results=dict(epochs_done=protocol["epochs"]))
 
 
 def _md_row(out, run):
@@ -115,7 +122,6 @@ def test_report_refuses_a_folder_without_a_run(runs, tmp_path, capsys):
 
 def test_no_paper_numbers_for_a_file_that_is_not_the_papers(runs, tmp_path):
     # MAE's fine-tuned release loads with its final norm at init: not the paper's pretrained file
-    from selagg_fast.probe.report import run_row
     _, a, _ = runs
     paper_run = _as_paper_run(a, tmp_path / "mae")
     assert run_row(str(paper_run))["paper_selective"] == 71.6
@@ -164,7 +170,7 @@ def test_paper_numbers_beside_the_runs_they_describe(runs, tmp_path):
     (dict(config=dict(train_list="/data/10percent.txt")),
      "--train-list subset (not ImageNet-1k, nor the 12,811-image ImageNet-1%)"),
     (dict(config=dict(final_norm=True)), "--final-norm (the paper probes without it)"),
-    (dict(config=dict(epochs=3)), "unfinished (epoch 1 of 3)"),
+    (dict(results=dict(epochs_done=1)), "unfinished (epoch 1 of 90)"),
 ])
 def test_no_paper_numbers_for_a_run_they_do_not_describe(runs, tmp_path, change, reason):
     _, a, _ = runs
@@ -177,8 +183,8 @@ def test_no_paper_numbers_for_a_run_they_do_not_describe(runs, tmp_path, change,
     assert [csv_row[k] for k in ("paper_dataset", "paper_linear", "paper_selective", "paper_ap12")] == [""] * 4
     assert csv_row["notes"] == row["notes"]
     if "unfinished" in reason:
-        assert row["epochs"] == csv_row["progress"] == "epoch 1 of 3 (unfinished)"
-        assert (csv_row["epochs_done"], csv_row["epochs"]) == ("1", "3")
+        assert row["epochs"] == csv_row["progress"] == "epoch 1 of 90 (unfinished)"
+        assert (csv_row["epochs_done"], csv_row["epochs"]) == ("1", "90")
 
 
 def test_every_head_carries_its_std_over_seeds(tmp_path):
@@ -196,3 +202,29 @@ def test_every_head_carries_its_std_over_seeds(tmp_path):
         assert row[column].startswith(f"[{mean:.1f} ± {std:.1f}](")
         assert float(csv_row[f"{csv_name}_top1"]) == pytest.approx(mean)
         assert float(csv_row[f"{csv_name}_top1_std"]) == pytest.approx(std)
+
+
+def test_a_resumed_run_shows_the_command_that_started_it(runs, tmp_path):
+    # `probe --resume --output-dir DIR` alone takes its settings from the first command: that one is shown
+    _, a, _ = runs
+    run = tmp_path / "resumed"
+    shutil.copytree(a, run)
+    config = json.loads((run / "config.json").read_text())
+    first = config["command"]
+    config.update(command=f"selagg-fast probe --resume --output-dir {run}",
+                  commands=[first, f"selagg-fast probe --resume --output-dir {run}"])
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["report", str(run), "--output", str(tmp_path / "r.md")]) == 0
+    assert _csv_rows(tmp_path / "r.md")["resumed"]["command"] == first + "  (then 1 x --resume)"
+
+
+def test_paper_numbers_say_where_the_protocol_differs(runs, tmp_path):
+    # the numbers describe the backbone; a run trained otherwise than the table says how
+    _, a, _ = runs
+    run = _as_paper_run(a, tmp_path / "short", epochs=1, effective_batch=32)
+    row = run_row(str(run))
+    assert row["paper_selective"] == 71.6
+    assert row["notes"] == "protocol differs from the paper's: global batch 32 (paper: 1024), --epochs 1 (paper: 90)"
+    cub = run_row(str(_as_paper_run(a, tmp_path / "cub", dataset="cub200", seeds=None, optimizer="lars")))
+    assert cub["paper_selective"] == 65.9
+    assert cub["notes"] == "protocol differs from the paper's: --optimizer lars (paper: sgd), seeds 1 (paper: 3)"

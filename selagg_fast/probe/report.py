@@ -115,6 +115,25 @@ def _differences(config: dict, preset) -> tuple:
     return reasons, notes
 
 
+# The training protocol behind each table: Table 1 / 6 the paper's linear-probing protocol (App. B.2,
+# ProbeConfig's defaults), Table 2 SGD at batch 1024, the mean of 3 seeds.
+_TABLE_PROTOCOL = {
+    "ImageNet-1k": dict(optimizer="lars", effective_batch=1024, epochs=90),
+    "ImageNet-1%": dict(optimizer="sgd", effective_batch=1024, seeds=3),
+    "CUB-200": dict(optimizer="sgd", effective_batch=1024, seeds=3),
+}
+
+
+def _protocol_notes(config: dict, table: str) -> list:
+    """Where the run's training differs from the protocol of the paper's table: said beside its numbers."""
+    ran = dict(optimizer=config.get("optimizer"), effective_batch=config.get("effective_batch"),
+               epochs=config.get("epochs"), seeds=len(config.get("seeds") or [config.get("seed")]))
+    names = dict(optimizer="--optimizer", effective_batch="global batch", epochs="--epochs", seeds="seeds")
+    differs = [f"{names[k]} {ran[k]} (paper: {v})" for k, v in _TABLE_PROTOCOL[table].items()
+               if ran[k] is not None and ran[k] != v]
+    return ["protocol differs from the paper's: " + ", ".join(differs)] if differs else []
+
+
 def _paper(results: dict, config: dict) -> tuple:
     """The paper's numbers that describe the run: (dataset, linear, Selective, AP-12, notes).
 
@@ -149,7 +168,17 @@ def _paper(results: dict, config: dict) -> tuple:
         reasons.append(f"the paper prints none for {model} on {table[0]}")
     if reasons or table is None:
         return None, None, None, None, ["no paper numbers: " + "; ".join(reasons)]
-    return (*table, notes)
+    return (*table, notes + _protocol_notes(config, table[0]))
+
+
+def _started_by(config: dict) -> str | None:
+    """The command that started the run (a ``--resume`` alone takes its settings from it), with
+    the number of resumed invocations after it."""
+    commands = config.get("commands") or ([config["command"]] if config.get("command") else [])
+    if not commands:
+        return None
+    more = len(commands) - 1
+    return commands[0] + (f"  (then {more} x --resume)" if more else "")
 
 
 def run_row(run_dir: str) -> dict:
@@ -185,7 +214,7 @@ def run_row(run_dir: str) -> dict:
         paper_dataset=paper_dataset, paper_linear=paper_linear, paper_selective=paper_selective,
         paper_ap12=paper_ap, notes="; ".join(notes) or None,
         seeds=",".join(map(str, seeds)) if seeds else None,
-        results_json=os.path.abspath(os.path.join(run_dir, "results.json")), command=config.get("command"),
+        results_json=os.path.abspath(os.path.join(run_dir, "results.json")), command=_started_by(config),
         _present=dict(linear=linear_head in best, selective="selective" in best, ap=ap_head is not None,
                       ep=ep_head is not None, knn=k is not None))
 

@@ -367,11 +367,13 @@ def _width(raw: dict) -> int | None:
     return None
 
 
-_WIDTHS = {"small": 384, "base": 768, "large": 1024, "huge": 1280}
+# The ViT architecture of each preset size (a preset's own kwargs take precedence: MoCo-v3's ViT-S).
+SIZES = {"small": dict(embed_dim=384, depth=12, num_heads=6), "base": dict(embed_dim=768, depth=12, num_heads=12),
+         "large": dict(embed_dim=1024, depth=24, num_heads=16), "huge": dict(embed_dim=1280, depth=32, num_heads=16)}
 
 
 def _preset_width(preset: Preset) -> int:
-    return int(preset.kwargs.get("embed_dim", _WIDTHS.get(preset.size, 0)))
+    return int(preset.kwargs.get("embed_dim", SIZES.get(preset.size, {}).get("embed_dim", 0)))
 
 
 # --- a BEiT file's position layout ---------------------------------------------------------------

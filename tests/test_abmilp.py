@@ -219,7 +219,9 @@ def test_multi_branch_equals_single_branches():
 
 @requires_kernels
 def test_scalar_bias_serves_every_branch():
-    # a scalar bias is each branch's: the same as that value repeated, and its gradient their sum
+    # a scalar bias is each branch's (the Triton launch took it as [K] and crashed). A bias shifts
+    # every token's score of a branch alike, so the softmax over tokens hides it: the output equals
+    # the float64 pooling, and the bias's gradient, summed over the branches, is zero
     x, w, _ = make_inputs(2, 12, 20, 3, torch.float32)
     b = torch.tensor(0.7, device=DEVICE, requires_grad=True)
     w.requires_grad_(True)

@@ -37,6 +37,11 @@ def load_partial(path: str, settings: dict) -> dict:
         raise ValueError(f"--resume: {path} holds no run settings; move it away or choose another --output-dir")
     saved = {k: absolute_path(v, keep=("synthetic",) if k == "data" else ()) if k in _PATH_SETTINGS else v
              for k, v in saved.items()}
+    if isinstance(saved.get("selector"), list) and len(saved["selector"]) > 1:  # [model, checkpoint, kwargs, ...]
+        saved["selector"] = [saved["selector"][0], absolute_path(saved["selector"][1], keep=()), *saved["selector"][2:]]
+    if "random_init_seed" in settings and "random_init_seed" not in saved:
+        # sums saved before the seed was recorded: their random backbone's seed is unknown, taken as this one
+        saved["random_init_seed"] = settings["random_init_seed"]
     if saved != settings:
         changed = [f"{k} {saved.get(k)!r} then, {settings.get(k)!r} now"
                    for k in list(settings) + [k for k in saved if k not in settings] if saved.get(k) != settings.get(k)]

@@ -303,11 +303,15 @@ class TokenStore:
             _write_rows(os.path.join(self.path, name), at, values)
         _write_rows(os.path.join(self.path, "done.bin"), np.array([batch]), np.ones(1, dtype=np.uint8))
 
+    def _valid_now(self) -> np.ndarray:
+        # read afresh, as complete(): other machines' flags of this store, never a stale mapped page
+        return np.fromfile(os.path.join(self.path, "valid.bin"), dtype=np.uint8)
+
     def valid_indices(self) -> np.ndarray:
-        return np.flatnonzero(np.asarray(self.valid) == 1)
+        return np.flatnonzero(self._valid_now() == 1)
 
     def num_unreadable(self) -> int:
-        return int(np.count_nonzero(np.asarray(self.valid) == 2))
+        return int(np.count_nonzero(self._valid_now() == 2))
 
     def batches(self, batches: list) -> "CachedBatches":
         return CachedBatches(self.path, self.dtype, self.tokens.shape, self.labels, batches,

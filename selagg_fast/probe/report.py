@@ -20,7 +20,7 @@ import os
 import re
 
 from ..files import atomic_write, check_writable
-from ..zoo import get_preset
+from ..zoo import SIZES, get_preset
 
 # The paper's Table 6 (AP, 12 heads; ImageNet-1k top-1) per preset; Table 1 comes from the zoo.
 PAPER_AP12 = {
@@ -41,10 +41,6 @@ PAPER_CUB = {
     "capi_vit_large_patch14": (25.9, 79.7),
 }
 IN1PCT_TRAIN_IMAGES = 12811  # the standard ImageNet-1% split file's length
-# The ViT architecture of each preset size (a preset's own kwargs take precedence: MoCo-v3's ViT-S);
-# depth is also the probed block when the preset names none (the last).
-_SIZES = {"small": dict(embed_dim=384, depth=12, num_heads=6), "base": dict(embed_dim=768, depth=12, num_heads=12),
-          "large": dict(embed_dim=1024, depth=24, num_heads=16), "huge": dict(embed_dim=1280, depth=32, num_heads=16)}
 # --model-kwargs keys that leave the architecture (hence the paper's numbers) as it is.
 _SAME_ARCH_KEYS = {"img_size"}
 
@@ -96,13 +92,13 @@ def _differences(config: dict, preset) -> tuple:
         reasons.append("not the paper's file of the preset (no final norm: MAE's fine-tuned release)")
     kwargs = config.get("model_kwargs") or {}
     patch = re.search(r"patch(\d+)", preset.name)
-    own = {**_SIZES.get(preset.size, {}), **({"patch_size": int(patch.group(1))} if patch else {}), **preset.kwargs}
+    own = {**SIZES.get(preset.size, {}), **({"patch_size": int(patch.group(1))} if patch else {}), **preset.kwargs}
     changed = {k: v for k, v in kwargs.items() if k not in _SAME_ARCH_KEYS and own.get(k, object()) != v}
     if changed:
         reasons.append("architecture changed (--model-kwargs " + ", ".join(f"{k}={v}" for k, v in changed.items())
                        + ")")
     probed = config.get("return_block")
-    paper_block = preset.block or own.get("depth")
+    paper_block = preset.block or own.get("depth")  # a preset naming no block probes the last
     if probed is not None and probed != paper_block:
         reasons.append(f"--return-block {probed} (paper: block {paper_block or 'the last'})")
     if config.get("final_norm"):

@@ -197,7 +197,8 @@ def test_undefined_values_are_warned_plotted_as_gaps_and_tabled_as_nan(tmp_path,
     (tmp_path / "sink" / "stats.json").write_text(json.dumps(stats))
     with Image.open(plot_runs([folder], str(tmp_path / "sink.png"))) as img:
         assert img.size[0] >= 1000
-    rows = format_stats(stats).splitlines()[1:]
+    header, *rows = format_stats(stats).splitlines()
+    assert header.split()[1:] == list(stats["metrics"])  # whole metric names
     column = list(stats["metrics"]).index("pos_self_attention_adj_for_cls") + 1
     assert [r.split()[column] for r in rows] == [f"{table[0][0]:.4f}", f"{sum(table[1]) / 2:.4f}", "nan"]
     with caplog.at_level(logging.WARNING, logger="selagg_fast"):

@@ -209,10 +209,11 @@ def format_stats(stats: dict) -> str:
     """Mean over heads of every metric per block, as a small table: over the heads whose value is
     defined (null in stats.json is left out, as in the plot), ``nan`` when none is."""
     metrics = list(stats["metrics"])
-    lines = ["block " + " ".join(f"{m[:22]:>22}" for m in metrics)]
+    widths = [max(10, len(m)) for m in metrics]  # whole names: cls_cls_attention_adj_for_cls is 29
+    lines = ["block " + " ".join(f"{m:>{w}}" for m, w in zip(metrics, widths))]
     for li, block in enumerate(stats["blocks"]):
         vals = [_mean([math.nan if v is None else v for v in stats["metrics"][m][li]]) for m in metrics]
-        lines.append(f"{block:>5} " + " ".join(f"{v:>22.4f}" for v in vals))
+        lines.append(f"{block:>5} " + " ".join(f"{v:>{w}.4f}" for v, w in zip(vals, widths)))
     return "\n".join(lines)
 
 

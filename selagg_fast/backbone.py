@@ -226,6 +226,7 @@ class Backbone(nn.Module):
                 block.attn.fused_attn = True  # SDPA / flash attention for the frozen forward
         self.model = model.eval().requires_grad_(False)
         self.final_norm = final_norm
+        self.inferred_kwargs = {}  # create_backbone: architecture arguments read from the checkpoint
         layout = token_layout(model)
         img = model.patch_embed.img_size
         self.info = BackboneInfo(
@@ -345,8 +346,11 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
         log.info("%s: the paper probes block %d (--return-block %d); probing the last block",
                  name, preset.block, preset.block)
     final_norm_loaded = checkpoint is None or not any(k.startswith("norm.") for k in at_init or ())
-    return Backbone(model, name, return_block=return_block, final_norm=final_norm,
-                    final_norm_loaded=final_norm_loaded)
+    backbone = Backbone(model, name, return_block=return_block, final_norm=final_norm,
+                        final_norm_loaded=final_norm_loaded)
+    # a BEiT file's position layout, read rather than given: a feature cache is keyed by it too
+    backbone.inferred_kwargs = {k: v for k, v in build_kwargs.items() if model_kwargs.get(k, object()) != v}
+    return backbone
 
 
 def check_backbone_settings(name: str, checkpoint: str | None, random_init: bool, return_block: int | None,

@@ -406,6 +406,11 @@ def test_beit_models_follow_the_files_bias_layout(tmp_path, caplog, name, layout
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(backbone(images), beit_tokens(source, images), rtol=1e-6, atol=1e-6)
+    # what was read from the file, not given: a feature cache of this backbone is keyed by it
+    inferred = backbone.inferred_kwargs
+    assert {k: inferred[k] for k in BEIT_LAYOUTS[layout]} == BEIT_LAYOUTS[layout]
+    given = create_backbone(name, str(tmp_path / "beit.pth"), **{**TINY16, **BEIT_LAYOUTS[layout]})
+    assert not set(given.inferred_kwargs) & set(BEIT_LAYOUTS[layout])
 
 
 def test_an_explicit_position_kwarg_against_the_file_is_one_clear_line(tmp_path):

@@ -97,6 +97,9 @@ class TokenSource:
                 settings["dataset"] = cfg.dataset
             if cfg.random_init:  # a random backbone is the seed's: another seed's tokens are other tokens
                 settings["random_init_seed"] = cfg.seed
+            inferred = self.backbone.inferred_kwargs
+            if inferred:  # read from the checkpoint (a BEiT file's position layout): part of the model
+                settings["inferred_kwargs"] = inferred
             if self.selection is not None:  # the cached weights' methods and selector
                 settings["attention_weights"] = cache_settings(cfg, self.selection.methods)
             store = open_store(cfg.cache_features, settings, dataset, tuple(probe.shape[1:]), cfg.cache_dtype,

@@ -131,6 +131,9 @@ def test_compare_end_to_end(probe_run, tmp_path, monkeypatch):
         assert on_disk["per_method"][trained]["top1"] is not None
     assert on_disk["per_method"]["cls_attn"]["top1"] is None and on_disk["omitted_methods"] == []
     assert result["kl"] == on_disk["kl"]
+    # maps.png's 4 examples: the first image of each of the 3 batches, the last batch's second too
+    saved = torch.load(out / "partial.rank0.pt", map_location="cpu", weights_only=True)["examples"]
+    assert saved["images"].shape == (4, 3, 32, 32) and saved["weights"].shape == (4, 5, 16)
     with pytest.raises(FileExistsError, match="--resume"):
         run_compare(_config(root, out, data=str(data)))
     # interrupted after two batches (saved every batch), then resumed: the same sums
@@ -227,3 +230,10 @@ def test_a_selector_head_left_out_for_want_of_its_selector_is_said(tmp_path, cap
                                            device=DEVICE, precision="fp32", examples=0))
     assert "external_cls_attn" not in result["methods"]
     assert "external_cls_attn (trained by the probe) is left out" in caplog.text and "--selector-model" in caplog.text
+
+
+def test_examples_are_spread_over_the_pass():
+    from selagg_fast.analysis.compare import _spread
+    assert _spread(10, 4) == {0: 1, 2: 1, 5: 1, 7: 1}  # one image each from batches across the pass
+    assert _spread(3, 4) == {0: 1, 1: 1, 2: 2} and _spread(1, 4) == {0: 4}
+    assert _spread(0, 4) == {} and _spread(5, 0) == {}

@@ -184,6 +184,17 @@ def choose_methods(requested: str | None, has_cls: bool, selector: bool, trained
     return methods, []
 
 
+def _spread(batches: int, count: int) -> dict:
+    """``{batch position: images to take}``: ``count`` example images from ``batches`` batches, one
+    per batch at evenly spaced positions (the rest from the last pick when batches are fewer)."""
+    if batches == 0 or count == 0:
+        return {}
+    positions = sorted({i * batches // count for i in range(count)})
+    picks = dict.fromkeys(positions, 1)
+    picks[positions[-1]] += count - len(positions)
+    return picks
+
+
 def _examples_figure(path: str, images: torch.Tensor, weights: torch.Tensor, methods: list, grid) -> str:
     import matplotlib
     matplotlib.use("Agg")
@@ -334,7 +345,7 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
                     + ([cfg.selector_checkpoint_key] if cfg.selector_checkpoint_key else []),
                     precision="bf16" if use_bf16 else "fp32")
     sums = DivergenceSums(len(methods), device)
-    examples = {}  # the first batch's images and weights, for maps.png (saved with the sums)
+    examples = {}  # images and weights for maps.png (saved with the sums)
 
     def load(saved):
         sums.load_state_dict(saved["sums"])
@@ -344,14 +355,19 @@ def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:
                       resume=cfg.resume, state=lambda: dict(sums=sums.state_dict(), examples=examples or None),
                       load=load, workers=cfg.workers, save_every=cfg.save_every, desc=f"compare {info.name}",
                       progress=cfg.progress)
-    for images in pass_.batches():
+    # the examples: the first image of batches spread over the pass (a class-sorted folder's first
+    # batch would show one class only), more of a batch's images when the batches are fewer
+    picks = _spread(len(pass_.todo), cfg.examples) if dist_info.is_main and not examples else {}
+    for n, images in enumerate(pass_.batches()):
         images = images.to(device, non_blocking=True)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             weights = compute(images)
         sums.update(weights)
-        if not examples and dist_info.is_main and cfg.examples:
-            k = min(cfg.examples, len(images))
-            examples.update(images=images[:k].float().cpu(), weights=weights[:k].float().cpu())
+        if n in picks:
+            k = min(picks[n], len(images))
+            new = dict(images=images[:k].float().cpu(), weights=weights[:k].float().cpu())
+            for key, value in new.items():
+                examples[key] = torch.cat([examples[key], value]) if key in examples else value
     unreadable = pass_.unreadable
     count = torch.tensor([float(unreadable)], dtype=torch.float64, device=device)
     all_reduce_sum(count)

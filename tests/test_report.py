@@ -49,8 +49,9 @@ def _as_paper_run(src, dst, **config):
     original = json.loads((src / "config.json").read_text())
     backbone = {**original["backbone"], "img_size": 224}
     table2 = config.get("dataset") == "cub200" or config.get("train_list")
-    protocol = dict(optimizer="sgd", effective_batch=1024, seeds=[0, 1, 2], epochs=1) if table2 else \
-        dict(optimizer="lars", effective_batch=16384, epochs=90)
+    training = dict(augment=True, weight_decay=0.0, warmup_epochs=10.0)
+    protocol = dict(optimizer="sgd", effective_batch=1024, seeds=[0, 1, 2], epochs=1, **training) if table2 else \
+        dict(optimizer="lars", effective_batch=16384, epochs=90, momentum=0.9, **training)
     return _variant(src, dst, {**dict(checkpoint="/ckpt/mae_pretrain_vit_base.pth", random_init=False, model_kwargs={},
                                       data="/data/imagenet", backbone=backbone), **protocol, **config},
                     results=dict(epochs_done=protocol["epochs"]))
@@ -115,7 +116,7 @@ def test_report_rows_link_results_and_commands(runs):
 def test_report_refuses_a_folder_without_a_run(runs, tmp_path, capsys):
     root, a, _ = runs
     assert main(["report", str(a), str(tmp_path), "--output", str(tmp_path / "r.md")]) == 2
-    assert "no results.json" in capsys.readouterr().err
+    assert "no config.json (not a `selagg-fast probe` output folder)" in capsys.readouterr().err
     assert main(["report", str(a), "--output", str(tmp_path / "r.txt")]) == 2
     assert "ending in .md" in capsys.readouterr().err
 
@@ -148,7 +149,9 @@ def test_paper_numbers_beside_the_runs_they_describe(runs, tmp_path):
     assert main(["report", str(paper), str(cub), str(big), str(in1pct), "--output", str(out)]) == 0
     row, csv_rows = _md_row(out, "paper_run"), _csv_rows(out)
     # MAE ViT-B: Table 1 [cls] and Selective, Table 6 AP-12 (ImageNet-1k)
-    assert row["dataset"] == "imagefolder" and row[PAPER_COL] == "67.8 / 71.6 / 75.4" and row["notes"] == ""
+    # (the run's AP has 2 heads: the paper's AP-12 is not set beside it)
+    assert row["dataset"] == "imagefolder" and row[PAPER_COL] == "67.8 / 71.6 / –"
+    assert row["notes"] == "paper AP-12 not shown beside ap2"
     assert (csv_rows["paper_run"]["paper_dataset"], csv_rows["paper_run"]["paper_linear"]) == ("ImageNet-1k", "67.8")
     # CUB-200: Table 2 (standard [cls], Selective); the paper has no CUB AP
     assert _md_row(out, "paper_cub")[PAPER_COL] == "45.8 / 65.9 / – (CUB-200)"
@@ -156,8 +159,8 @@ def test_paper_numbers_beside_the_runs_they_describe(runs, tmp_path):
     # ImageNet-1% (the standard split's 12,811 training images): Table 2
     assert _md_row(out, "paper_in1pct")[PAPER_COL] == "39.1 / 48.3 / – (ImageNet-1%)"
     # another resolution keeps them, and says so
-    assert _md_row(out, "paper_448")[PAPER_COL] == "67.8 / 71.6 / 75.4"
-    assert _md_row(out, "paper_448")["notes"] == "img_size 448 (the paper's: 224)"
+    assert _md_row(out, "paper_448")[PAPER_COL] == "67.8 / 71.6 / –"
+    assert _md_row(out, "paper_448")["notes"] == "img_size 448 (the paper's: 224); paper AP-12 not shown beside ap2"
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -224,7 +227,38 @@ def test_paper_numbers_say_where_the_protocol_differs(runs, tmp_path):
     run = _as_paper_run(a, tmp_path / "short", epochs=1, effective_batch=32)
     row = run_row(str(run))
     assert row["paper_selective"] == 71.6
-    assert row["notes"] == "protocol differs from the paper's: global batch 32 (paper: 16384), --epochs 1 (paper: 90)"
+    assert row["notes"] == ("protocol differs from the paper's: global batch 32 (paper: 16384), --epochs 1 (paper: 90); "
+                            "paper AP-12 not shown beside ap2")
     cub = run_row(str(_as_paper_run(a, tmp_path / "cub", dataset="cub200", seeds=None, optimizer="lars")))
     assert cub["paper_selective"] == 65.9
     assert cub["notes"] == "protocol differs from the paper's: --optimizer lars (paper: sgd), seeds 1 (paper: 3)"
+
+
+def test_paper_numbers_note_every_difference_of_training_and_block(runs, tmp_path):
+    _, a, _ = runs
+    run = _as_paper_run(a, tmp_path / "recipe", augment=False, weight_decay=0.05, warmup_epochs=0.0, momentum=0.5)
+    assert run_row(str(run))["notes"] == ("protocol differs from the paper's: --momentum 0.5 (paper: 0.9), "
+                                          "--weight-decay 0.05 (paper: 0), --warmup-epochs 0 (paper: 10), "
+                                          "no augmentation (paper: random crops); paper AP-12 not shown beside ap2")
+    # SimMIM: the paper probes block 8; the last block probed is not what its numbers describe
+    simmim = _as_paper_run(a, tmp_path / "simmim", model="simmim_vit_base_patch16", return_block=None)
+    row = run_row(str(simmim))
+    assert row["paper_selective"] is None
+    assert row["notes"] == "no paper numbers: the last block probed (paper: block 8, --return-block 8)"
+    assert run_row(str(_variant(simmim, tmp_path / "simmim8", config=dict(return_block=8))))["paper_selective"] == 62.8
+
+
+def test_a_run_without_results_yet_is_a_row_of_no_numbers(runs, tmp_path):
+    _, a, _ = runs
+    run = tmp_path / "started"
+    shutil.copytree(a, run)
+    (run / "results.json").unlink()
+    row = run_row(str(run))
+    assert row["progress"] == "epoch 0 of 1 (unfinished)" and row["selective_top1"] is None
+
+
+def test_the_papers_ap12_only_beside_an_ap12_head(runs, tmp_path):
+    _, a, _ = runs  # run a trained ap2
+    row = run_row(str(_as_paper_run(a, tmp_path / "ap2")))
+    assert row["ap_head"] == "ap2" and row["paper_ap12"] is None and row["paper_selective"] == 71.6
+    assert row["notes"] == "paper AP-12 not shown beside ap2"

@@ -52,7 +52,7 @@ COLUMNS = ["run", "dataset", "progress", "epochs_done", "epochs", "backbone", "c
 
 def _read_json(path: str, run_dir: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{run_dir}: no {os.path.basename(path)} (not a finished `selagg-fast probe` run)")
+        raise FileNotFoundError(f"{run_dir}: no {os.path.basename(path)} (not a `selagg-fast probe` output folder)")
     try:
         with open(path) as f:
             return json.load(f)
@@ -101,6 +101,8 @@ def _differences(config: dict, preset) -> tuple:
     paper_block = preset.block or own.get("depth")  # a preset naming no block probes the last
     if probed is not None and probed != paper_block:
         reasons.append(f"--return-block {probed} (paper: block {paper_block or 'the last'})")
+    elif probed is None and preset.block is not None:  # the last block probed, the paper's is another
+        reasons.append(f"the last block probed (paper: block {preset.block}, --return-block {preset.block})")
     if config.get("final_norm"):
         reasons.append("--final-norm (the paper probes without it)")
     img_size = config.get("backbone", {}).get("img_size", kwargs.get("img_size"))
@@ -114,23 +116,28 @@ def _differences(config: dict, preset) -> tuple:
 # The training protocol behind each table (paper App. B.2): Table 1 / 6 MAE's linear probing, LARS
 # at a global batch of 16,384 for 90 epochs (50 for ViT-L and ViT-H); Table 2 SGD at batch 1024, the
 # mean of 3 seeds.
+_TRAINING = dict(augment=True, weight_decay=0.0, warmup_epochs=10.0)  # every table: random crops, no decay
 _TABLE_PROTOCOL = {
-    "ImageNet-1k": dict(optimizer="lars", effective_batch=16384, epochs=90),
-    "ImageNet-1%": dict(optimizer="sgd", effective_batch=1024, seeds=3),
-    "CUB-200": dict(optimizer="sgd", effective_batch=1024, seeds=3),
+    "ImageNet-1k": dict(optimizer="lars", effective_batch=16384, epochs=90, momentum=0.9, **_TRAINING),
+    "ImageNet-1%": dict(optimizer="sgd", effective_batch=1024, seeds=3, **_TRAINING),
+    "CUB-200": dict(optimizer="sgd", effective_batch=1024, seeds=3, **_TRAINING),
 }
 _SHORT_SCHEDULE = {"large": 50, "huge": 50}  # ImageNet-1k epochs of the larger ViTs
 
 
 def _protocol_notes(config: dict, table: str, preset) -> list:
     """Where the run's training differs from the protocol of the paper's table: said beside its numbers."""
-    ran = dict(optimizer=config.get("optimizer"), effective_batch=config.get("effective_batch"),
-               epochs=config.get("epochs"), seeds=len(config.get("seeds") or [config.get("seed")]))
+    ran = {k: config.get(k) for k in ("optimizer", "effective_batch", "epochs", "momentum", *_TRAINING)}
+    ran["seeds"] = len(config.get("seeds") or [config.get("seed")])
     paper = dict(_TABLE_PROTOCOL[table])
     if "epochs" in paper:
         paper["epochs"] = _SHORT_SCHEDULE.get(preset.size, paper["epochs"])
-    names = dict(optimizer="--optimizer", effective_batch="global batch", epochs="--epochs", seeds="seeds")
-    differs = [f"{names[k]} {ran[k]} (paper: {v})" for k, v in paper.items() if ran[k] is not None and ran[k] != v]
+    names = dict(optimizer="--optimizer", effective_batch="global batch", epochs="--epochs", seeds="seeds",
+                 momentum="--momentum", weight_decay="--weight-decay", warmup_epochs="--warmup-epochs")
+    differs = [f"{names[k]} {ran[k]:g} (paper: {v:g})" if isinstance(v, float) else f"{names[k]} {ran[k]} (paper: {v})"
+               for k, v in paper.items() if k != "augment" and ran[k] is not None and ran[k] != v]
+    if ran["augment"] is False:
+        differs.append("no augmentation (paper: random crops)")
     return ["protocol differs from the paper's: " + ", ".join(differs)] if differs else []
 
 
@@ -183,8 +190,10 @@ def _started_by(config: dict) -> str | None:
 
 def run_row(run_dir: str) -> dict:
     """One report row (plain values) of a run folder."""
-    results = _read_json(os.path.join(run_dir, "results.json"), run_dir)
     config = _read_json(os.path.join(run_dir, "config.json"), run_dir)
+    # a run started but not past its first epoch has no results.json yet: a row of no numbers
+    results = _read_json(os.path.join(run_dir, "results.json"), run_dir) \
+        if os.path.isfile(os.path.join(run_dir, "results.json")) else dict(epochs_done=0, pairs=[])
     has_cls = config.get("backbone", {}).get("has_cls", True)
     linear_head = "cls" if has_cls else "avg"
     best = results.get("best_per_head", {})
@@ -192,6 +201,9 @@ def run_row(run_dir: str) -> dict:
     ap_head, ap_top1 = _best_of(results, r"ap\d+.*")
     ep_head, ep_top1 = _best_of(results, r"ep\d+.*")
     paper_dataset, paper_linear, paper_selective, paper_ap, notes = _paper(results, config)
+    if paper_ap is not None and ap_head is not None and re.fullmatch(r"ap12(_.*)?", ap_head) is None:
+        paper_ap = None  # the paper's AP has 12 heads: another head count is another probe
+        notes = notes + [f"paper AP-12 not shown beside {ap_head}"]
     epochs_done, epochs, progress = _progress(results, config)
     k = knn["best"] if knn else None
     seeds = results.get("seeds")

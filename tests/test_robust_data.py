@@ -294,7 +294,8 @@ def test_probe_refuses_a_stale_cache_and_refreshes_it(tmp_path):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "val" / "b" / "1.png")
     with pytest.raises(CacheError, match=r"stale: \S+val/b/1\.png changed since the tokens were extracted"):
         run_probe(_config(tmp_path, output_dir=str(tmp_path / "r2"), **common))
-    again = run_probe(_config(tmp_path, output_dir=str(tmp_path / "r3"), refresh_cache=True, **common))
+    assert not (tmp_path / "r2" / "config.json").exists()  # no run file: the advice works as given
+    again = run_probe(_config(tmp_path, output_dir=str(tmp_path / "r2"), refresh_cache=True, **common))
     assert again["epochs_done"] == first["epochs_done"] == 1
     with pytest.raises(ValueError, match="--refresh-cache: only with --cache-features"):
         run_probe(_config(tmp_path, output_dir=str(tmp_path / "r4"), refresh_cache=True))

@@ -384,3 +384,21 @@ def test_resume_with_only_the_folder_continues_the_run_as_started(tmp_path, caps
         capsys.readouterr()
         code = main(["probe", "--resume", "--output-dir", str(out), *changed, "--device", "cpu"])
         _one_line_error(capsys, code, ["different settings: " + expected])
+
+
+def test_a_run_stopped_in_its_first_epoch_keeps_its_first_command(tmp_path, capsys, monkeypatch):
+    # interrupted before any epoch finished, then resumed with the folder alone: both commands recorded
+    import selagg_fast.probe.trainer as trainer
+    out = tmp_path / "run"
+    epoch = trainer._epoch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "_epoch", interrupted)
+    assert main(_probe(out, "synthetic", "--epochs", "1")) == 130
+    started = json.loads((out / "config.json").read_text())["command"]
+    monkeypatch.setattr(trainer, "_epoch", epoch)
+    assert main(["probe", "--resume", "--output-dir", str(out), "--device", "cpu", "--workers", "0"]) == 0, \
+        capsys.readouterr().err
+    commands = json.loads((out / "config.json").read_text())["commands"]
+    assert len(commands) == 2 and commands[0] == started and "--resume" in commands[1]

@@ -489,10 +489,13 @@ def _write_config(run: _Run, start_epoch: int, command: str | None) -> None:
     out = run.cfg.output_dir
     path = os.path.join(out, "config.json")
     commands = []
-    if start_epoch > 0 and os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
+    if run.cfg.resume and os.path.isfile(path):  # the run's earlier invocations, a start without an epoch too
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
+        except (OSError, ValueError, AttributeError):
+            commands = []
     if command is not None:
         commands.append(command)
     atomic_json(path, dict(
@@ -617,11 +620,11 @@ def _run_locked(cfg: ProbeConfig, is_main: bool, command: str | None) -> dict:
     dist_info = init_distributed(cfg.device)
     run = _Run(cfg, dist_info)
     start_epoch, results = _resume(run, saved)
+    if cfg.cache_features:  # before config.json: a stale or failed store leaves no run file behind
+        run.build_cache()
     if dist_info.is_main:
         _write_config(run, start_epoch, command)
     barrier()
-    if cfg.cache_features:
-        run.build_cache()
     knn = _knn(run, results)
     if knn is not None and results is not None and results.get("knn") != knn:
         results = dict(results, knn=knn)

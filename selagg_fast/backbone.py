@@ -328,6 +328,10 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
         build_kwargs = {**beit_layout_of_file(raw, checkpoint, preset, checkpoint_key, name, model_kwargs),
                         **model_kwargs}
     model = build_model(name, **build_kwargs)
+    if final_norm and isinstance(getattr(model, "norm", None), (nn.Identity, type(None))):
+        # timm puts a mean-pooling model's last norm on the pooled feature (fc_norm), none on the tokens
+        raise ValueError(f"--final-norm: {name} as built has no final per-token norm (its last norm, if any, "
+                         "is fc_norm on the pooled feature); probe without --final-norm")
     at_init = None
     if checkpoint is not None:
         at_init = load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint,

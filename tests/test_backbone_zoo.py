@@ -454,3 +454,10 @@ def test_weights_under_an_unexpected_key_hint_checkpoint_key(tmp_path, capsys):
     torch.save({"teacher_ema": source_state("dino_vit_base_patch16")}, tmp_path / "timm.pth")
     with pytest.raises(CheckpointError, match=r"no tensors found .*--checkpoint-key teacher_ema"):
         create_backbone("vit_base_patch16_224", str(tmp_path / "timm.pth"), **TINY16)
+
+
+def test_final_norm_of_a_model_without_a_token_norm_is_refused(tmp_path):
+    # timm's beit_base_patch16_224 pools the mean through fc_norm: --final-norm would be a no-op named "final_norm"
+    torch.save(beit_source("per-block").state_dict(), tmp_path / "beit.pth")
+    with pytest.raises(ValueError, match="--final-norm: beit_base_patch16_224 as built has no final per-token norm"):
+        create_backbone("beit_base_patch16_224", str(tmp_path / "beit.pth"), final_norm=True, **TINY16)

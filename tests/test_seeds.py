@@ -134,7 +134,7 @@ def test_resume_with_seeds_equals_uninterrupted(seeded_run, tmp_path):
     assert resumed["pairs"] == results["pairs"]
     for a, b in zip(_checkpoint(split)["seed_heads"], _checkpoint(multi)["seed_heads"]):
         _assert_equal_states(a["heads"], b["heads"])
-    with pytest.raises(ValueError, match="different settings.*seeds"):
+    with pytest.raises(ValueError, match="different settings: --seeds 0,1,2 then, 0,1 now$"):
         run_probe(_config(data, split, cache, seeds=[0, 1], resume=True))
 
 

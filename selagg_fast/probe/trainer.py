@@ -440,8 +440,18 @@ def _changed_settings(old: dict, cfg: ProbeConfig) -> list:
         if k in _PATH_KEYS:
             then = _absolute(k, then)
         if then != getattr(cfg, k):
-            changed.append(f"--{k.replace('_', '-')} {then!r} then, {getattr(cfg, k)!r} now")
-    return changed
+            changed.append((k, f"--{k.replace('_', '-')} {_flag_value(k, then)} then, "
+                               f"{_flag_value(k, getattr(cfg, k))} now"))
+    if any(k == "seeds" for k, _ in changed):  # the seed follows the seeds (their first): one line says it
+        changed = [(k, text) for k, text in changed if k != "seed"]
+    return [text for _, text in changed]
+
+
+def _flag_value(key: str, value) -> str:
+    """A setting as its flag is written: ``--seeds 0,1`` (``none`` when not given), else the value's repr."""
+    if key == "seeds":
+        return "none" if value is None else ",".join(map(str, value))
+    return repr(value)
 
 
 def _saved_world_size(out: str) -> int | None:

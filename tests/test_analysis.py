@@ -108,7 +108,8 @@ def test_resume_compares_the_data_folder_resolved(tmp_path, tiny_checkpoint, mon
         for i in range(4):
             Image.fromarray(np.random.randint(0, 255, (40, 40, 3), np.uint8)).save(tmp_path / where / "imgs" / f"{i}.png")
     monkeypatch.chdir(tmp_path / "a")
-    run_analyze(analyze_config(tmp_path / "run", path, data="imgs", limit=None, batch_size=2))
+    first = run_analyze(analyze_config(tmp_path / "run", os.path.relpath(path), data="imgs", limit=None, batch_size=2))
+    assert first["checkpoint"] == os.path.abspath(path)  # stats.json's paths name the files from anywhere
     os.remove(tmp_path / "run" / "stats.json")  # the saved sums stay: resume re-reads them
     assert run_analyze(analyze_config(tmp_path / "run", path, data="imgs/", limit=None, batch_size=2,
                                       resume=True))["images"] == 4

@@ -178,8 +178,8 @@ def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:
         summary = recorder.summary()
         omitted = [] if info.has_cls else list(CLS_COLUMNS) + (["cls_magnitude_ratio"] if cfg.magnitudes else [])
         num_patches = info.patch_grid[0] * info.patch_grid[1]
-        meta = dict(run=run_name, model=cfg.model, checkpoint=cfg.checkpoint, checkpoint_key=cfg.checkpoint_key,
-                    images=recorder.images,
+        meta = dict(run=run_name, model=cfg.model, checkpoint=absolute_path(cfg.checkpoint, keep=()),
+                    checkpoint_key=cfg.checkpoint_key, images=recorder.images,
                     unreadable_images=state["unreadable"], blocks=list(range(1, info.num_blocks + 1)),
                     heads=int(backbone.model.blocks[0].attn.num_heads), num_prefix_tokens=info.num_prefix_tokens,
                     has_cls=info.has_cls, num_patches=num_patches, max_entropy=math.log(num_patches),

@@ -399,7 +399,7 @@ def _result(cfg, state, info, methods, omitted, sums, unreadable, img_s) -> dict
         per_method[m] = dict(label=method_label(m), entropy_mean=summary["entropy_mean"][i],
                              entropy_std=summary["entropy_std"][i], top1=top1.get(m))
     pcfg = state["config"]
-    return dict(probe=cfg.probe, model=pcfg["model"], checkpoint=pcfg.get("checkpoint"),
+    return dict(probe=os.path.abspath(cfg.probe), model=pcfg["model"], checkpoint=pcfg.get("checkpoint"),
                 block=pcfg.get("return_block") or info.num_blocks, methods=methods, per_method=per_method,
                 entropy_mean=summary["entropy_mean"], entropy_std=summary["entropy_std"], kl=summary["kl"],
                 kl_layout="kl[m][n] = mean over images of KL(a_m || a_n), nats; m, n in the order of methods",

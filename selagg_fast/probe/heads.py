@@ -165,6 +165,23 @@ def parse_lrs(text) -> list:
     return lrs
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: the gradient of each process's input is the sum of
+    every process's output gradient (torch.distributed.nn's all_reduce is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """``BatchNorm1d(affine=False, eps=1e-6)`` whose training statistics span every process.
 
@@ -178,13 +195,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         # one differentiable all-reduce of [sum, sum of squares, count] in float64 (no cancellation
         # worth mentioning for float32 features), and no host sync: the step stays asynchronous
         x64 = x.double()
         local = torch.cat([x64.sum(0), (x64 * x64).sum(0), x64.new_full((1,), x.shape[0])])
-        total = all_reduce(local)
+        total = _AllReduceSum.apply(local)
         D = x.shape[1]
         count = total[-1]
         mean = total[:D] / count

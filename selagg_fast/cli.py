@@ -79,7 +79,7 @@ def _probe(args) -> None:
         done = results.get("epochs_done", cfg.epochs)
         if done < cfg.epochs:  # --stop-after-epochs: an unfinished run, not a result
             print(f"stopped after epoch {done} of {cfg.epochs} (--stop-after-epochs): the table is epoch {done}'s; "
-                  "continue with the same command and --resume")
+                  f"continue with: selagg-fast probe --resume --output-dir {args.output_dir}")
 
 
 def _report(args) -> None:

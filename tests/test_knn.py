@@ -179,3 +179,15 @@ def test_probe_knn_refuses_bad_k_lists(tmp_path, capsys, monkeypatch):
     assert "k 97 is more than the 96 training images" in capsys.readouterr().err
     assert main(_probe_args(tmp_path / "bad", "--knn-k", "5,x")) == 2
     assert "--knn-k '5,x'" in capsys.readouterr().err
+
+
+def test_resume_with_no_knn_keeps_the_saved_result(tmp_path):
+    # a run resumed with --no-knn computes none; the k-NN saved by its first epoch stays to the end
+    from selagg_fast.cli import main
+    run = tmp_path / "run"
+    args = _probe_args(run, "--batch-size", "32", "--epochs", "2", "--stop-after-epochs", "1")
+    assert main(args) == 0
+    saved = _knn_of(run)
+    assert main(["probe", "--resume", "--output-dir", str(run), "--no-knn", "--device", DEVICE, "--workers", "0",
+                 "--no-progress"]) == 0
+    assert json.loads((run / "results.json").read_text())["epochs_done"] == 2 and _knn_of(run) == saved

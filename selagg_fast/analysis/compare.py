@@ -420,9 +420,10 @@ def format_compare(result: dict) -> str:
     lines.append(f"(log N = {result['max_entropy']:.3f}: uniform weights)")
     lines.append("mean KL(row || column), nats:")
     width = max(10, max(len(m) for m in result["methods"]) + 2)
-    lines.append(" " * width + "".join(f"{m[:9]:>10}" for m in result["methods"]))
+    columns = [max(10, len(m) + 2) for m in result["methods"]]  # whole names over their columns
+    lines.append(" " * width + "".join(f"{m:>{c}}" for m, c in zip(result["methods"], columns)))
     for m, row in zip(result["methods"], result["kl"]):
-        lines.append(f"{m:<{width}}" + "".join(f"{v:>10.3f}" for v in row))
+        lines.append(f"{m:<{width}}" + "".join(f"{v:>{c}.3f}" for v, c in zip(row, columns)))
     return "\n".join(lines)
 
 

@@ -587,8 +587,8 @@ def _knn(run: _Run, saved_results: dict | None) -> dict | None:
     """``results.json``'s ``knn`` with --knn: a resumed run's when it has the same k and T lists,
     else computed now (before the first epoch of this invocation)."""
     cfg = run.cfg
-    if not cfg.knn:
-        return None
+    if not cfg.knn:  # none computed; a resumed run's saved result stays in results.json
+        return (saved_results or {}).get("knn")
     ks, temperatures = sorted(parse_ks(cfg.knn_k)), parse_temperatures(cfg.knn_temperatures)
     old = (saved_results or {}).get("knn")
     if old and old.get("ks") == ks and old.get("temperatures") == temperatures:

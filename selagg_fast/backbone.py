@@ -100,19 +100,22 @@ def file_state(raw: dict, path: str, preset: zoo.Preset | None, key: str | None,
 
 
 def load_checkpoint(model: nn.Module, path: str, allow_mismatch: bool = False, trust: bool = False,
-                    preset: zoo.Preset | None = None, key: str | None = None, raw: dict | None = None) -> list:
+                    preset: zoo.Preset | None = None, key: str | None = None, raw: dict | None = None,
+                    read: tuple | None = None) -> list:
     """Load local weights into ``model``: a preset reads its family's official layout, a timm name
     the generic one. Refused (:class:`CheckpointError`, one line): a file of another family (with
     the preset it fits), mismatched shapes, missing or unexpected keys (unless ``allow_mismatch``),
     and, always, a file that would leave more than half of the backbone's parameters at their
-    random init. ``raw``: the file's dict when already read (else it is read from ``path``).
-    Returns the model keys this file lacks (left at init): the release's optional ones, and with
+    random init. ``raw``: the file's dict when already read (else it is read from ``path``);
+    ``read``: its :func:`file_state` when already found (else found here). Returns the model keys this file lacks (left at init): the release's optional ones, and with
     ``allow_mismatch`` any other."""
     if raw is None:
         raw = read_checkpoint(path, trust)
-    from timm.models.beit import Beit
-    name = preset.name if preset else getattr(model, "pretrained_cfg", {}).get("architecture", "a timm ViT")
-    state, family = file_state(raw, path, preset, key, name, beit_model=isinstance(model, Beit))
+    if read is None:
+        from timm.models.beit import Beit
+        name = preset.name if preset else getattr(model, "pretrained_cfg", {}).get("architecture", "a timm ViT")
+        read = file_state(raw, path, preset, key, name, beit_model=isinstance(model, Beit))
+    state, family = read
     hint = ""
     if family:  # a preset in use is never suggested; one whose family fits only for a file of another width
         names = zoo.suggest(family, raw, exclude=(preset.name,) if preset else (),
@@ -284,15 +287,14 @@ def is_beit(name: str) -> bool:
     return timm.models.model_entrypoint(arch).__module__ == "timm.models.beit"
 
 
-def beit_layout_of_file(raw: dict, path: str, preset: zoo.Preset | None, key: str | None, name: str,
-                        model_kwargs: dict) -> dict:
+def beit_layout_of_file(state: dict, path: str, model_kwargs: dict) -> dict:
     """The timm ``Beit`` arguments the checkpoint's tensors need: its position layout
     (:data:`~selagg_fast.zoo.BEIT_POSITION_KWARGS`: a shared relative position bias, one per
     block, an absolute ``pos_embed``; BEiT's pretraining files share one table, its fine-tuned
     files have one per block) and, where the file has a final per-token norm, ``use_fc_norm=False``.
-    A position argument the user set in ``model_kwargs`` that disagrees with the file is refused
+    ``state``: the file's tensors under the model's key names (:func:`file_state`). A position
+    argument the user set in ``model_kwargs`` that disagrees with the file is refused
     (:class:`CheckpointError`, one line naming both layouts)."""
-    state, _family = file_state(raw, path, preset, key, name, beit_model=True)
     found = zoo.beit_positions(state)
     asked = {k: model_kwargs[k] for k in zoo.BEIT_POSITION_KWARGS if k in model_kwargs}
     clash = sorted(k for k, v in asked.items() if bool(v) != found[k])
@@ -323,10 +325,10 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     check_backbone_settings(name, checkpoint, random_init, return_block, model_kwargs, checkpoint_key)
     preset = zoo.get_preset(name)
     raw = read_checkpoint(checkpoint, trust_checkpoint) if checkpoint is not None else None
-    build_kwargs = dict(model_kwargs)
-    if raw is not None and is_beit(name):
-        build_kwargs = {**beit_layout_of_file(raw, checkpoint, preset, checkpoint_key, name, model_kwargs),
-                        **model_kwargs}
+    build_kwargs, read = dict(model_kwargs), None
+    if raw is not None and is_beit(name):  # the file's tensors found once: its layout, then its load
+        read = file_state(raw, checkpoint, preset, checkpoint_key, name, beit_model=True)
+        build_kwargs = {**beit_layout_of_file(read[0], checkpoint, model_kwargs), **model_kwargs}
     model = build_model(name, **build_kwargs)
     if final_norm and isinstance(getattr(model, "norm", None), (nn.Identity, type(None))):
         # timm puts a mean-pooling model's last norm on the pooled feature (fc_norm), none on the tokens
@@ -335,7 +337,7 @@ def create_backbone(name: str, checkpoint: str | None = None, *, random_init: bo
     at_init = None
     if checkpoint is not None:
         at_init = load_checkpoint(model, checkpoint, allow_mismatch=allow_key_mismatch, trust=trust_checkpoint,
-                                  preset=preset, key=checkpoint_key, raw=raw)
+                                  preset=preset, key=checkpoint_key, raw=raw, read=read)
         norm_at_init = [k for k in at_init if k.startswith("norm.")]
         if final_norm and norm_at_init:
             raise CheckpointError(f"--final-norm: {checkpoint} has no final norm ({', '.join(norm_at_init[:4])} "

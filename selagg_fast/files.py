@@ -19,6 +19,7 @@ import re
 import signal
 import tempfile
 import threading
+from typing import Callable
 
 import torch
 
@@ -243,6 +244,19 @@ def output_lock(folder: str, flag: str = "--output-dir"):
         yield folder
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race a run opening it)
+
+
+def run_holding_output(folder: str, work, interrupted: str | Callable[[], str]):
+    """``work(is_main)`` with rank 0 holding ``folder``'s lock (:func:`output_lock`) for the whole
+    run; an interrupt (SIGINT, or SIGTERM through :func:`interrupts_raise`) ends with
+    :class:`Interrupted` and the message ``interrupted`` (or what it returns, read at that time)."""
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(folder) if is_main else contextlib.nullcontext():
+        try:
+            return work(is_main)
+        except KeyboardInterrupt as err:
+            message = interrupted() if callable(interrupted) else interrupted
+            raise Interrupted(message, signum=getattr(err, "signum", signal.SIGINT)) from None
 
 
 def _lock_holder(fd: int) -> str:

@@ -7,13 +7,11 @@ torchrun every process takes every W-th batch and rank 0 adds the sums up.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import logging
 import math
 import os
-import signal
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +20,8 @@ import torch.distributed as dist
 from ..backbone import BackboneSettings
 from ..datasets import analysis_dataset, check_data_flags
 from ..distributed import barrier, check_device, init_distributed
-from ..files import (Interrupted, absolute_path, atomic_json, atomic_write, check_number, check_writable, output_lock,
-                     refuse_existing_run)
+from ..files import (absolute_path, atomic_json, atomic_write, check_number, check_writable, refuse_existing_run,
+                     run_holding_output)
 from ..modules import record_attention_stats
 from ..precision import PRECISIONS, uses_bf16
 from ..reference import CLS_COLUMNS
@@ -131,12 +129,7 @@ ANALYZE_FILES = ("stats.json", "stats.csv", "partial.rank*.pt")
 def run_analyze(cfg: AnalyzeConfig) -> dict:
     """Rank 0 holds ``--output-dir``'s lock for the whole run: a second run on it is refused."""
     validate_analyze(cfg)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
-        try:
-            return _run_analyze(cfg, is_main)
-        except KeyboardInterrupt as err:
-            raise Interrupted(INTERRUPTED, signum=getattr(err, "signum", signal.SIGINT)) from None
+    return run_holding_output(cfg.output_dir, lambda is_main: _run_analyze(cfg, is_main), INTERRUPTED)
 
 
 def _run_analyze(cfg: AnalyzeConfig, is_main: bool) -> dict:

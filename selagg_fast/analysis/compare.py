@@ -12,12 +12,10 @@ Entropies and divergences are of the renormalised vectors (each sums to 1 over t
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import signal
 from dataclasses import dataclass, field
 
 import torch
@@ -27,8 +25,8 @@ from ..backbone import BackboneSettings
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..datasets import analysis_dataset
 from ..distributed import all_reduce_sum, barrier, init_distributed
-from ..files import (Interrupted, absolute_path, atomic_json, atomic_write, check_number, check_writable, output_lock,
-                     refuse_existing_run)
+from ..files import (absolute_path, atomic_json, atomic_write, check_number, check_writable, refuse_existing_run,
+                     run_holding_output)
 from ..precision import uses_bf16
 from ..probe.heads import ProbeHeads, canonical_pair_name, pair_name, parse_heads, parse_lrs
 from ..probe.selector import AttentionWeights, build_selector, check_selector_backbone
@@ -294,12 +292,7 @@ COMPARE_FILES = ("compare.json", "partial.rank*.pt")
 def run_compare(cfg: CompareConfig) -> dict | None:
     """Rank 0 holds ``--output-dir``'s lock for the whole run: a second run on it is refused."""
     validate_compare(cfg)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
-        try:
-            return _run_compare(cfg, is_main)
-        except KeyboardInterrupt as err:
-            raise Interrupted(INTERRUPTED, signum=getattr(err, "signum", signal.SIGINT)) from None
+    return run_holding_output(cfg.output_dir, lambda is_main: _run_compare(cfg, is_main), INTERRUPTED)
 
 
 def _run_compare(cfg: CompareConfig, is_main: bool) -> dict | None:

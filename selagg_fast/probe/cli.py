@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from .seeds import parse_seeds
-from .trainer import PROTOCOLS, ProbeConfig
+from .trainer import PROTOCOLS, ProbeConfig, saved_run_config
 
 
 def json_object(text: str) -> dict:
@@ -168,24 +167,13 @@ def config_from_args(args) -> ProbeConfig:
     a flag given anew is checked against the run as before (a different setting is refused)."""
     fields = ProbeConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
-    saved = _saved_config(values["output_dir"]) if values.get("resume") and hasattr(args, "argv") else None
+    saved = saved_run_config(values["output_dir"]) if values.get("resume") and hasattr(args, "argv") else None
     if saved:
         given = _given_flags(args.argv)
         if given & {"seed", "seeds"}:  # either one given anew replaces the run's seed choice whole
             given |= {"seed", "seeds"}
         values.update({k: v for k, v in saved.items() if k in fields and k not in given and k not in _PER_INVOCATION})
     return ProbeConfig(**values)
-
-
-def _saved_config(output_dir: str) -> dict | None:
-    """The settings ``config.json`` of a run in ``output_dir`` records, or None (a missing or
-    unreadable file is left to the run's own checks, which name it)."""
-    try:
-        with open(os.path.join(output_dir, "config.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) else None
 
 
 def _given_flags(argv: list) -> set:

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -23,8 +22,8 @@ from tqdm import tqdm
 from ..backbone import BackboneSettings
 from ..datasets import check_data_flags
 from ..distributed import DistInfo, all_reduce_sum, barrier, check_device, init_distributed
-from ..files import (CheckpointError, Interrupted, absolute_path, check_number, check_writable, interrupts_deferred, load_torch_file,
-                     output_lock, refuse_existing_run)
+from ..files import (CheckpointError, absolute_path, check_number, check_writable, interrupts_deferred, load_torch_file,
+                     refuse_existing_run, run_holding_output)
 from ..precision import PRECISIONS
 from ..profiling import nvtx_range
 from .curves import plot_curves
@@ -454,13 +453,21 @@ def _flag_value(key: str, value) -> str:
     return repr(value)
 
 
-def _saved_world_size(out: str) -> int | None:
-    """The process count config.json records (checkpoints written before they recorded it)."""
+def saved_run_config(out: str) -> dict | None:
+    """The settings ``out/config.json`` records, or None (a missing or unreadable file is left to
+    the run's own checks, which name it)."""
     try:
         with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
-            return int(json.load(f)["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+            saved = json.load(f)
+    except (OSError, ValueError):
         return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _saved_world_size(out: str) -> int | None:
+    """The process count config.json records (checkpoints written before they recorded it)."""
+    world = (saved_run_config(out) or {}).get("world_size")
+    return world if isinstance(world, int) else None
 
 
 def _resume(run: _Run, saved: dict | None) -> tuple:
@@ -499,13 +506,9 @@ def _write_config(run: _Run, start_epoch: int, command: str | None) -> None:
     out = run.cfg.output_dir
     path = os.path.join(out, "config.json")
     commands = []
-    if run.cfg.resume and os.path.isfile(path):  # the run's earlier invocations, a start without an epoch too
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-            commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
-        except (OSError, ValueError, AttributeError):
-            commands = []
+    old = saved_run_config(out) if run.cfg.resume else None  # earlier invocations, a start without an epoch too
+    if old:
+        commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
     if command is not None:
         commands.append(command)
     atomic_json(path, dict(
@@ -605,13 +608,9 @@ def run_probe(cfg: ProbeConfig, command: str | None = None) -> dict:
     ``command``: the command line recorded in config.json (the CLI passes its own)."""
     validate(cfg)
     cfg = _absolute_paths(cfg)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    with output_lock(cfg.output_dir) if is_main else contextlib.nullcontext():
-        try:
-            return _run_locked(cfg, is_main, command)
-        except KeyboardInterrupt as err:
-            raise Interrupted(f"interrupted after epoch {_epochs_saved(cfg.output_dir)} of {cfg.epochs}; "
-                              "continue with --resume", signum=getattr(err, "signum", signal.SIGINT)) from None
+    return run_holding_output(
+        cfg.output_dir, lambda is_main: _run_locked(cfg, is_main, command),
+        lambda: f"interrupted after epoch {_epochs_saved(cfg.output_dir)} of {cfg.epochs}; continue with --resume")
 
 
 def _epochs_saved(out: str) -> int:
